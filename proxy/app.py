@@ -1,0 +1,133 @@
+"""The sidecar application: ``create_app(settings)`` wires settings, token cache and forwarder.
+
+The Starlette app owns lifespan (the HTTP clients and the background refresh) and the reserved
+``/-/`` routes; everything else is mounted straight onto the bare ASGI forwarder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from proxy.cache import RefreshCredential, RetryPolicy, TokenProvider
+from proxy.errors import TokenError, error_body
+from proxy.forward import Forwarder
+from proxy.settings import Settings
+from proxy.tokens import TokenEndpoint
+
+log = logging.getLogger("proxy.app")
+
+
+@dataclass
+class Sidecar:
+    """The pieces of one running sidecar, kept on ``app.state.sidecar`` for the routes and for tests."""
+
+    settings: Settings
+    http: httpx2.AsyncClient
+    endpoint: TokenEndpoint
+    credential: RefreshCredential
+    tokens: TokenProvider
+    forwarder: Forwarder
+    draining: bool = False
+
+
+def _error(status: int, code: str, detail: str) -> Response:
+    return Response(
+        error_body(code, detail),
+        status_code=status,
+        media_type="application/json",
+        headers={"x-sidecar-error": code, "cache-control": "no-store"},
+    )
+
+
+def build_sidecar(
+    settings: Settings, *, retry: RetryPolicy | None = None, clock: Callable[[], float] = time.time
+) -> Sidecar:
+    """Assemble the sidecar's parts from settings (no I/O happens here)."""
+    http = httpx2.AsyncClient(trust_env=False, follow_redirects=False, timeout=settings.token_timeout)
+    endpoint = TokenEndpoint(
+        http,
+        token_url=settings.token_url,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret.get_secret_value() if settings.client_secret else None,
+        timeout=settings.token_timeout,
+    )
+    credential = RefreshCredential(settings.refresh_token.get_secret_value())
+    tokens = TokenProvider(
+        endpoint,
+        credential,
+        kind=settings.token,
+        header_prefix=settings.header_prefix,
+        margin=settings.refresh_margin,
+        retry=retry,
+        clock=clock,
+    )
+    forwarder = Forwarder(
+        upstream_url=settings.upstream_url,
+        tokens=tokens,
+        header=settings.header,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_connections=settings.max_connections,
+    )
+    return Sidecar(settings, http, endpoint, credential, tokens, forwarder)
+
+
+def create_app(
+    settings: Settings, *, retry: RetryPolicy | None = None, clock: Callable[[], float] = time.time
+) -> Starlette:
+    """The sidecar as an ASGI app. ``retry`` and ``clock`` are for tests."""
+    sidecar = build_sidecar(settings, retry=retry, clock=clock)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if sidecar.draining:
+            return _error(503, "draining", "the sidecar is shutting down")
+        try:
+            async with asyncio.timeout(settings.token_timeout):
+                token = await sidecar.tokens.get()
+        except TokenError as exc:
+            return _error(503, exc.code, str(exc))
+        except TimeoutError:
+            return _error(503, "token_endpoint_unavailable", "a token refresh is still in progress; try again")
+        return JSONResponse({"status": "ready", "token_expires_in": round(token.expires_at - clock())})
+
+    async def not_found(request: Request) -> Response:
+        return _error(404, "not_found", f"{request.url.path} is not a sidecar route (reserved: /-/healthz, /-/readyz)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await sidecar.forwarder.open()
+        sidecar.tokens.start()
+        try:
+            yield
+        finally:
+            sidecar.draining = True
+            await sidecar.tokens.aclose()
+            await sidecar.forwarder.aclose()
+            await sidecar.http.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/-/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/-/{rest:path}", not_found),
+            Route("/-", not_found),
+            Mount("/", app=sidecar.forwarder),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.sidecar = sidecar
+    return app

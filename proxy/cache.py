@@ -1,0 +1,241 @@
+"""The token cache: one valid token in memory, refreshed once however many requests wait.
+
+``TokenProvider.get()`` answers from the cache while the token is fresh. Past its ``refresh_at`` (expiry
+minus the safety margin) or when absent, exactly one refresh runs (single flight: every waiter shares
+one future) and covers the whole exchange, including replacing a rotated refresh token. A background
+task refreshes at 75-80% of the usable life, so at steady state no request waits for Cognito.
+
+When the token endpoint fails, a still-valid token keeps being served until its real expiry, never
+after; transient failures are retried with backoff (stamina) within a deadline; after a failure, new
+refreshes are held off for a while so an outage is not hammered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import stamina
+from cachetools import TLRUCache
+
+from proxy.errors import PermanentTokenError, TokenError, TransientTokenError
+from proxy.tokens import Token, TokenEndpoint, make_token
+
+log = logging.getLogger("proxy.cache")
+
+# After a permanent refusal (invalid_grant, ...) try again only this often: a person must act first.
+PERMANENT_HOLD = 60.0
+# After transient failures that outlasted their retries, wait this long before the next attempt.
+TRANSIENT_HOLD = 2.0
+# Background refresh at a random point in this fraction of the usable life: early enough to retry,
+# jittered so that many sidecars sharing a credential do not refresh in step.
+BACKGROUND_WINDOW = (0.75, 0.8)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a refresh retries transient failures. ``deadline`` bounds the whole refresh, retries included."""
+
+    attempts: int = 5
+    wait_initial: float = 0.2
+    wait_max: float = 5.0
+    wait_jitter: float = 0.5
+    deadline: float = 30.0
+
+
+class RefreshCredential:
+    """The machine credential's refresh token. Replaced in memory when Cognito rotates it."""
+
+    def __init__(self, refresh_token: str) -> None:
+        self._value = refresh_token
+        self.rotations = 0
+
+    def __repr__(self) -> str:
+        return f"RefreshCredential(rotations={self.rotations})"
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+    def replace(self, refresh_token: str) -> None:
+        if refresh_token != self._value:
+            self._value = refresh_token
+            self.rotations += 1
+
+
+class TokenProvider:
+    """Yields a valid ``Token`` for the forwarder; owns caching, single flight and background refresh."""
+
+    _KEY = "token"
+
+    def __init__(
+        self,
+        endpoint: TokenEndpoint,
+        credential: RefreshCredential,
+        *,
+        kind: str,
+        header_prefix: str = "",
+        margin: float,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._endpoint = endpoint
+        self._credential = credential
+        self._kind = kind
+        self._prefix = header_prefix
+        self._margin = margin
+        self._retry = retry or RetryPolicy()
+        self._clock = clock
+        # Entries vanish at their hard expiry: an expired token can never be handed out.
+        self._cache: TLRUCache[str, Token] = TLRUCache(maxsize=1, ttu=lambda _k, tok, _now: tok.expires_at, timer=clock)
+        self._inflight: asyncio.Future[Token] | None = None
+        self._hold_until = 0.0
+        self._background: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.last_error: TokenError | None = None
+        self.refreshes = 0
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        return f"TokenProvider(endpoint={self._endpoint!r}, kind={self._kind!r})"
+
+    def cached(self) -> Token | None:
+        """The cached token if it may still be sent, without refreshing."""
+        return self._cache.get(self._KEY)
+
+    async def get(self) -> Token:
+        """A token that may be sent now; refreshes (once, shared) when needed. Raises ``TokenError``."""
+        token = self._cache.get(self._KEY)
+        if token is not None and self._clock() < token.refresh_at:
+            return token
+        if self._inflight is None and self._clock() < self._hold_until:
+            # A recent refresh failed: serve the old token while it lasts, else the same error at once.
+            if token is not None:
+                return token
+            if self.last_error is not None:
+                raise self.last_error
+        try:
+            return await self._join_refresh()
+        except TokenError:
+            if token is not None and self._cache.get(self._KEY) is token:
+                log.warning("token refresh failed; still sending the cached token until it expires")
+                return token
+            raise
+
+    def invalidate(self, token: Token) -> None:
+        """Drop ``token`` (API Gateway refused it) so the next ``get`` refreshes."""
+        if self._cache.get(self._KEY) is token:
+            del self._cache[self._KEY]
+            self._hold_until = 0.0
+
+    def _join_refresh(self) -> asyncio.Future[Token]:
+        if self._inflight is None:
+            future = asyncio.ensure_future(self._refresh())
+            future.add_done_callback(self._flight_done)
+            self._inflight = future
+        return asyncio.shield(self._inflight)
+
+    def _flight_done(self, future: asyncio.Future[Token]) -> None:
+        self._inflight = None
+        if not future.cancelled():
+            future.exception()  # mark retrieved: a flight nobody awaits any more must not warn
+
+    async def _refresh(self) -> Token:
+        policy = self._retry
+        try:
+            async with asyncio.timeout(policy.deadline):
+                async for attempt in stamina.retry_context(
+                    on=TransientTokenError,
+                    attempts=policy.attempts,
+                    timeout=policy.deadline,
+                    wait_initial=policy.wait_initial,
+                    wait_max=policy.wait_max,
+                    wait_jitter=policy.wait_jitter,
+                ):
+                    with attempt:
+                        response = await self._endpoint.refresh(self._credential.value)
+        except TimeoutError:
+            error: TokenError = TransientTokenError(
+                flow="refresh",
+                status=None,
+                error=None,
+                body="",
+                summary=f"No token could be had within {policy.deadline:g} s of retrying.",
+                fix="check the token endpoint's health and network access; the sidecar keeps retrying.",
+            )
+            self._failed(error)
+            raise error from None
+        except TokenError as exc:
+            self._failed(exc)
+            raise
+        # The new refresh token is taken over before the new id/access token is used.
+        if response.refresh_token:
+            self._credential.replace(response.refresh_token)
+        try:
+            token = make_token(response, kind=self._kind, prefix=self._prefix, margin=self._margin, now=self._clock())
+        except TokenError as exc:
+            self._failed(exc)
+            raise
+        self._cache[self._KEY] = token
+        self.refreshes += 1
+        self.last_error = None
+        self._hold_until = 0.0
+        self._wake.set()
+        log.info(
+            "token refreshed: %s valid for %.0f s (refresh due in %.0f s)",
+            self._kind,
+            token.expires_at - self._clock(),
+            token.refresh_at - self._clock(),
+        )
+        return token
+
+    def _failed(self, error: TokenError) -> None:
+        self.failures += 1
+        self.last_error = error
+        hold = PERMANENT_HOLD if isinstance(error, PermanentTokenError) else TRANSIENT_HOLD
+        self._hold_until = self._clock() + hold
+        log.error("token refresh failed: %s", error)
+
+    # Background refresh -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background refresher; call from a running loop (the app's lifespan)."""
+        if self._background is None:
+            self._background = asyncio.create_task(self._run_background(), name="token-background-refresh")
+
+    async def aclose(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+            self._background = None
+
+    def _next_background_at(self) -> float | None:
+        token = self._cache.get(self._KEY)
+        if token is None:
+            return None
+        usable = token.refresh_at - token.issued_at
+        return token.issued_at + usable * random.uniform(*BACKGROUND_WINDOW)  # noqa: S311 - jitter, not crypto
+
+    async def _run_background(self) -> None:
+        while True:
+            due = self._next_background_at()
+            # No token yet: fetch one now (readiness turns green without waiting for a request),
+            # unless a failure holds refreshes off for a while.
+            due = max(self._clock() if due is None else due, self._hold_until)
+            delay = due - self._clock()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                    continue  # a refresh happened meanwhile (a request, a 401): plan again from it
+                except TimeoutError:
+                    pass
+            with contextlib.suppress(TokenError):
+                await self._join_refresh()

@@ -1,0 +1,188 @@
+"""The ``cognito-sidecar`` command: ``serve`` (the sidecar), ``demo`` and ``emulator``.
+
+Wiring only: read settings, build the app, run it. Every expected failure ends in one plain message
+on stderr and a non-zero exit status (2 for configuration problems), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+import httpx2
+import uvicorn
+import uvloop
+from pydantic import SecretStr
+
+from proxy.app import create_app
+from proxy.emulator import EmulatorStack, make_stack
+from proxy.errors import ConfigError, SidecarError
+from proxy.serving import bind, bound_url, config_for, running
+from proxy.settings import Settings, load_settings
+
+log = logging.getLogger("proxy")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _serve(env: Mapping[str, str]) -> int:
+    settings = load_settings(env)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    sock = bind(*settings.listen_address)
+    log.info(
+        "cognito-sidecar listening on %s, forwarding to %s with the %s in the %s header",
+        bound_url(sock),
+        settings.upstream_url,
+        settings.token,
+        settings.header,
+    )
+    server = uvicorn.Server(config_for(app, access_log=settings.access_log))
+    server.run(sockets=[sock])
+    return 0
+
+
+def _claims_summary(claims: Mapping[str, object]) -> list[str]:
+    lines = []
+    for name in ("token_use", "iss", "aud", "client_id", "cognito:username", "sub", "scope", "auth_time", "exp"):
+        if name in claims:
+            value = claims[name]
+            if name in ("exp", "auth_time") and isinstance(value, int):
+                when = datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                value = f"{value} ({when})"
+            lines.append(f"    {name}: {value}")
+    return lines
+
+
+async def _wait_for_stop() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _stack_settings(stack: EmulatorStack, cognito_url: str, api_url: str, listen: str) -> Settings:
+    secret = stack.client.secret
+    return Settings(
+        upstream_url=f"{api_url}/{stack.apigw.stage}",
+        token_url=f"{cognito_url}/oauth2/token",
+        client_id=stack.client.client_id,
+        client_secret=SecretStr(secret) if secret else None,
+        refresh_token=SecretStr(stack.refresh_token),
+        listen=listen,
+    )
+
+
+async def _demo(listen: str) -> int:
+    stack = make_stack(client_id="demo-client")
+    async with running(stack.cognito.app) as cognito_url, running(stack.apigw) as api_url:
+        settings = _stack_settings(stack, cognito_url, api_url, listen)
+        host, port = settings.listen_address
+        async with running(create_app(settings), host=host, port=port, access_log=True) as sidecar_url:
+            async with httpx2.AsyncClient(trust_env=False) as client:
+                response = await client.get(f"{sidecar_url}/hello?name=world", timeout=30)
+            print(f"Emulated Cognito token endpoint: {settings.token_url}")
+            print(f"Emulated API Gateway stage:      {settings.upstream_url}")
+            print(f"Sidecar:                         {sidecar_url}")
+            print()
+            print(f"GET {sidecar_url}/hello?name=world  ->  HTTP {response.status_code}")
+            if response.status_code != 200:
+                print(response.text)
+                return EXIT_FAILURE
+            echo = response.json()
+            query = f"?{echo['query_string']}" if echo["query_string"] else ""
+            print(f"API Gateway's stand-in saw {echo['method']} {echo['path']}{query} with a valid Cognito token")
+            print(f"  (token fingerprint {echo['token_sha256']}; the token itself is never printed). Its claims:")
+            print("\n".join(_claims_summary(echo["claims"])))
+            print()
+            print("Try it yourself while this runs (Ctrl-C stops it):")
+            print(f"  curl -s '{sidecar_url}/hello?name=you'")
+            print(f"  curl -s {sidecar_url}/-/readyz")
+            sys.stdout.flush()
+            await _wait_for_stop()
+    print("demo stopped")
+    return 0
+
+
+async def _emulator(args: argparse.Namespace) -> int:
+    stack = make_stack(
+        client_id=args.client_id,
+        client_secret=args.client_secret or os.environ.get("EMULATOR_CLIENT_SECRET"),
+        refresh_token=args.refresh_token or os.environ.get("EMULATOR_REFRESH_TOKEN"),
+        token_lifetime=args.token_lifetime,
+        stage=args.stage,
+        rotate_refresh_tokens=args.rotate,
+        grace_period=args.grace_period,
+    )
+    async with (
+        running(stack.cognito.app, host=args.host, port=args.cognito_port) as cognito_url,
+        running(stack.apigw, host=args.host, port=args.api_port) as api_url,
+    ):
+        print(f"SIDECAR_TOKEN_URL={cognito_url}/oauth2/token")
+        print(f"SIDECAR_UPSTREAM_URL={api_url}/{stack.apigw.stage}")
+        print(f"SIDECAR_CLIENT_ID={stack.client.client_id}")
+        print("(the client secret and refresh token are the ones given with --client-secret / --refresh-token)")
+        sys.stdout.flush()
+        await _wait_for_stop()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cognito-sidecar",
+        description="Adds an Amazon Cognito token to every request a legacy service sends to API Gateway.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="run the sidecar (settings from SIDECAR_* variables; see README)")
+    demo = commands.add_parser("demo", help="run the local emulator and the sidecar, and show one request end to end")
+    demo.add_argument("--listen", default=None, help="sidecar address (default: SIDECAR_LISTEN or 127.0.0.1:8080)")
+    emu = commands.add_parser("emulator", help="run the local Cognito and API Gateway emulator (dev stacks)")
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--cognito-port", type=int, default=9000)
+    emu.add_argument("--api-port", type=int, default=9001)
+    emu.add_argument("--client-id", default="emulator-client")
+    emu.add_argument("--client-secret", default=None, help="default: $EMULATOR_CLIENT_SECRET or a random one")
+    emu.add_argument("--refresh-token", default=None, help="default: $EMULATOR_REFRESH_TOKEN or a random one")
+    emu.add_argument("--token-lifetime", type=int, default=3600, help="id/access token lifetime in seconds")
+    emu.add_argument("--stage", default="prod")
+    emu.add_argument("--rotate", action="store_true", help="rotate refresh tokens on every refresh")
+    emu.add_argument("--grace-period", type=float, default=0.0, help="seconds a rotated-out refresh token still works")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = os.environ
+    try:
+        if args.command in (None, "serve"):
+            return _serve(env)
+        configure_logging(env.get("SIDECAR_LOG_LEVEL", "warning"))
+        if args.command == "demo":
+            listen = args.listen or env.get("SIDECAR_LISTEN", "127.0.0.1:8080")
+            return uvloop.run(_demo(listen))
+        return uvloop.run(_emulator(args))
+    except ConfigError as exc:
+        print(f"cognito-sidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SidecarError as exc:
+        print(f"cognito-sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,122 @@
+"""The sidecar's exceptions.
+
+Every error carries data (fields), not only text, and its ``str`` is written for a person: what
+happened, the likely causes, and what to do. None of them ever holds a secret or a token.
+
+    SidecarError
+    ├── ConfigError(ValueError)          settings are missing or invalid; lists every problem
+    └── TokenError                       no token could be had
+        ├── TokenEndpointError           the token endpoint answered, or could not be reached
+        │   ├── PermanentTokenError      invalid_grant, invalid_client, ...: a person must act
+        │   └── TransientTokenError      network, 5xx, 429, malformed answers: worth retrying
+        └── TokenUnusableError           the answer lacked the configured token kind
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose.
+
+    ``code`` is a short machine-readable name, used as the ``error`` field of the sidecar's JSON
+    error bodies and in its ``X-Sidecar-Error`` header.
+    """
+
+    code: str = "sidecar_error"
+
+
+class ConfigError(SidecarError, ValueError):
+    """The configuration cannot be used. ``problems`` holds one line per problem, each naming its variable."""
+
+    code = "bad_config"
+
+    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
+        self.problems = tuple(problems)
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        count = len(self.problems)
+        head = f"the configuration has {count} problem{'s' if count != 1 else ''}:"
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        return f"{head}\n{lines}\nFix these settings (environment, *_FILE files or SIDECAR_CONFIG) and start again."
+
+
+class TokenError(SidecarError):
+    """No valid token is available for the upstream request."""
+
+    code = "token_unavailable"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TokenEndpointError(TokenError):
+    """The token endpoint refused, failed or could not be reached.
+
+    ``flow`` names the exchange in progress (``refresh``, ``login``, ``client_credentials``), ``status`` the
+    HTTP status (``None`` when no answer came), ``error`` the OAuth error code when the body had one, and
+    ``body`` an excerpt of the raw answer (error bodies carry no tokens; success bodies are never kept).
+    """
+
+    code = "token_endpoint_error"
+    permanent = False
+
+    def __init__(
+        self,
+        *,
+        flow: str,
+        status: int | None,
+        error: str | None,
+        body: str,
+        summary: str,
+        causes: tuple[str, ...] = (),
+        fix: str = "",
+    ) -> None:
+        self.flow = flow
+        self.status = status
+        self.error = error
+        self.body = body
+        self.summary = summary
+        self.causes = causes
+        self.fix = fix
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [self.summary]
+        if self.causes:
+            parts.append("Likely causes: " + "; ".join(self.causes) + ".")
+        if self.fix:
+            parts.append("What to do: " + self.fix)
+        if self.status is not None:
+            parts.append(f"Token endpoint answered HTTP {self.status}: {self.body or '(empty body)'}")
+        return " ".join(parts)
+
+
+class PermanentTokenError(TokenEndpointError):
+    """Retrying will not help until a person fixes the credential or the app client."""
+
+    code = "token_rejected"
+    permanent = True
+
+
+class TransientTokenError(TokenEndpointError):
+    """The token endpoint is unreachable, overloaded or answered nonsense; retrying may help."""
+
+    code = "token_endpoint_unavailable"
+
+
+class TokenUnusableError(TokenError):
+    """The token endpoint answered 200 but without the token kind the sidecar is configured to send."""
+
+    code = "token_unusable"
+
+
+def error_body(code: str, detail: str) -> bytes:
+    """The sidecar's own JSON error body, distinct from anything the upstream sends."""
+    return json.dumps({"error": code, "detail": detail}).encode()

@@ -1,0 +1,327 @@
+"""The forwarding hot path: a bare ASGI callable over one shared aiohttp ClientSession.
+
+Each request goes to the upstream base URL plus the raw path and query, byte for byte, with the token
+header replaced, and the answer streams back untouched. This is the one place where failures become
+the sidecar's own answers: 503 no token, 502 upstream unreachable or broken, 504 upstream timed out.
+
+A 401 from API Gateway's authorizer for a token the sidecar believed valid drops that token, refreshes
+once (shared with every other request) and replays the request once, when its body was small enough
+to keep; a second 401 goes back to the client as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from proxy.errors import TokenError, error_body
+from proxy.headers import downstream_response_headers, has_request_body, upstream_request_headers
+from proxy.tokens import Token
+from proxy.types import Receive, Scope, Send
+
+log = logging.getLogger("proxy.forward")
+
+# Request bodies up to this size are kept in memory so that a request refused with 401 can be replayed
+# after a refresh; larger or unannounced (chunked) bodies stream and are never replayed.
+REPLAY_BODY_LIMIT = 64 * 1024
+# An authorizer's 401 body is a few dozen bytes; it is kept to pass on if the replay cannot happen.
+MAX_401_BODY = 64 * 1024
+
+
+class TokenSource(Protocol):
+    async def get(self) -> Token: ...
+
+    def invalidate(self, token: Token) -> None: ...
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+def _authorizer_refused(response: aiohttp.ClientResponse) -> bool:
+    """Whether a 401 comes from API Gateway's authorizer (as opposed to the integration behind it)."""
+    error_type = response.headers.get("x-amzn-ErrorType", "")
+    return error_type.startswith("UnauthorizedException") or "invalid_token" in response.headers.get(
+        "www-authenticate", ""
+    )
+
+
+class Forwarder:
+    """ASGI app forwarding every request to ``upstream_url`` with a token from ``tokens``."""
+
+    def __init__(
+        self,
+        *,
+        upstream_url: str,
+        tokens: TokenSource,
+        header: str,
+        connect_timeout: float,
+        read_timeout: float,
+        max_connections: int,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        parts = urlsplit(upstream_url)
+        self._scheme = parts.scheme
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        self._base_path = parts.path.rstrip("/")
+        self._tokens = tokens
+        self._header = header.lower().encode("latin-1")
+        self._extra = extra_headers
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self.replays = 0
+
+    async def open(self) -> None:
+        """Create the shared client session; called from the app's lifespan, inside the running loop."""
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            # No cookie jar: one client's upstream cookies must never reach another client.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # The client's own headers pass as they are; nothing is added on its behalf.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _url(self, scope: Scope) -> URL:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = raw_path.decode("ascii")
+        if not path.startswith("/"):
+            raise ValueError("request target must be a path")
+        # Built from parts: nothing in the request (absolute-form, //host, @, backslashes, %2F) can change
+        # the host. encoded=True keeps the path and query byte for byte.
+        return URL.build(
+            scheme=self._scheme,
+            host=self._host,
+            port=self._port,
+            path=self._base_path + path,
+            query_string=scope["query_string"].decode("ascii"),
+            encoded=True,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send(
+                    {"type": "websocket.close", "code": 1003, "reason": "the sidecar does not forward WebSockets"}
+                )
+            return
+        session = self._session
+        if session is None:
+            await _send_error(send, 503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
+            return
+        try:
+            url = self._url(scope)
+        except (ValueError, UnicodeDecodeError):
+            await _send_error(
+                send, 400, "bad_request", "the request target must be a plain ASCII path such as /items?id=1"
+            )
+            return
+
+        headers_in = scope["headers"]
+        body: bytes | AsyncIterator[bytes] | None = None
+        replayable = True
+        if has_request_body(headers_in):
+            length = _content_length(headers_in)
+            if length is not None and length <= REPLAY_BODY_LIMIT:
+                try:
+                    body = await _read_body(receive, limit=length)
+                except ClientGone:
+                    return
+            else:
+                body = _stream_body(receive)
+                replayable = False
+
+        try:
+            token = await self._tokens.get()
+        except TokenError as exc:
+            await _send_error(send, 503, exc.code, f"no token could be had: {exc}")
+            return
+
+        response = await self._send_upstream(session, scope, url, headers_in, token, body, send)
+        if response is None:
+            return
+        try:
+            if response.status == 401 and replayable and _authorizer_refused(response):
+                replayed = await self._replay_after_401(session, scope, url, headers_in, token, body, response, send)
+                if replayed is None:
+                    return
+                response.release()
+                response = replayed
+            await self._relay(response, send)
+        finally:
+            response.release()
+
+    async def _send_upstream(
+        self,
+        session: aiohttp.ClientSession,
+        scope: Scope,
+        url: URL,
+        headers_in: list[tuple[bytes, bytes]],
+        token: Token,
+        body: bytes | AsyncIterator[bytes] | None,
+        send: Send,
+    ) -> aiohttp.ClientResponse | None:
+        client = scope.get("client")
+        headers = upstream_request_headers(
+            headers_in,
+            token_header=self._header,
+            token_value=token.header_value,
+            client_host=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            extra=self._extra,
+        )
+        try:
+            return await session.request(
+                scope["method"], url, headers=headers, data=body, allow_redirects=False, compress=None
+            )
+        except ClientGone:
+            return None
+        except (aiohttp.ServerTimeoutError, TimeoutError):
+            await _send_error(
+                send, 504, "upstream_timeout", f"the upstream {self._host} did not answer in time; try again later"
+            )
+        except aiohttp.ClientConnectorError as exc:
+            await _send_error(
+                send,
+                502,
+                "upstream_unreachable",
+                f"could not connect to the upstream {self._host} ({_reason(exc)}); check SIDECAR_UPSTREAM_URL and "
+                "the network",
+            )
+        except aiohttp.ClientError as exc:
+            await _send_error(
+                send, 502, "upstream_error", f"the upstream {self._host} broke the connection ({_reason(exc)})"
+            )
+        return None
+
+    async def _replay_after_401(
+        self,
+        session: aiohttp.ClientSession,
+        scope: Scope,
+        url: URL,
+        headers_in: list[tuple[bytes, bytes]],
+        token: Token,
+        body: bytes | AsyncIterator[bytes] | None,
+        refused: aiohttp.ClientResponse,
+        send: Send,
+    ) -> aiohttp.ClientResponse | None:
+        # Keep the 401 to hand back unchanged if no better token can be had.
+        refused_body = await refused.content.read(MAX_401_BODY)
+        self._tokens.invalidate(token)
+        try:
+            fresh = await self._tokens.get()
+        except TokenError:
+            fresh = token
+        if fresh is token or fresh.value == token.value:
+            await _send_buffered(refused, refused_body, send)
+            return None
+        self.replays += 1
+        log.info("API Gateway refused the token; refreshed and replaying %s once", scope["method"])
+        return await self._send_upstream(session, scope, url, headers_in, fresh, body, send)
+
+    async def _relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": downstream_response_headers(response.raw_headers),
+            }
+        )
+        try:
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status line is gone already: end the connection without the final chunk, so the client sees
+            # a broken response rather than a truncated one that looks complete.
+            log.warning(
+                "upstream %s broke off the response body (%s); closing the client connection", self._host, _reason(exc)
+            )
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+        if name == b"transfer-encoding":
+            return None
+    return None
+
+
+async def _read_body(receive: Receive, *, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ClientGone  # more than announced: the server would have refused it already
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _send_buffered(response: aiohttp.ClientResponse, body: bytes, send: Send) -> None:
+    headers = [(k, v) for k, v in downstream_response_headers(response.raw_headers) if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(send: Send, status: int, code: str, detail: str) -> None:
+    body = error_body(code, detail)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-sidecar-error", code.encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+__all__ = ["Forwarder", "TokenSource"]

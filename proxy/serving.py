@@ -1,0 +1,129 @@
+"""Running ASGI apps under uvicorn on sockets the sidecar binds itself.
+
+Binding first means the real port is known at once (``:0`` picks a free one, as tests and the demo do)
+and a busy port is a clear error rather than a traceback. Several apps can run in one event loop
+(the demo runs the emulator and the sidecar together) because signals are left to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Generator
+
+import uvicorn
+
+from proxy.errors import SidecarError
+from proxy.types import ASGIApp, Message, Receive, Scope, Send
+
+# How long in-flight requests may run on after a stop is asked for.
+DEFAULT_GRACE = 10
+
+log = logging.getLogger("proxy.serving")
+
+
+class ListenError(SidecarError, OSError):
+    """The listen address cannot be bound."""
+
+    code = "cannot_listen"
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(
+            f"cannot listen on {format_address(host, port)}: {reason}. "
+            "Choose another address with SIDECAR_LISTEN (e.g. 127.0.0.1:8081), or stop what is using it."
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; raises ``ListenError`` with a plain reason."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
+    except socket.gaierror as exc:
+        raise ListenError(host, port, f"unknown host ({exc.strerror})") from None
+    except OSError as exc:
+        raise ListenError(host, port, (exc.strerror or str(exc)).lower()) from None
+    sock.setblocking(False)
+    return sock
+
+
+def bound_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{format_address(host, port)}"
+
+
+def config_for(app: ASGIApp, *, access_log: bool = False, grace: int = DEFAULT_GRACE) -> uvicorn.Config:
+    """uvicorn settings shared by every server: no Server/Date headers of its own (the upstream's pass through)."""
+    return uvicorn.Config(
+        app,
+        lifespan="on",
+        http="httptools",
+        loop="uvloop",
+        server_header=False,
+        date_header=False,
+        access_log=access_log,
+        log_config=None,
+        timeout_graceful_shutdown=grace,
+        timeout_keep_alive=75,
+    )
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to whoever runs the loop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _notify_startup(app: ASGIApp, started: asyncio.Event) -> ASGIApp:
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def send_and_notify(message: Message) -> None:
+            await send(message)
+            if message["type"] in ("lifespan.startup.complete", "lifespan.startup.failed"):
+                started.set()
+
+        await app(scope, receive, send_and_notify)
+
+    return wrapped
+
+
+@contextlib.asynccontextmanager
+async def running(
+    app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, access_log: bool = False, grace: int = 5
+) -> AsyncIterator[str]:
+    """Serve ``app`` in this loop; yields its base URL once its lifespan startup is done."""
+    sock = bind(host, port)
+    url = bound_url(sock)
+    started = asyncio.Event()
+    server = _EmbeddedServer(config_for(_notify_startup(app, started), access_log=access_log, grace=grace))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn {url}")
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        sock.close()
+        task.result()
+        raise SidecarError(f"the server for {url} stopped during start-up")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

@@ -1,0 +1,251 @@
+"""Settings: read once from the environment, *_FILE files and an optional TOML file; validated once.
+
+``load_settings(env)`` takes the environment as a mapping (tests pass a dict) and returns frozen
+``Settings`` or raises ``ConfigError`` listing every problem at once, each naming its variable.
+Precedence: ``SIDECAR_X`` (or ``SIDECAR_X_FILE``) in the environment, then key ``x`` (or ``x_file``)
+in the TOML file named by ``SIDECAR_CONFIG``, then the default. Secret values never appear in a repr
+or an error message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+
+from proxy.errors import ConfigError
+
+ENV_PREFIX = "SIDECAR_"
+
+# Keys whose value may come from a file (`SIDECAR_X_FILE` / `x_file`): the secrets.
+FILE_KEYS = ("client_secret", "refresh_token")
+
+# Default safety margin before expiry: AWS's own SDKs refresh when less than 5 minutes remain.
+DEFAULT_REFRESH_MARGIN = 300.0
+# API Gateway gives up on an integration after 29 s; waiting a little longer lets its own 504 reach the client.
+DEFAULT_READ_TIMEOUT = 30.0
+# A TCP connect on a healthy network takes milliseconds; a few seconds means the upstream is unreachable.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# The token endpoint answers in well under a second; longer means trouble worth reporting.
+DEFAULT_TOKEN_TIMEOUT = 10.0
+# Upstream connections kept and opened at once; one legacy host rarely needs more.
+DEFAULT_MAX_CONNECTIONS = 100
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(value: str, *, allow_insecure: bool, path_allowed: bool = True) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (user:password@); use the secret settings instead")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query string or fragment")
+    if not path_allowed and parts.path not in ("", "/"):
+        raise ValueError("must be the domain only, without a path")
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+        raise ValueError(
+            "plain http:// is accepted only for loopback hosts; use https:// "
+            "(or set SIDECAR_ALLOW_INSECURE=1 for a trusted private network such as a compose dev stack)"
+        )
+    return value.rstrip("/")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[::1]:8080`` for IPv6) and check both parts."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
+    if not match:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError("port must be 0-65535")
+    return host, port
+
+
+class Settings(BaseModel):
+    """Validated, immutable settings. Build with ``load_settings``; tests may construct it directly."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    upstream_url: str
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    refresh_token: SecretStr
+    refresh_token_file: Path | None = None
+    token: Literal["id_token", "access_token"] = "id_token"
+    header: str = "Authorization"
+    header_prefix: str = ""
+    listen: str = "127.0.0.1:8080"
+    allow_insecure: bool = False
+    refresh_margin: float = Field(default=DEFAULT_REFRESH_MARGIN, ge=0)
+    connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
+    read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, gt=0)
+    token_timeout: float = Field(default=DEFAULT_TOKEN_TIMEOUT, gt=0)
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("upstream_url", "token_url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        allow = bool(info.data.get("allow_insecure", False))
+        return _check_url(value, allow_insecure=allow)
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value):
+            raise ValueError("must be a valid HTTP header name, e.g. Authorization")
+        if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            raise ValueError(f"{value} is managed by the sidecar and cannot carry the token")
+        return value
+
+    @field_validator("header_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if any(ch in value for ch in "\r\n\0"):
+            raise ValueError("must not contain line breaks")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value.strip()
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+# allow_insecure is validated first so the URL validators can see it.
+_FIELD_ORDER = ["allow_insecure", *[name for name in Settings.model_fields if name != "allow_insecure"]]
+_KNOWN_KEYS = frozenset(Settings.model_fields) | {"cognito_domain", "config"} | {f"{k}_file" for k in FILE_KEYS}
+
+
+def _env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _read_secret_file(path: str) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    # Docker and Kubernetes secrets often end with one newline; a token never does.
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def _load_toml(path: str, problems: list[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        problems.append(f"SIDECAR_CONFIG: file {path} does not exist")
+        return {}
+    except OSError as exc:
+        problems.append(f"SIDECAR_CONFIG: cannot read {path}: {exc.strerror}")
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"SIDECAR_CONFIG: {path} is not valid TOML: {exc}")
+        return {}
+    for key in sorted(set(data) - _KNOWN_KEYS):
+        problems.append(f"SIDECAR_CONFIG: unknown key {key!r} in {path}")
+    return {key: value for key, value in data.items() if key in _KNOWN_KEYS}
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build ``Settings`` from an environment mapping, or raise ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    file_data: dict[str, Any] = {}
+    config_path = env.get(_env_name("config"))
+    if config_path:
+        file_data = _load_toml(config_path, problems)
+
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name[len(ENV_PREFIX) :].lower() not in _KNOWN_KEYS:
+            problems.append(f"{name}: unknown setting (check the spelling; see config/example.env)")
+
+    raw: dict[str, Any] = {}
+    for key in [*Settings.model_fields, "cognito_domain"]:
+        env_name = _env_name(key)
+        if env_name in env:
+            raw[key] = env[env_name]
+        elif key in file_data:
+            raw[key] = file_data[key]
+        if key not in FILE_KEYS:
+            continue
+        file_env = _env_name(f"{key}_file")
+        file_path = env.get(file_env) or file_data.get(f"{key}_file")
+        source = file_env if file_env in env else f"{key}_file in SIDECAR_CONFIG"
+        if not file_path:
+            continue
+        if key in raw:
+            problems.append(f"{env_name}: set either {env_name} or {file_env}, not both")
+            continue
+        try:
+            raw[key] = _read_secret_file(str(file_path))
+        except FileNotFoundError:
+            problems.append(f"{source}: file {file_path} does not exist")
+            continue
+        except OSError as exc:
+            problems.append(f"{source}: cannot read {file_path}: {exc.strerror}")
+            continue
+        if key == "refresh_token":
+            raw["refresh_token_file"] = str(file_path)
+        if not raw[key]:
+            problems.append(f"{source}: file {file_path} is empty")
+            del raw[key]
+
+    domain = raw.pop("cognito_domain", None)
+    if not raw.get("token_url"):
+        if domain:
+            allow = str(raw.get("allow_insecure", "")).lower() in ("1", "true", "yes", "on")
+            try:
+                raw["token_url"] = _check_url(str(domain), allow_insecure=allow, path_allowed=False) + "/oauth2/token"
+            except ValueError as exc:
+                problems.append(f"SIDECAR_COGNITO_DOMAIN: {exc}")
+        else:
+            problems.append(
+                "SIDECAR_COGNITO_DOMAIN or SIDECAR_TOKEN_URL: one is required, e.g. "
+                "SIDECAR_COGNITO_DOMAIN=https://my-app.auth.us-east-1.amazoncognito.com"
+            )
+    if raw.get("client_secret") == "":
+        raw["client_secret"] = None
+
+    ordered = {key: raw[key] for key in _FIELD_ORDER if key in raw}
+    try:
+        settings = Settings.model_validate(ordered)
+    except ValidationError as exc:
+        for error in exc.errors(include_input=False, include_url=False):
+            key = str(error["loc"][0]) if error["loc"] else "?"
+            if error["type"] == "missing":
+                message = "is required"
+                if key == "refresh_token":
+                    message += " (or SIDECAR_REFRESH_TOKEN_FILE); get one with the authorization-code flow"
+            else:
+                message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{_env_name(key)}: {message}")
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
