@@ -34,7 +34,7 @@ class ApiGatewayEmulator:
         self,
         *,
         issuer: str,
-        public_key: rsa.RSAPublicKey,
+        public_key: Callable[[], rsa.RSAPublicKey],
         audiences: Iterable[str],
         stage: str = "prod",
         header: str = "Authorization",
@@ -127,12 +127,21 @@ class ApiGatewayEmulator:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,
+                self._key(),
                 algorithms=["RS256"],
                 issuer=self.issuer,
-                options={"verify_aud": False, "verify_exp": False, "require": ["exp", "iss", "token_use"]},
+                # Time checks use the emulator's own clock, below, so tests can move it.
+                options={
+                    "verify_aud": False,
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                    "require": ["exp", "iss", "token_use"],
+                },
             )
         except jwt.PyJWTError:
+            return None, "Unauthorized"
+        if claims.get("nbf", 0) > self._clock() + 60:
             return None, "Unauthorized"
         if claims.get("exp", 0) <= self._clock():
             return None, "The incoming token has expired"

@@ -105,6 +105,8 @@ class CognitoEmulator:
         self._refresh: dict[str, _RefreshRecord] = {}
         self._codes: dict[str, _CodeRecord] = {}
         self.faults: deque[Fault] = deque()
+        # Seconds every token answer waits, to widen the window in which requests pile up.
+        self.latency = 0.0
         self.token_requests = 0
         self.grant_counts: Counter[str] = Counter()
         self.app = Starlette(
@@ -158,6 +160,11 @@ class CognitoEmulator:
     def public_key(self) -> rsa.RSAPublicKey:
         return self._key.public_key()
 
+    def rotate_key(self) -> None:
+        """Sign with a new key from now on; tokens signed with the old one stop verifying."""
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = "emulator-" + secrets.token_hex(4)
+
     # Tokens ----------------------------------------------------------------------------------------
 
     def _new_refresh(
@@ -210,6 +217,8 @@ class CognitoEmulator:
 
     async def _token(self, request: Request) -> Response:
         self.token_requests += 1
+        if self.latency:
+            await asyncio.sleep(self.latency)
         if self.faults:
             fault = self.faults.popleft()
             if fault.delay:
