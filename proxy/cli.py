@@ -16,14 +16,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import httpx2
-import uvicorn
 import uvloop
 from pydantic import SecretStr
 
 from proxy.app import create_app
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import ConfigError, SidecarError
-from proxy.serving import bind, bound_url, config_for, running
+from proxy.serving import GracefulServer, bind, bound_url, config_for, running
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("proxy")
@@ -53,7 +52,7 @@ def _serve(env: Mapping[str, str]) -> int:
         settings.token,
         settings.header,
     )
-    server = uvicorn.Server(config_for(app, access_log=settings.access_log))
+    server = GracefulServer(config_for(app, access_log=settings.access_log))
     server.run(sockets=[sock])
     return 0
 

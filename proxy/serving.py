@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 from collections.abc import AsyncIterator, Generator
 
@@ -72,6 +73,8 @@ def config_for(app: ASGIApp, *, access_log: bool = False, grace: int = DEFAULT_G
         http="httptools",
         loop="uvloop",
         server_header=False,
+        # The peer address is the truth: X-Forwarded-For from a client is passed on, never believed.
+        proxy_headers=False,
         date_header=False,
         access_log=access_log,
         log_config=None,
@@ -86,6 +89,19 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+class GracefulServer(uvicorn.Server):
+    """A uvicorn server that drains on SIGTERM/SIGINT and then exits 0, instead of re-raising the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _notify_startup(app: ASGIApp, started: asyncio.Event) -> ASGIApp:

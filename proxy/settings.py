@@ -86,6 +86,8 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
+    # First, so the URL validators below can see it.
+    allow_insecure: bool = False
     upstream_url: str
     token_url: str
     client_id: str = Field(min_length=1)
@@ -96,7 +98,6 @@ class Settings(BaseModel):
     header: str = "Authorization"
     header_prefix: str = ""
     listen: str = "127.0.0.1:8080"
-    allow_insecure: bool = False
     refresh_margin: float = Field(default=DEFAULT_REFRESH_MARGIN, ge=0)
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
     read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, gt=0)
@@ -138,8 +139,6 @@ class Settings(BaseModel):
         return parse_listen(self.listen)
 
 
-# allow_insecure is validated first so the URL validators can see it.
-_FIELD_ORDER = ["allow_insecure", *[name for name in Settings.model_fields if name != "allow_insecure"]]
 _KNOWN_KEYS = frozenset(Settings.model_fields) | {"cognito_domain", "config"} | {f"{k}_file" for k in FILE_KEYS}
 
 
@@ -186,6 +185,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             problems.append(f"{name}: unknown setting (check the spelling; see config/example.env)")
 
     raw: dict[str, Any] = {}
+    reported: set[str] = set()  # keys with a problem already listed, so pydantic's "missing" is not repeated
     for key in [*Settings.model_fields, "cognito_domain"]:
         env_name = _env_name(key)
         if env_name in env:
@@ -201,19 +201,23 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             continue
         if key in raw:
             problems.append(f"{env_name}: set either {env_name} or {file_env}, not both")
+            reported.add(key)
             continue
         try:
             raw[key] = _read_secret_file(str(file_path))
         except FileNotFoundError:
             problems.append(f"{source}: file {file_path} does not exist")
+            reported.add(key)
             continue
         except OSError as exc:
             problems.append(f"{source}: cannot read {file_path}: {exc.strerror}")
+            reported.add(key)
             continue
         if key == "refresh_token":
             raw["refresh_token_file"] = str(file_path)
         if not raw[key]:
             problems.append(f"{source}: file {file_path} is empty")
+            reported.add(key)
             del raw[key]
 
     domain = raw.pop("cognito_domain", None)
@@ -223,8 +227,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             try:
                 raw["token_url"] = _check_url(str(domain), allow_insecure=allow, path_allowed=False) + "/oauth2/token"
             except ValueError as exc:
+                reported.add("token_url")
                 problems.append(f"SIDECAR_COGNITO_DOMAIN: {exc}")
         else:
+            reported.add("token_url")
             problems.append(
                 "SIDECAR_COGNITO_DOMAIN or SIDECAR_TOKEN_URL: one is required, e.g. "
                 "SIDECAR_COGNITO_DOMAIN=https://my-app.auth.us-east-1.amazoncognito.com"
@@ -232,12 +238,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if raw.get("client_secret") == "":
         raw["client_secret"] = None
 
-    ordered = {key: raw[key] for key in _FIELD_ORDER if key in raw}
     try:
-        settings = Settings.model_validate(ordered)
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
         for error in exc.errors(include_input=False, include_url=False):
             key = str(error["loc"][0]) if error["loc"] else "?"
+            if key in reported:
+                continue
             if error["type"] == "missing":
                 message = "is required"
                 if key == "refresh_token":

@@ -47,7 +47,5 @@ def make_stack(
         )
     )
     token = cognito.issue_refresh_token(client_id, value=refresh_token)
-    apigw = ApiGatewayEmulator(
-        issuer=cognito.issuer, public_key=cognito.public_key, audiences=[client_id], stage=stage
-    )
+    apigw = ApiGatewayEmulator(issuer=cognito.issuer, public_key=cognito.public_key, audiences=[client_id], stage=stage)
     return EmulatorStack(cognito, apigw, client, token)

@@ -1,0 +1,222 @@
+"""Configuration loading and the command line, run as a person would run them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.settings import load_settings
+from tests.conftest import Stack
+
+SECRET = "s3cr3t-client-secret"
+REFRESH = "rt-very-secret-refresh-token"
+
+BASE = {
+    "SIDECAR_UPSTREAM_URL": "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
+    "SIDECAR_COGNITO_DOMAIN": "https://my-app.auth.us-east-1.amazoncognito.com",
+    "SIDECAR_CLIENT_ID": "client123",
+    "SIDECAR_CLIENT_SECRET": SECRET,
+    "SIDECAR_REFRESH_TOKEN": REFRESH,
+}
+
+
+def test_valid_settings_and_defaults():
+    settings = load_settings(BASE)
+    assert settings.token_url == "https://my-app.auth.us-east-1.amazoncognito.com/oauth2/token"
+    assert settings.token == "id_token"
+    assert settings.header == "Authorization"
+    assert settings.header_prefix == ""
+    assert settings.listen_address == ("127.0.0.1", 8080)
+    assert SECRET not in repr(settings) and REFRESH not in repr(settings)
+
+
+def test_every_problem_is_reported_at_once():
+    env = {
+        "SIDECAR_UPSTREAM_URL": "ftp://nowhere",
+        "SIDECAR_TOKEN": "both",
+        "SIDECAR_LISTEN": "8080",
+        "SIDECAR_CLIENTID": "typo",
+        "SIDECAR_CLIENT_SECRET": SECRET,
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    text = str(info.value)
+    for name in (
+        "SIDECAR_UPSTREAM_URL",
+        "SIDECAR_COGNITO_DOMAIN or SIDECAR_TOKEN_URL",
+        "SIDECAR_CLIENT_ID",
+        "SIDECAR_REFRESH_TOKEN",
+        "SIDECAR_TOKEN",
+        "SIDECAR_LISTEN",
+        "SIDECAR_CLIENTID",
+    ):
+        assert name in text, name
+    assert len(info.value.problems) == 7
+    assert SECRET not in text
+
+
+def test_plain_http_only_for_loopback_unless_allowed():
+    env = {**BASE, "SIDECAR_UPSTREAM_URL": "http://api.internal/prod"}
+    with pytest.raises(ConfigError, match="SIDECAR_UPSTREAM_URL: plain http"):
+        load_settings(env)
+    assert load_settings({**env, "SIDECAR_ALLOW_INSECURE": "1"}).upstream_url == "http://api.internal/prod"
+    assert load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://127.0.0.1:9/prod"})
+
+
+def test_secret_files_toml_and_precedence(tmp_path: Path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    token_file = tmp_path / "refresh"
+    token_file.write_text(REFRESH + "\n")
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        'upstream_url = "https://abc.execute-api.eu-west-1.amazonaws.com/v1"\n'
+        'token_url = "https://x.auth.eu-west-1.amazoncognito.com/oauth2/token"\n'
+        'client_id = "from-file"\nheader_prefix = "Bearer "\n'
+        f'refresh_token_file = "{token_file}"\n'
+    )
+    env = {
+        "SIDECAR_CONFIG": str(config),
+        "SIDECAR_CLIENT_ID": "from-env",
+        "SIDECAR_CLIENT_SECRET_FILE": str(secret_file),
+    }
+    settings = load_settings(env)
+    assert settings.client_id == "from-env"
+    assert settings.header_prefix == "Bearer "
+    assert settings.client_secret is not None and settings.client_secret.get_secret_value() == SECRET
+    assert settings.refresh_token.get_secret_value() == REFRESH
+    assert settings.refresh_token_file == token_file
+
+
+def test_missing_and_conflicting_secret_files(tmp_path: Path):
+    env = {**BASE, "SIDECAR_CLIENT_SECRET_FILE": str(tmp_path / "absent")}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert "set either SIDECAR_CLIENT_SECRET or SIDECAR_CLIENT_SECRET_FILE" in str(info.value)
+    env = {**BASE, "SIDECAR_REFRESH_TOKEN_FILE": str(tmp_path / "absent")}
+    del env["SIDECAR_REFRESH_TOKEN"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(env)
+
+
+def _cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(extra)
+    return env
+
+
+async def _run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_bad_configuration_exits_2_without_a_traceback():
+    code, _, err = await _run("serve", env=_cli_env(SIDECAR_CLIENT_SECRET=SECRET, SIDECAR_LISTEN="nonsense"))
+    assert code == 2
+    assert "Traceback" not in err
+    assert "SIDECAR_UPSTREAM_URL: is required" in err
+    assert "SIDECAR_LISTEN" in err
+    assert SECRET not in err
+
+
+async def test_busy_port_is_a_clear_error():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = _cli_env(**BASE, SIDECAR_LISTEN=f"127.0.0.1:{port}")
+        code, _, err = await _run("serve", env=env)
+    assert code == 1
+    assert "cannot listen on 127.0.0.1" in err and "address already in use" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_path: Path):
+    token_file = tmp_path / "refresh-token"
+    token_file.write_text(stack.emulator.refresh_token + "\n")
+    token_file.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    env = _cli_env(
+        SIDECAR_UPSTREAM_URL=stack.upstream_url,
+        SIDECAR_TOKEN_URL=stack.token_url,
+        SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
+        SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
+        SIDECAR_REFRESH_TOKEN_FILE=str(token_file),
+        SIDECAR_LISTEN="127.0.0.1:0",
+        SIDECAR_LOG_LEVEL="debug",
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    logs: list[str] = []
+    url = ""
+    try:
+        async with asyncio.timeout(30):
+            while not url:
+                line = (await process.stderr.readline()).decode()
+                assert line, "the sidecar exited before listening: " + "".join(logs)
+                logs.append(line)
+                if "listening on " in line:
+                    url = line.split("listening on ")[1].split(",")[0]
+        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            response = await client.get(f"{url}/from-a-process?x=1")
+        assert response.status_code == 200
+        assert response.json()["claims"]["token_use"] == "id"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(process.stderr.read(), timeout=30)
+        code = await process.wait()
+    logs.append(rest.decode())
+    text = "".join(logs)
+    assert code == 0
+    assert "Traceback" not in text
+    assert stack.emulator.refresh_token not in text
+    assert (stack.emulator.client.secret or "") not in text
+    assert "token refreshed" in text
+
+
+@pytest.mark.slow
+async def test_demo_shows_the_whole_path():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        env=_cli_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any("curl -s" in line for line in lines):
+                line = (await process.stdout.readline()).decode()
+                assert line, "demo exited early: " + "".join(lines)
+                lines.append(line)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    text = "".join(lines) + out.decode()
+    assert process.returncode == 0
+    assert "HTTP 200" in text
+    assert "token_use: id" in text
+    assert "aud: demo-client" in text
+    assert "eyJ" not in text  # no JWT is ever printed
