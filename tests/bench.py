@@ -1,0 +1,470 @@
+"""Benchmark: the sidecar against direct requests and nginx doing the same job, in one run.
+
+    python tests/bench.py [--duration 10] [--rounds 2] [--gib 1]
+
+Not a test (pytest does not collect it) and CI does not run it. Needs Linux with 2 cores, and wrk and
+nginx (installed with apt-get when missing and running as root). It starts, on loopback:
+- an upstream nginx on CPU 1 answering a ~200-byte JSON body, and 401 unless the exact token is present
+  (so every 200 proves the header was injected); it also serves the token endpoint (a real emulator
+  token, fetched once) and counts the token requests in its log;
+- nginx as a reverse proxy on CPU 0 (proxy_set_header Authorization, upstream keepalive): the reference;
+- the sidecar on CPU 0, one uvicorn worker, default settings (access log on).
+wrk runs on CPU 1. Rounds rotate the order of direct, nginx and sidecar. It prints one table, exits 1 if
+any request failed or a figure misses its target, and prints the figures either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx2
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = json.dumps(
+    {
+        "id": 7,
+        "name": "widget",
+        "tags": ["a", "b", "c"],
+        "price": 12.5,
+        "stock": 42,
+        "description": "a fixed answer of about two hundred bytes, like a small API response",
+        "ok": True,
+    }
+)
+TARGETS = {
+    "rps32": 7000.0,
+    "nginx_share32": 0.12,
+    "cpu_us32": 150.0,
+    "p99_ms32": 20.0,
+    "p50_extra_ms1": 0.4,
+    "download_mbs": 1000.0,
+    "upload_mbs": 600.0,
+    "rss_growth_mib": 10.0,
+    "cold_token_requests": 1,
+}
+
+
+# An upload sink: reads a chunked request body, counts the payload bytes, answers 200 and writes the count.
+SINK = """
+import asyncio, sys
+port, out = int(sys.argv[1]), sys.argv[2]
+async def handle(reader, writer):
+    while True:
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        total = 0
+        while True:
+            size = int((await reader.readuntil(b"\\r\\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\\r\\n")
+                break
+            while size:
+                chunk = await reader.read(min(size, 1 << 20))
+                size -= len(chunk)
+                total += len(chunk)
+            await reader.readexactly(2)
+        open(out, "w").write(str(total))
+        writer.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\n{}")
+        await writer.drain()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_tools() -> None:
+    missing = [
+        tool
+        for tool in ("wrk", "nginx", "taskset", "curl")
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists()
+    ]
+    if missing and os.geteuid() == 0:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "wrk", "nginx-light", "curl"],
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    for tool in ("wrk", "taskset", "curl"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} is required (apt-get install wrk nginx-light curl util-linux)")
+
+
+def nginx_bin() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def start_nginx(workdir: Path, name: str, cpu: int, server_block: str) -> subprocess.Popen[bytes]:
+    conf = workdir / f"{name}.conf"
+    (workdir / name).mkdir(exist_ok=True)
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/{name};
+  proxy_temp_path {workdir}/{name};
+  fastcgi_temp_path {workdir}/{name};
+  uwsgi_temp_path {workdir}/{name};
+  scgi_temp_path {workdir}/{name};
+  keepalive_requests 1000000;
+  {server_block}
+}}
+""")
+    return subprocess.Popen(
+        ["taskset", "-c", str(cpu), nginx_bin(), "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL
+    )
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    sys.exit(f"bench: nothing listens on {port}")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def wrk(url: str, connections: int, duration: int, token: str | None = None) -> dict[str, float]:
+    """wrk on CPU 1; with ``token``, wrk itself sends the Authorization header (the direct baseline)."""
+    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    script: Path | None = None
+    if token is not None:
+        fd, name = tempfile.mkstemp(suffix=".lua")
+        os.close(fd)
+        script = Path(name)
+        script.write_text(f'wrk.headers["Authorization"] = "{token}"\n')
+        command += ["-s", str(script)]
+    try:
+        out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    finally:
+        if script is not None:
+            script.unlink()
+    return _parse(out)
+
+
+async def cold_start(url: str, n: int) -> int:
+    limits = httpx2.Limits(max_connections=n)
+    async with httpx2.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
+        answers = await asyncio.gather(*(client.get(f"{url}/cold/{i}") for i in range(n)), return_exceptions=True)
+    return sum(1 for a in answers if not isinstance(a, httpx2.Response) or a.status_code != 200)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gib", type=float, default=1.0, help="size of the upload and download, GiB")
+    args = parser.parse_args()
+    ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    failures: list[str] = []
+    try:
+        # 1. A real token from the emulator, fetched once.
+        cognito_port, api_port = free_port(), free_port()
+        emulator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "emulator",
+                "--cognito-port",
+                str(cognito_port),
+                "--api-port",
+                str(api_port),
+                "--client-id",
+                "bench",
+                "--client-secret",
+                "bench-secret",
+                "--refresh-token",
+                "bench-rt",
+                "--token-lifetime",
+                "86400",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        procs.append(emulator)
+        wait_port(cognito_port)
+        answer = httpx2.post(
+            f"http://127.0.0.1:{cognito_port}/oauth2/token",
+            auth=("bench", "bench-secret"),
+            data={"grant_type": "refresh_token", "refresh_token": "bench-rt", "client_id": "bench"},
+        )
+        token_json = answer.text
+        token = answer.json()["id_token"]
+
+        # 2. The upstream (and token endpoint) nginx on CPU 1, the reference proxy nginx on CPU 0.
+        blob = work / "blob"
+        with open(blob, "wb") as f:
+            f.truncate(int(args.gib * 1024**3))
+        # nginx workers run as an unprivileged user: let them read the blob.
+        work.chmod(0o755)
+        blob.chmod(0o644)
+        up, ref, side = free_port(), free_port(), free_port()
+        token_log = work / "token.log"
+        sink_port = free_port()
+        sink_count = work / "sink.count"
+        procs.append(
+            subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", SINK, str(sink_port), str(sink_count)])
+        )
+        wait_port(sink_port)
+        procs.append(
+            start_nginx(
+                work,
+                "upstream",
+                1,
+                f"""
+  server {{
+    listen 127.0.0.1:{up} backlog=4096;
+    default_type application/json;
+    location = /oauth2/token {{ access_log {token_log}; return 200 '{token_json}'; }}
+    location = /blob {{ alias {blob}; }}
+    location = /upload {{
+      client_max_body_size 0; proxy_request_buffering off; proxy_http_version 1.1;
+      proxy_pass http://127.0.0.1:{sink_port};
+    }}
+    location / {{
+      if ($http_authorization != "{token}") {{ return 401 '{{"message":"Unauthorized"}}'; }}
+      return 200 '{BODY}';
+    }}
+  }}""",
+            )
+        )
+        procs.append(
+            start_nginx(
+                work,
+                "reference",
+                0,
+                f"""
+  upstream up {{ server 127.0.0.1:{up}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{ref} backlog=4096;
+    location / {{
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Authorization "{token}"; proxy_buffering off;
+    }}
+  }}""",
+            )
+        )
+        wait_port(up)
+        wait_port(ref)
+
+        # 3. The sidecar on CPU 0, default settings.
+        def start_sidecar() -> subprocess.Popen[bytes]:
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+                "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{up}",
+                "SIDECAR_TOKEN_URL": f"http://127.0.0.1:{up}/oauth2/token",
+                "SIDECAR_CLIENT_ID": "bench",
+                "SIDECAR_CLIENT_SECRET": "bench-secret",
+                "SIDECAR_REFRESH_TOKEN": "bench-rt",
+                "SIDECAR_LISTEN": f"127.0.0.1:{side}",
+            }
+            with open(work / "sidecar.log", "ab") as log:
+                proc = subprocess.Popen(
+                    ["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve"], env=env, stderr=log, stdout=log
+                )
+            wait_port(side)
+            return proc
+
+        token_log.write_text("")
+        sidecar = start_sidecar()
+        procs.append(sidecar)
+        ref_pids = children(procs[-2].pid) or [procs[-2].pid]
+        targets = {
+            "direct": (f"http://127.0.0.1:{up}/item", []),
+            "nginx": (f"http://127.0.0.1:{ref}/item", ref_pids),
+            "sidecar": (f"http://127.0.0.1:{side}/item", [sidecar.pid]),
+        }
+        for url, _ in targets.values():
+            if httpx2.get(url, headers={"Authorization": token} if f":{up}/" in url else {}).status_code != 200:
+                failures.append(f"warm-up request to {url} failed")
+        rows: dict[tuple[str, int], list[dict[str, float]]] = {}
+        order = list(targets)
+        for rnd in range(args.rounds):
+            for conns in (1, 32, 256):
+                for name in order[rnd % 3 :] + order[: rnd % 3]:
+                    url, pids = targets[name]
+                    cpu0 = cpu_seconds(pids) if pids else 0.0
+                    result = wrk(url, conns, args.duration, token if name == "direct" else None)
+                    result["cpu_us"] = (cpu_seconds(pids) - cpu0) / max(result["requests"], 1) * 1e6 if pids else 0.0
+                    result["rss_mib"] = status_kib(pids[0], "VmRSS") / 1024 if pids else 0.0
+                    rows.setdefault((name, conns), []).append(result)
+                    if result["failed"]:
+                        failures.append(f"{name} at {conns} connections: {int(result['failed'])} failed requests")
+
+        def best(name: str, conns: int, key: str) -> float:
+            values = [r[key] for r in rows[(name, conns)]]
+            return max(values) if key == "rps" else min(values)
+
+        columns = ("conns", "req/s", "p50 ms", "p99 ms", "CPU us/req", "RSS MiB", "vs nginx")
+        print(f"\n{'target':8} " + " ".join(f"{c:>10}" for c in columns))
+        for conns in (1, 32, 256):
+            for name in order:
+                rps = best(name, conns, "rps")
+                ratio = rps / best("nginx", conns, "rps")
+                cells = (
+                    f"{conns}",
+                    f"{rps:.0f}",
+                    f"{best(name, conns, 'p50'):.2f}",
+                    f"{best(name, conns, 'p99'):.2f}",
+                    f"{best(name, conns, 'cpu_us'):.1f}",
+                    f"{best(name, conns, 'rss_mib'):.1f}",
+                    f"{ratio:.3f}",
+                )
+                print(f"{name:8} " + " ".join(f"{c:>10}" for c in cells))
+
+        # 4. Streaming: 1 GiB down and up through the sidecar.
+        size = blob.stat().st_size
+        hwm0 = status_kib(sidecar.pid, "VmHWM")
+        t0 = time.monotonic()
+        down = subprocess.run(
+            [
+                "taskset",
+                "-c",
+                "1",
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download}",
+                f"http://127.0.0.1:{side}/blob",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout
+        down_mbs = size / (time.monotonic() - t0) / 1e6
+        t0 = time.monotonic()
+        with subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE) as zeros:
+            subprocess.run(
+                [
+                    "taskset",
+                    "-c",
+                    "1",
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-T",
+                    "-",
+                    "-H",
+                    "Transfer-Encoding: chunked",
+                    f"http://127.0.0.1:{side}/upload",
+                ],
+                stdin=zeros.stdout,
+                check=False,
+            )
+        up_mbs = size / (time.monotonic() - t0) / 1e6
+        received_up = int(sink_count.read_text() or 0)
+        growth = (status_kib(sidecar.pid, "VmHWM") - hwm0) / 1024
+        print(f"\ndownload {size / 2**30:.2f} GiB: {down_mbs:,.0f} MB/s, bytes arrived {down.strip()} of {size}")
+        print(f"upload   {size / 2**30:.2f} GiB: {up_mbs:,.0f} MB/s, bytes arrived {received_up} of {size}")
+        print(f"sidecar peak RSS growth over both: {growth:.1f} MiB")
+        if int(down.strip() or 0) != size or received_up != size:
+            failures.append("streamed bytes went missing")
+
+        # 5. Cold start: a fresh sidecar, 1,000 concurrent requests.
+        sidecar.send_signal(signal.SIGTERM)
+        sidecar.wait(30)
+        token_log.write_text("")
+        sidecar = start_sidecar()
+        procs.append(sidecar)
+        cold_failed = asyncio.run(cold_start(f"http://127.0.0.1:{side}", 1000))
+        cold_tokens = len(token_log.read_text().splitlines())
+        print(f"cold start, 1,000 concurrent requests: {cold_failed} failed, {cold_tokens} token request(s)")
+        if cold_failed:
+            failures.append(f"{cold_failed} cold-start requests failed")
+
+        checks = {
+            "rps32": (best("sidecar", 32, "rps"), ">="),
+            "nginx_share32": (best("sidecar", 32, "rps") / best("nginx", 32, "rps"), ">="),
+            "cpu_us32": (best("sidecar", 32, "cpu_us"), "<="),
+            "p99_ms32": (best("sidecar", 32, "p99"), "<="),
+            "p50_extra_ms1": (best("sidecar", 1, "p50") - best("direct", 1, "p50"), "<="),
+            "download_mbs": (down_mbs, ">="),
+            "upload_mbs": (up_mbs, ">="),
+            "rss_growth_mib": (growth, "<="),
+            "cold_token_requests": (cold_tokens, "<="),
+        }
+        print("\ntarget check:")
+        for key, (value, op) in checks.items():
+            ok = value >= TARGETS[key] if op == ">=" else value <= TARGETS[key]
+            print(f"  {key:20} {value:>10.3f} {op} {TARGETS[key]:<8} {'ok' if ok else 'MISSED'}")
+            if not ok:
+                failures.append(f"{key} missed its target")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    if failures:
+        print("\nFAILED: " + "; ".join(failures))
+        return 1
+    return 0
+
+
+def _parse(out: str) -> dict[str, float]:
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(non2xx.group(1)) if non2xx else 0) + (sum(int(g) for g in errors.groups()) if errors else 0)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "requests": requests, "failed": failed}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
