@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
 from starlette.applications import Starlette
@@ -22,8 +23,10 @@ from starlette.routing import Mount, Route
 from proxy.cache import RefreshCredential, RetryPolicy, TokenProvider
 from proxy.errors import TokenError, error_body
 from proxy.forward import Forwarder
+from proxy.logs import AccessLog
 from proxy.settings import Settings
 from proxy.tokens import TokenEndpoint
+from proxy.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("proxy.app")
 
@@ -39,6 +42,43 @@ class Sidecar:
     tokens: TokenProvider
     forwarder: Forwarder
     draining: bool = False
+
+
+class SidecarApp(Starlette):
+    """Starlette for lifespan and the ``/-/`` routes; every other request goes straight to the forwarder.
+
+    Skipping Starlette's middleware and router on the hot path saves several wrappers around every
+    ``send`` and a regex match per route; the forwarder answers its own errors.
+    """
+
+    def __init__(self, *, forwarder: Forwarder, access_log: AccessLog | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.forwarder = forwarder
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.access_log is None:
+            await self._dispatch(scope, receive, send)
+            return
+        status = 0
+        start = time.perf_counter()
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._dispatch(scope, receive, send_and_note_status)
+        finally:
+            self.access_log.record(scope, status, time.perf_counter() - start)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/-"):
+            await self.forwarder(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def _error(status: int, code: str, detail: str) -> Response:
@@ -85,7 +125,7 @@ def build_sidecar(
 
 def create_app(
     settings: Settings, *, retry: RetryPolicy | None = None, clock: Callable[[], float] = time.time
-) -> Starlette:
+) -> SidecarApp:
     """The sidecar as an ASGI app. ``retry`` and ``clock`` are for tests."""
     sidecar = build_sidecar(settings, retry=retry, clock=clock)
 
@@ -111,15 +151,23 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await sidecar.forwarder.open()
         sidecar.tokens.start()
+        flusher = asyncio.create_task(access_log.run()) if access_log else None
         try:
             yield
         finally:
             sidecar.draining = True
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
             await sidecar.tokens.aclose()
             await sidecar.forwarder.aclose()
             await sidecar.http.aclose()
 
-    app = Starlette(
+    access_log = AccessLog() if settings.access_log else None
+    app = SidecarApp(
+        forwarder=sidecar.forwarder,
+        access_log=access_log,
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),

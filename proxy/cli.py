@@ -22,22 +22,14 @@ from pydantic import SecretStr
 from proxy.app import create_app
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import ConfigError, SidecarError
-from proxy.serving import GracefulServer, bind, bound_url, config_for, running
+from proxy.logs import configure_logging
+from proxy.serving import GracefulServer, bind, bound_url, config_for, running, tune_gc
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("proxy")
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
 
 
 def _serve(env: Mapping[str, str]) -> int:
@@ -52,7 +44,8 @@ def _serve(env: Mapping[str, str]) -> int:
         settings.token,
         settings.header,
     )
-    server = GracefulServer(config_for(app, access_log=settings.access_log))
+    server = GracefulServer(config_for(app))
+    tune_gc()
     server.run(sockets=[sock])
     return 0
 
@@ -94,7 +87,7 @@ async def _demo(listen: str) -> int:
     async with running(stack.cognito.app) as cognito_url, running(stack.apigw) as api_url:
         settings = _stack_settings(stack, cognito_url, api_url, listen)
         host, port = settings.listen_address
-        async with running(create_app(settings), host=host, port=port, access_log=True) as sidecar_url:
+        async with running(create_app(settings), host=host, port=port) as sidecar_url:
             async with httpx2.AsyncClient(trust_env=False) as client:
                 response = await client.get(f"{sidecar_url}/hello?name=world", timeout=30)
             print(f"Emulated Cognito token endpoint: {settings.token_url}")

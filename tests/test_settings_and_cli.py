@@ -188,6 +188,7 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     assert stack.emulator.refresh_token not in text
     assert (stack.emulator.client.secret or "") not in text
     assert "token refreshed" in text
+    assert '"GET /from-a-process?x=1" 200' in text  # the access log
 
 
 @pytest.mark.slow
