@@ -118,6 +118,7 @@ def build_sidecar(
         header=settings.header,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
+        pool_timeout=settings.pool_timeout,
         max_connections=settings.max_connections,
     )
     return Sidecar(settings, http, endpoint, credential, tokens, forwarder)

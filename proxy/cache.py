@@ -100,6 +100,8 @@ class TokenProvider:
         self.last_error: TokenError | None = None
         self.refreshes = 0
         self.failures = 0
+        # Requests that had to wait for a refresh; at steady state, with background refresh, it stays put.
+        self.waits = 0
 
     def __repr__(self) -> str:
         return f"TokenProvider(endpoint={self._endpoint!r}, kind={self._kind!r})"
@@ -119,6 +121,7 @@ class TokenProvider:
                 return token
             if self.last_error is not None:
                 raise self.last_error
+        self.waits += 1
         try:
             return await self._join_refresh()
         except TokenError:

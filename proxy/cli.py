@@ -44,7 +44,12 @@ def _serve(env: Mapping[str, str]) -> int:
         settings.token,
         settings.header,
     )
-    server = GracefulServer(config_for(app))
+    sidecar = app.state.sidecar
+
+    def start_draining() -> None:
+        sidecar.draining = True
+
+    server = GracefulServer(config_for(app, grace=settings.shutdown_grace), on_stop=start_draining)
     tune_gc()
     server.run(sockets=[sock])
     return 0

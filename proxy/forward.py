@@ -66,6 +66,7 @@ class Forwarder:
         header: str,
         connect_timeout: float,
         read_timeout: float,
+        pool_timeout: float,
         max_connections: int,
         extra_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
@@ -77,7 +78,11 @@ class Forwarder:
         self._tokens = tokens
         self._header = header.lower().encode("latin-1")
         self._extra = extra_headers
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        # connect covers waiting for a pooled connection plus opening one; sock_read bounds every wait for
+        # upstream bytes, the status line included.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=pool_timeout + connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self.replays = 0

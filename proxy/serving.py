@@ -13,7 +13,8 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
+from types import FrameType
 
 import uvicorn
 
@@ -107,7 +108,19 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class GracefulServer(uvicorn.Server):
-    """A uvicorn server that drains on SIGTERM/SIGINT and then exits 0, instead of re-raising the signal."""
+    """A uvicorn server that drains on SIGTERM/SIGINT and then exits 0, instead of re-raising the signal.
+
+    ``on_stop`` runs as soon as the signal arrives (readiness turns 503 while in-flight requests finish).
+    """
+
+    def __init__(self, config: uvicorn.Config, *, on_stop: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._on_stop is not None:
+            self._on_stop()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

@@ -36,6 +36,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_TOKEN_TIMEOUT = 10.0
 # Upstream connections kept and opened at once; one legacy host rarely needs more.
 DEFAULT_MAX_CONNECTIONS = 100
+# How long a request may wait for a free upstream connection: a slow upstream then turns into quick 504s
+# instead of an ever-growing queue.
+DEFAULT_POOL_TIMEOUT = 5.0
+# On SIGTERM, in-flight requests get this long to finish (Kubernetes waits 30 s before SIGKILL).
+DEFAULT_SHUTDOWN_GRACE = 20
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -102,7 +107,9 @@ class Settings(BaseModel):
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
     read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, gt=0)
     token_timeout: float = Field(default=DEFAULT_TOKEN_TIMEOUT, gt=0)
+    pool_timeout: float = Field(default=DEFAULT_POOL_TIMEOUT, gt=0)
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
+    shutdown_grace: int = Field(default=DEFAULT_SHUTDOWN_GRACE, ge=0)
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -1,0 +1,181 @@
+"""Faults on every side, against real servers: what the client sees, how many token requests, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import httpx2
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from proxy.serving import running
+from tests.conftest import Stack, run_sidecar, run_stack
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.slow
+async def test_steady_state_requests_never_wait_for_a_token(client: httpx2.AsyncClient):
+    # 4-second tokens: the margin is 2 s, the background refresh runs at 75-80% of the 2 usable seconds.
+    async with run_stack(token_lifetime=4) as stack, run_sidecar(stack.settings()) as sidecar:
+        stack.emulator.cognito.latency = 0.2  # a request that waited for Cognito would take this long at least
+        assert (await client.get(f"{sidecar.url}/first")).status_code == 200
+        waits_after_start = sidecar.parts.tokens.waits
+        statuses: list[int] = []
+        deadline = time.monotonic() + 20
+        while stack.token_requests < 4 and time.monotonic() < deadline and len(statuses) < 100_000:
+            statuses.append((await client.get(f"{sidecar.url}/steady")).status_code)
+        assert stack.token_requests >= 4, "the background refresh did not run"
+        assert set(statuses) == {200}
+        assert sidecar.parts.tokens.waits == waits_after_start  # not one request waited for a refresh
+
+
+async def test_token_endpoint_hanging_answers_503_within_the_bounds(client: httpx2.AsyncClient):
+    async with run_stack() as stack:
+        stack.emulator.cognito.latency = 1.0
+        async with run_sidecar(stack.settings(token_timeout=0.2)) as sidecar:
+            response = await client.get(f"{sidecar.url}/x")
+    assert response.status_code == 503
+    assert response.headers["x-sidecar-error"] == "token_endpoint_unavailable"
+    assert "did not answer within 0.2 s" in response.json()["detail"]
+
+
+async def test_token_endpoint_refusing_connections(stack: Stack, client: httpx2.AsyncClient):
+    settings = stack.settings(token_url=f"http://127.0.0.1:{_closed_port()}/oauth2/token")
+    async with run_sidecar(settings) as sidecar:
+        response = await client.get(f"{sidecar.url}/x")
+        ready = await client.get(f"{sidecar.url}/-/readyz")
+    assert response.status_code == 503
+    assert "Could not reach the token endpoint" in response.json()["detail"]
+    assert ready.status_code == 503
+
+
+async def test_draining_turns_readiness_red_while_requests_still_pass(stack: Stack, client: httpx2.AsyncClient):
+    async with run_sidecar(stack.settings()) as sidecar:
+        sidecar.parts.draining = True
+        ready = await client.get(f"{sidecar.url}/-/readyz")
+        forwarded = await client.get(f"{sidecar.url}/x")
+    assert ready.status_code == 503
+    assert ready.json()["error"] == "draining"
+    assert forwarded.status_code == 200
+
+
+class FaultyUpstream:
+    def __init__(self) -> None:
+        self.app = Starlette(
+            routes=[Route("/s/fail", self.fail), Route("/s/reset", self.reset), Route("/s/ok", self.ok)]
+        )
+
+    async def fail(self, request: Request) -> Response:
+        return Response("boom", status_code=500)
+
+    async def ok(self, request: Request) -> Response:
+        return Response("ok")
+
+    async def reset(self, request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"half"
+            raise ConnectionResetError("reset mid-body")
+
+        return StreamingResponse(body(), headers={"content-length": "100"})
+
+
+@pytest.mark.slow
+async def test_no_descriptor_leaks_after_thousands_of_failing_requests(stack: Stack):
+    upstream = FaultyUpstream()
+    limits = httpx2.Limits(max_connections=20)
+    async with (
+        running(upstream.app) as upstream_url,
+        run_sidecar(stack.settings(upstream_url=f"{upstream_url}/s")) as sidecar,
+        run_sidecar(stack.settings(upstream_url=f"http://127.0.0.1:{_closed_port()}/s")) as refusing,
+        httpx2.AsyncClient(trust_env=False, timeout=30, limits=limits) as client,
+    ):
+
+        async def burst(url: str, n: int) -> list[int]:
+            async def one(i: int) -> int:
+                try:
+                    return (await client.get(url)).status_code
+                except httpx2.RemoteProtocolError:
+                    return -1  # the broken body, as intended
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+        # Warm every pool once, then count descriptors.
+        await burst(f"{sidecar.url}/ok", 20)
+        await burst(f"{refusing.url}/x", 20)
+        gc.collect()
+        before = _open_fds()
+        assert set(await burst(f"{sidecar.url}/fail", 1000)) == {500}
+        assert set(await burst(f"{sidecar.url}/reset", 500)) == {-1}
+        assert set(await burst(f"{refusing.url}/x", 1000)) == {502}
+        assert set(await burst(f"{sidecar.url}/ok", 20)) == {200}
+        gc.collect()
+        after = _open_fds()
+    # Pools may hold a few more idle keep-alive connections than after the warm-up, never hundreds.
+    assert after - before < 40, (before, after)
+    assert stack.token_requests == 2  # one per sidecar, however many requests failed
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_in_flight_requests_finish(stack: Stack):
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        entered.set()
+        await release.wait()
+        return Response("finished")
+
+    upstream = Starlette(routes=[Route("/s/slow", slow)])
+    async with running(upstream) as upstream_url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        env.update(
+            SIDECAR_UPSTREAM_URL=f"{upstream_url}/s",
+            SIDECAR_TOKEN_URL=stack.token_url,
+            SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
+            SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
+            SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token,
+            SIDECAR_LISTEN="127.0.0.1:0",
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        assert process.stderr is not None
+        url = ""
+        async with asyncio.timeout(30):
+            while not url:
+                line = (await process.stderr.readline()).decode()
+                assert line, "the sidecar exited early"
+                if "listening on " in line:
+                    url = line.split("listening on ")[1].split(",")[0]
+        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            in_flight = asyncio.create_task(client.get(f"{url}/slow"))
+            async with asyncio.timeout(30):
+                await entered.wait()
+            process.send_signal(signal.SIGTERM)
+            release.set()
+            response = await in_flight
+        err = await asyncio.wait_for(process.stderr.read(), timeout=30)
+        code = await asyncio.wait_for(process.wait(), timeout=30)
+    assert response.status_code == 200
+    assert response.text == "finished"
+    assert code == 0
+    assert b"Traceback" not in err
