@@ -24,6 +24,7 @@ from proxy.cache import RefreshCredential, RetryPolicy, TokenProvider
 from proxy.errors import TokenError, error_body
 from proxy.forward import Forwarder
 from proxy.logs import AccessLog
+from proxy.metrics import render
 from proxy.settings import Settings
 from proxy.tokens import TokenEndpoint
 from proxy.types import Message, Receive, Scope, Send
@@ -145,8 +146,13 @@ def create_app(
             return _error(503, "token_endpoint_unavailable", "a token refresh is still in progress; try again")
         return JSONResponse({"status": "ready", "token_expires_in": round(token.expires_at - clock())})
 
+    async def metrics(request: Request) -> Response:
+        return Response(render(sidecar, clock), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def not_found(request: Request) -> Response:
-        return _error(404, "not_found", f"{request.url.path} is not a sidecar route (reserved: /-/healthz, /-/readyz)")
+        return _error(
+            404, "not_found", f"{request.url.path} is not a sidecar route (reserved: /-/healthz, /-/readyz, /-/metrics)"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -172,6 +178,7 @@ def create_app(
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/-/metrics", metrics, methods=["GET"]),
             Route("/-/{rest:path}", not_found),
             Route("/-", not_found),
             Mount("/", app=sidecar.forwarder),

@@ -32,6 +32,8 @@ log = logging.getLogger("proxy.cache")
 PERMANENT_HOLD = 60.0
 # After transient failures that outlasted their retries, wait this long before the next attempt.
 TRANSIENT_HOLD = 2.0
+# Even a token about to expire gets this long for its refresh, retries included.
+MIN_RETRY_WINDOW = 1.0
 # Background refresh at a random point in this fraction of the usable life: early enough to retry,
 # jittered so that many sidecars sharing a credential do not refresh in step.
 BACKGROUND_WINDOW = (0.75, 0.8)
@@ -150,12 +152,17 @@ class TokenProvider:
 
     async def _refresh(self) -> Token:
         policy = self._retry
+        deadline = policy.deadline
+        current = self._cache.get(self._KEY)
+        if current is not None:
+            # Retrying past the current token's expiry would only delay the 503s that must follow it.
+            deadline = min(deadline, max(current.expires_at - self._clock(), MIN_RETRY_WINDOW))
         try:
-            async with asyncio.timeout(policy.deadline):
+            async with asyncio.timeout(deadline):
                 async for attempt in stamina.retry_context(
                     on=TransientTokenError,
                     attempts=policy.attempts,
-                    timeout=policy.deadline,
+                    timeout=deadline,
                     wait_initial=policy.wait_initial,
                     wait_max=policy.wait_max,
                     wait_jitter=policy.wait_jitter,
@@ -168,7 +175,7 @@ class TokenProvider:
                 status=None,
                 error=None,
                 body="",
-                summary=f"No token could be had within {policy.deadline:g} s of retrying.",
+                summary=f"No token could be had within {deadline:g} s of retrying.",
                 fix="check the token endpoint's health and network access; the sidecar keeps retrying.",
             )
             self._failed(error)

@@ -12,6 +12,7 @@ to keep; a second 401 goes back to the client as it is.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -86,6 +87,8 @@ class Forwarder:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self.replays = 0
+        # The sidecar's own error answers by code, for /-/metrics; counted off the success path only.
+        self.errors: Counter[str] = Counter()
 
     async def open(self) -> None:
         """Create the shared client session; called from the app's lifespan, inside the running loop."""
@@ -132,12 +135,12 @@ class Forwarder:
             return
         session = self._session
         if session is None:
-            await _send_error(send, 503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
+            await self._error(send, 503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
             return
         try:
             url = self._url(scope)
         except (ValueError, UnicodeDecodeError):
-            await _send_error(
+            await self._error(
                 send, 400, "bad_request", "the request target must be a plain ASCII path such as /items?id=1"
             )
             return
@@ -159,7 +162,7 @@ class Forwarder:
         try:
             token = await self._tokens.get()
         except TokenError as exc:
-            await _send_error(send, 503, exc.code, f"no token could be had: {exc}")
+            await self._error(send, 503, exc.code, f"no token could be had: {exc}")
             return
 
         response = await self._send_upstream(session, scope, url, headers_in, token, body, send)
@@ -202,11 +205,11 @@ class Forwarder:
         except ClientGone:
             return None
         except (aiohttp.ServerTimeoutError, TimeoutError):
-            await _send_error(
+            await self._error(
                 send, 504, "upstream_timeout", f"the upstream {self._host} did not answer in time; try again later"
             )
         except aiohttp.ClientConnectorError as exc:
-            await _send_error(
+            await self._error(
                 send,
                 502,
                 "upstream_unreachable",
@@ -214,7 +217,7 @@ class Forwarder:
                 "the network",
             )
         except aiohttp.ClientError as exc:
-            await _send_error(
+            await self._error(
                 send, 502, "upstream_error", f"the upstream {self._host} broke the connection ({_reason(exc)})"
             )
         return None
@@ -243,6 +246,10 @@ class Forwarder:
         self.replays += 1
         log.info("API Gateway refused the token; refreshed and replaying %s once", scope["method"])
         return await self._send_upstream(session, scope, url, headers_in, fresh, body, send)
+
+    async def _error(self, send: Send, status: int, code: str, detail: str) -> None:
+        self.errors[code] += 1
+        await _send_error(send, status, code, detail)
 
     async def _relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
         await send(

@@ -22,6 +22,7 @@ async def test_revoked_refresh_token_is_a_503_that_explains_itself(
         requests_after_failure = stack.token_requests
         for _ in range(5):
             assert (await client.get(f"{sidecar.url}/x")).status_code == 503
+        metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
     assert response.status_code == 503
     assert response.headers["x-sidecar-error"] == "token_rejected"
     detail = response.json()["detail"]
@@ -32,8 +33,10 @@ async def test_revoked_refresh_token_is_a_503_that_explains_itself(
     assert "invalid_grant" in ready.json()["detail"]
     # A permanent refusal is not hammered: the next requests get the same answer at once.
     assert stack.token_requests == requests_after_failure
+    assert "sidecar_token_permanent_failure 1.0" in metrics
+    assert 'sidecar_errors_total{code="token_rejected"} 6.0' in metrics
     secret = stack.emulator.client.secret or ""
-    everything = response.text + ready.text + caplog.text
+    everything = response.text + ready.text + caplog.text + metrics
     assert stack.emulator.refresh_token not in everything
     assert secret not in everything
 
@@ -106,6 +109,10 @@ async def test_health_readiness_and_reserved_routes_are_not_forwarded(
     ready = await client.get(f"{sidecar.url}/-/readyz")
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
+    metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
+    assert "sidecar_token_requests_total 1.0" in metrics
+    assert "sidecar_token_permanent_failure 0.0" in metrics
+    assert "sidecar_token_expires_in_seconds 3" in metrics  # ~3600 s left
     missing = await client.get(f"{sidecar.url}/-/nothing")
     assert missing.status_code == 404
     assert missing.headers["x-sidecar-error"] == "not_found"
