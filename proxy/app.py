@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from proxy.cache import RefreshCredential, RetryPolicy, TokenProvider
-from proxy.errors import TokenError, error_body
+from proxy.cache import RetryPolicy, TokenProvider
+from proxy.credentials import ClientCredentialsGrant, RefreshTokenGrant, Secret
+from proxy.errors import ConfigError, TokenError, error_body
 from proxy.forward import Forwarder
 from proxy.logs import AccessLog
 from proxy.metrics import render
@@ -39,7 +40,7 @@ class Sidecar:
     settings: Settings
     http: httpx2.AsyncClient
     endpoint: TokenEndpoint
-    credential: RefreshCredential
+    grant: RefreshTokenGrant | ClientCredentialsGrant
     tokens: TokenProvider
     forwarder: Forwarder
     draining: bool = False
@@ -97,16 +98,25 @@ def build_sidecar(
     """Assemble the sidecar's parts from settings (no I/O happens here)."""
     http = httpx2.AsyncClient(trust_env=False, follow_redirects=False, timeout=settings.token_timeout)
     endpoint = TokenEndpoint(
-        http,
-        token_url=settings.token_url,
-        client_id=settings.client_id,
-        client_secret=settings.client_secret.get_secret_value() if settings.client_secret else None,
-        timeout=settings.token_timeout,
+        http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
     )
-    credential = RefreshCredential(settings.refresh_token.get_secret_value())
+    secret = (
+        Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
+        if settings.client_secret
+        else None
+    )
+    grant: RefreshTokenGrant | ClientCredentialsGrant
+    if settings.grant == "client_credentials":
+        if secret is None:
+            raise ConfigError(["SIDECAR_CLIENT_SECRET: required for client_credentials"])
+        grant = ClientCredentialsGrant(endpoint, secret, settings.scopes)
+    else:
+        if settings.refresh_token is None:
+            raise ConfigError(["SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE)"])
+        refresh = Secret(settings.refresh_token.get_secret_value(), settings.refresh_token_file)
+        grant = RefreshTokenGrant(endpoint, refresh, secret)
     tokens = TokenProvider(
-        endpoint,
-        credential,
+        grant,
         kind=settings.token,
         header_prefix=settings.header_prefix,
         margin=settings.refresh_margin,
@@ -121,8 +131,10 @@ def build_sidecar(
         read_timeout=settings.read_timeout,
         pool_timeout=settings.pool_timeout,
         max_connections=settings.max_connections,
+        # API Gateway usage plans: the configured key replaces any the client sent.
+        extra_headers=((b"x-api-key", settings.api_key.get_secret_value().encode()),) if settings.api_key else (),
     )
-    return Sidecar(settings, http, endpoint, credential, tokens, forwarder)
+    return Sidecar(settings, http, endpoint, grant, tokens, forwarder)
 
 
 def create_app(
@@ -144,7 +156,10 @@ def create_app(
             return _error(503, exc.code, str(exc))
         except TimeoutError:
             return _error(503, "token_endpoint_unavailable", "a token refresh is still in progress; try again")
-        return JSONResponse({"status": "ready", "token_expires_in": round(token.expires_at - clock())})
+        body: dict[str, object] = {"status": "ready", "token_expires_in": round(token.expires_at - clock())}
+        if sidecar.grant.persist_error:
+            body["warning"] = sidecar.grant.persist_error  # serving, but a restart would lose the credential
+        return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:
         return Response(render(sidecar, clock), media_type="text/plain; version=0.0.4; charset=utf-8")

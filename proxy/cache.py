@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import stamina
 from cachetools import TLRUCache
 
+from proxy.credentials import Grant
 from proxy.errors import PermanentTokenError, TokenError, TransientTokenError
-from proxy.tokens import Token, TokenEndpoint, make_token
+from proxy.tokens import Token, make_token
 
 log = logging.getLogger("proxy.cache")
 
@@ -50,26 +51,6 @@ class RetryPolicy:
     deadline: float = 30.0
 
 
-class RefreshCredential:
-    """The machine credential's refresh token. Replaced in memory when Cognito rotates it."""
-
-    def __init__(self, refresh_token: str) -> None:
-        self._value = refresh_token
-        self.rotations = 0
-
-    def __repr__(self) -> str:
-        return f"RefreshCredential(rotations={self.rotations})"
-
-    @property
-    def value(self) -> str:
-        return self._value
-
-    def replace(self, refresh_token: str) -> None:
-        if refresh_token != self._value:
-            self._value = refresh_token
-            self.rotations += 1
-
-
 class TokenProvider:
     """Yields a valid ``Token`` for the forwarder; owns caching, single flight and background refresh."""
 
@@ -77,8 +58,7 @@ class TokenProvider:
 
     def __init__(
         self,
-        endpoint: TokenEndpoint,
-        credential: RefreshCredential,
+        grant: Grant,
         *,
         kind: str,
         header_prefix: str = "",
@@ -86,8 +66,7 @@ class TokenProvider:
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._endpoint = endpoint
-        self._credential = credential
+        self.grant = grant
         self._kind = kind
         self._prefix = header_prefix
         self._margin = margin
@@ -106,7 +85,7 @@ class TokenProvider:
         self.waits = 0
 
     def __repr__(self) -> str:
-        return f"TokenProvider(endpoint={self._endpoint!r}, kind={self._kind!r})"
+        return f"TokenProvider(grant={self.grant!r}, kind={self._kind!r})"
 
     def cached(self) -> Token | None:
         """The cached token if it may still be sent, without refreshing."""
@@ -168,10 +147,11 @@ class TokenProvider:
                     wait_jitter=policy.wait_jitter,
                 ):
                     with attempt:
-                        response = await self._endpoint.refresh(self._credential.value)
+                        # The grant stores a rotated refresh token before this returns.
+                        response = await self.grant.fetch()
         except TimeoutError:
             error: TokenError = TransientTokenError(
-                flow="refresh",
+                flow=self.grant.flow,
                 status=None,
                 error=None,
                 body="",
@@ -183,9 +163,6 @@ class TokenProvider:
         except TokenError as exc:
             self._failed(exc)
             raise
-        # The new refresh token is taken over before the new id/access token is used.
-        if response.refresh_token:
-            self._credential.replace(response.refresh_token)
         try:
             token = make_token(response, kind=self._kind, prefix=self._prefix, margin=self._margin, now=self._clock())
         except TokenError as exc:
@@ -212,6 +189,14 @@ class TokenProvider:
         log.error("token refresh failed: %s", error)
 
     # Background refresh -------------------------------------------------------------------------
+
+    def reload_credentials(self) -> bool:
+        """Re-read secret files (SIGHUP); a change lifts any hold and refreshes now if no good token is held."""
+        changed = self.grant.reload()
+        if changed:
+            self._hold_until = 0.0
+            self._wake.set()
+        return changed
 
     def start(self) -> None:
         """Start the background refresher; call from a running loop (the app's lifespan)."""

@@ -49,7 +49,13 @@ def _serve(env: Mapping[str, str]) -> int:
     def start_draining() -> None:
         sidecar.draining = True
 
-    server = GracefulServer(config_for(app, grace=settings.shutdown_grace), on_stop=start_draining)
+    def reload_secrets() -> None:
+        changed = sidecar.tokens.reload_credentials()
+        log.info("SIGHUP: secret files re-read (%s)", "a value changed" if changed else "nothing changed")
+
+    server = GracefulServer(
+        config_for(app, grace=settings.shutdown_grace), on_stop=start_draining, on_reload=reload_secrets
+    )
     tune_gc()
     server.run(sockets=[sock])
     return 0

@@ -14,14 +14,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.cache import RefreshCredential, TokenProvider
+from proxy.cache import TokenProvider
+from proxy.credentials import ClientCredentialsGrant, RefreshTokenGrant
 from proxy.forward import Forwarder
 from proxy.tokens import TokenEndpoint
 
 
 class _Parts(Protocol):
     endpoint: TokenEndpoint
-    credential: RefreshCredential
+    grant: RefreshTokenGrant | ClientCredentialsGrant
     tokens: TokenProvider
     forwarder: Forwarder
     draining: bool
@@ -52,7 +53,12 @@ class SidecarCollector(Collector):
         yield CounterMetricFamily(
             "sidecar_refresh_token_rotations",
             "Times Cognito rotated the refresh token",
-            value=parts.credential.rotations,
+            value=parts.grant.rotations,
+        )
+        yield CounterMetricFamily(
+            "sidecar_refresh_token_persist_failures",
+            "Failed writes of a rotated refresh token to its file",
+            value=parts.grant.persist_failures,
         )
         token = tokens.cached()
         yield GaugeMetricFamily(

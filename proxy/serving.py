@@ -110,12 +110,20 @@ class _EmbeddedServer(uvicorn.Server):
 class GracefulServer(uvicorn.Server):
     """A uvicorn server that drains on SIGTERM/SIGINT and then exits 0, instead of re-raising the signal.
 
-    ``on_stop`` runs as soon as the signal arrives (readiness turns 503 while in-flight requests finish).
+    ``on_stop`` runs as soon as the signal arrives (readiness turns 503 while in-flight requests finish);
+    ``on_reload`` runs in the event loop on SIGHUP (re-read secret files).
     """
 
-    def __init__(self, config: uvicorn.Config, *, on_stop: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        on_stop: Callable[[], None] | None = None,
+        on_reload: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_stop = on_stop
+        self._on_reload = on_reload
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._on_stop is not None:
@@ -125,6 +133,10 @@ class GracefulServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if self._on_reload is not None:
+            loop = asyncio.get_running_loop()
+            on_reload = self._on_reload
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: loop.call_soon_threadsafe(on_reload))
         try:
             yield
         finally:

@@ -24,7 +24,7 @@ from proxy.errors import ConfigError
 ENV_PREFIX = "SIDECAR_"
 
 # Keys whose value may come from a file (`SIDECAR_X_FILE` / `x_file`): the secrets.
-FILE_KEYS = ("client_secret", "refresh_token")
+FILE_KEYS = ("client_secret", "refresh_token", "api_key")
 
 # Default safety margin before expiry: AWS's own SDKs refresh when less than 5 minutes remain.
 DEFAULT_REFRESH_MARGIN = 300.0
@@ -97,9 +97,13 @@ class Settings(BaseModel):
     token_url: str
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
-    refresh_token: SecretStr
+    client_secret_file: Path | None = None
+    grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
+    scopes: str = ""
+    refresh_token: SecretStr | None = None
     refresh_token_file: Path | None = None
     token: Literal["id_token", "access_token"] = "id_token"
+    api_key: SecretStr | None = None
     header: str = "Authorization"
     header_prefix: str = ""
     listen: str = "127.0.0.1:8080"
@@ -220,8 +224,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             problems.append(f"{source}: cannot read {file_path}: {exc.strerror}")
             reported.add(key)
             continue
-        if key == "refresh_token":
-            raw["refresh_token_file"] = str(file_path)
+        if key in ("refresh_token", "client_secret"):
+            raw[f"{key}_file"] = str(file_path)
         if not raw[key]:
             problems.append(f"{source}: file {file_path} is empty")
             reported.add(key)
@@ -244,6 +248,22 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             )
     if raw.get("client_secret") == "":
         raw["client_secret"] = None
+    grant = raw.get("grant", "refresh_token")
+    if grant == "client_credentials":
+        # No user, no id token: the access token is what this grant gives.
+        raw.setdefault("token", "access_token")
+        if raw.get("token") == "id_token":
+            problems.append("SIDECAR_TOKEN: client_credentials gives no id token; use access_token (the default)")
+            reported.add("token")
+        if not raw.get("client_secret") and "client_secret" not in reported:
+            problems.append("SIDECAR_CLIENT_SECRET: required for client_credentials (or SIDECAR_CLIENT_SECRET_FILE)")
+            reported.add("client_secret")
+    elif grant == "refresh_token" and not raw.get("refresh_token") and "refresh_token" not in reported:
+        problems.append(
+            "SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE); get one with "
+            "`cognito-sidecar login`, or use SIDECAR_GRANT=client_credentials for a machine-to-machine app client"
+        )
+        reported.add("refresh_token")
 
     try:
         settings = Settings.model_validate(raw)
@@ -252,12 +272,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             key = str(error["loc"][0]) if error["loc"] else "?"
             if key in reported:
                 continue
-            if error["type"] == "missing":
-                message = "is required"
-                if key == "refresh_token":
-                    message += " (or SIDECAR_REFRESH_TOKEN_FILE); get one with the authorization-code flow"
-            else:
-                message = str(error["msg"]).removeprefix("Value error, ")
+            missing = error["type"] == "missing"
+            message = "is required" if missing else str(error["msg"]).removeprefix("Value error, ")
             problems.append(f"{_env_name(key)}: {message}")
         raise ConfigError(problems) from None
     if problems:

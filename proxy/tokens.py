@@ -206,35 +206,49 @@ def _excerpt(text: str, secrets: tuple[str, ...]) -> str:
 class TokenEndpoint:
     """Client of one app client at one token endpoint. Holds no refresh token itself."""
 
-    def __init__(
-        self,
-        client: httpx2.AsyncClient,
-        *,
-        token_url: str,
-        client_id: str,
-        client_secret: str | None,
-        timeout: float,
-    ) -> None:
+    def __init__(self, client: httpx2.AsyncClient, *, token_url: str, client_id: str, timeout: float) -> None:
         self._client = client
         self.token_url = token_url
         self.client_id = client_id
-        self._secret = client_secret
         self._timeout = timeout
         self.requests = 0
 
     def __repr__(self) -> str:
         return f"TokenEndpoint(token_url={self.token_url!r}, client_id={self.client_id!r})"
 
-    async def refresh(self, refresh_token: str) -> TokenResponse:
+    async def refresh(self, refresh_token: str, client_secret: str | None) -> TokenResponse:
         """The refresh_token grant."""
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": self.client_id}
-        return await self.request("refresh", form, secrets=(refresh_token,))
+        return await self.request("refresh", form, client_secret, secrets=(refresh_token,))
 
-    async def request(self, flow: str, form: dict[str, str], *, secrets: tuple[str, ...] = ()) -> TokenResponse:
+    async def client_credentials(self, scopes: str, client_secret: str) -> TokenResponse:
+        """The client_credentials grant (machine to machine); ``scopes`` space-separated, may be empty."""
+        form = {"grant_type": "client_credentials", "client_id": self.client_id}
+        if scopes:
+            form["scope"] = scopes
+        return await self.request("client_credentials", form, client_secret)
+
+    async def exchange_code(
+        self, code: str, redirect_uri: str, code_verifier: str | None, client_secret: str | None
+    ) -> TokenResponse:
+        """The authorization_code grant, as the seed does it, plus the PKCE verifier when there is one."""
+        form = {
+            "grant_type": "authorization_code",
+            "client_id": self.client_id,
+            "code": code,
+            "redirect_uri": redirect_uri,
+        }
+        if code_verifier:
+            form["code_verifier"] = code_verifier
+        return await self.request("login", form, client_secret, secrets=(code, code_verifier or ""))
+
+    async def request(
+        self, flow: str, form: dict[str, str], client_secret: str | None, *, secrets: tuple[str, ...] = ()
+    ) -> TokenResponse:
         """POST ``form`` with client authentication; classify every failure."""
-        secrets = (*secrets, self._secret or "")
+        secrets = (*secrets, client_secret or "")
         # A public client authenticates with client_id in the body alone: no Authorization header at all.
-        auth = httpx2.BasicAuth(self.client_id, self._secret) if self._secret else httpx2.USE_CLIENT_DEFAULT
+        auth = httpx2.BasicAuth(self.client_id, client_secret) if client_secret else httpx2.USE_CLIENT_DEFAULT
         self.requests += 1
         try:
             response = await self._client.post(
