@@ -65,11 +65,18 @@ def format_address(host: str, port: int) -> str:
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``; raises ``ListenError`` with a plain reason."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio turns Nagle off only on sockets that do, and with Nagle on, a response
+    # written as headers then body waits ~40 ms for a delayed ACK on every keep-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
     except socket.gaierror as exc:
+        sock.close()
         raise ListenError(host, port, f"unknown host ({exc.strerror})") from None
     except OSError as exc:
+        sock.close()
         raise ListenError(host, port, (exc.strerror or str(exc)).lower()) from None
     sock.setblocking(False)
     return sock

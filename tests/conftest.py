@@ -61,7 +61,7 @@ class Stack:
             "token_url": self.token_url,
             "client_id": self.emulator.client.client_id,
             "client_secret": SecretStr(secret) if secret else None,
-            "refresh_token": SecretStr(self.emulator.refresh_token),
+            "refresh_token": SecretStr(self.emulator.refresh_token) if self.emulator.refresh_token else None,
             "listen": "127.0.0.1:0",
             "access_log": False,
         }

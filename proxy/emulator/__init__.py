@@ -33,19 +33,33 @@ def make_stack(
     stage: str = "prod",
     rotate_refresh_tokens: bool = False,
     grace_period: float = 0.0,
+    machine_to_machine: bool = False,
+    api_key: str | None = None,
 ) -> EmulatorStack:
-    """A pool with one app client (a random secret unless given, none if ``public_client``) and its refresh token."""
+    """A pool with one app client (a random secret unless given, none if ``public_client``) and its refresh token.
+
+    ``machine_to_machine`` makes it a client_credentials app client with scopes ``api/read api/write`` (and no
+    refresh token); ``api_key`` makes the API stage require that ``x-api-key``.
+    """
     cognito = CognitoEmulator(token_lifetime=token_lifetime)
     secret = None if public_client else (client_secret or secrets.token_urlsafe(32))
-    client = cognito.add_client(
-        AppClient(
-            client_id,
-            secret,
-            redirect_uris=("http://localhost:8001/callback",),
-            rotate_refresh_tokens=rotate_refresh_tokens,
-            grace_period=grace_period,
+    if machine_to_machine:
+        client = cognito.add_client(
+            AppClient(client_id, secret, grants=frozenset({"client_credentials"}), scopes=("api/read", "api/write"))
         )
+        token = ""
+    else:
+        client = cognito.add_client(
+            AppClient(
+                client_id,
+                secret,
+                redirect_uris=("http://localhost:8001/callback",),
+                rotate_refresh_tokens=rotate_refresh_tokens,
+                grace_period=grace_period,
+            )
+        )
+        token = cognito.issue_refresh_token(client_id, value=refresh_token)
+    apigw = ApiGatewayEmulator(
+        issuer=cognito.issuer, public_key=cognito.public_key, audiences=[client_id], stage=stage, api_key=api_key
     )
-    token = cognito.issue_refresh_token(client_id, value=refresh_token)
-    apigw = ApiGatewayEmulator(issuer=cognito.issuer, public_key=cognito.public_key, audiences=[client_id], stage=stage)
     return EmulatorStack(cognito, apigw, client, token)

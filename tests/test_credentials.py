@@ -1,0 +1,212 @@
+"""Credentials in depth: rotation persisted without loss, client_credentials, API keys, secret reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import stat
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+from pydantic import SecretStr
+
+from proxy.credentials import read_secret_file, write_secret_file
+from tests.conftest import FakeClock, Stack, run_sidecar, run_stack
+
+
+def test_atomic_secret_file_is_private_and_whole(tmp_path: Path):
+    target = tmp_path / "refresh-token"
+    target.write_text("old\n")
+    target.chmod(0o644)
+    write_secret_file(target, "new-token")
+    assert read_secret_file(target) == "new-token"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refresh-token"]  # no temporary left behind
+
+
+async def test_rotated_refresh_token_is_written_to_its_file(client: httpx2.AsyncClient, tmp_path: Path):
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True) as stack:
+        stack.emulator.cognito.clock = clock
+        stack.emulator.apigw._clock = clock
+        token_file = tmp_path / "refresh-token"
+        token_file.write_text(stack.emulator.refresh_token + "\n")
+        settings = stack.settings(refresh_token_file=token_file)
+        async with run_sidecar(settings, clock=clock) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+            first = read_secret_file(token_file)
+            assert first != stack.emulator.refresh_token
+            assert first == sidecar.parts.grant.refresh_token
+            assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+            clock.advance(3600)
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+            assert read_secret_file(token_file) not in (first, stack.emulator.refresh_token)
+
+
+async def test_unwritable_token_file_is_reported_and_serving_goes_on(client: httpx2.AsyncClient, tmp_path: Path):
+    async with run_stack(rotate_refresh_tokens=True) as stack:
+        folder = tmp_path / "secrets"
+        folder.mkdir()
+        token_file = folder / "refresh-token"
+        token_file.write_text(stack.emulator.refresh_token)
+        shutil.rmtree(folder)  # the volume went away after start-up
+        async with run_sidecar(stack.settings(refresh_token_file=token_file)) as sidecar:
+            response = await client.get(f"{sidecar.url}/a")
+            ready = await client.get(f"{sidecar.url}/-/readyz")
+            metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
+    assert response.status_code == 200
+    assert ready.status_code == 200
+    assert "could not be written" in ready.json()["warning"]
+    assert "sidecar_refresh_token_persist_failures_total 1.0" in metrics
+
+
+@pytest.mark.slow
+async def test_kill_9_during_refreshes_never_loses_the_credential(tmp_path: Path):
+    """Kill the sidecar at random instants while it refreshes every ~0.5 s; every restart must work."""
+    async with run_stack(rotate_refresh_tokens=True, grace_period=5, token_lifetime=2) as stack:
+        token_file = tmp_path / "refresh-token"
+        token_file.write_text(stack.emulator.refresh_token + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        env.update(
+            SIDECAR_UPSTREAM_URL=stack.upstream_url,
+            SIDECAR_TOKEN_URL=stack.token_url,
+            SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
+            SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
+            SIDECAR_REFRESH_TOKEN_FILE=str(token_file),
+            SIDECAR_LISTEN="127.0.0.1:0",
+            SIDECAR_ACCESS_LOG="0",
+        )
+        rng = random.Random(7)
+        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            for _ in range(10):
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "proxy", "serve", env=env, stderr=asyncio.subprocess.PIPE
+                )
+                assert process.stderr is not None
+                url = ""
+                async with asyncio.timeout(30):
+                    while not url:
+                        line = (await process.stderr.readline()).decode()
+                        assert line, "the sidecar exited early"
+                        if "listening on " in line:
+                            url = line.split("listening on ")[1].split(",")[0]
+                response = await client.get(f"{url}/alive")
+                assert response.status_code == 200, response.text  # this restart works with what the file held
+                requests_before = stack.token_requests
+                # Let it refresh in the background (rotating each time), then kill it at a random instant.
+                async with asyncio.timeout(30):
+                    while stack.token_requests < requests_before + rng.randint(1, 3):
+                        await client.get(f"{url}/busy")
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+                content = token_file.read_text()
+                assert content.endswith("\n") and len(content.strip()) > 20  # whole, never empty or torn
+        assert stack.token_requests > 20
+
+
+async def test_client_credentials_one_token_request_per_token_life(client: httpx2.AsyncClient):
+    clock = FakeClock()
+    async with run_stack(machine_to_machine=True) as stack:
+        stack.emulator.cognito.clock = clock
+        stack.emulator.apigw._clock = clock
+        settings = stack.settings(grant="client_credentials", token="access_token", scopes="api/read")
+        async with run_sidecar(settings, clock=clock) as sidecar:
+            # Sustained traffic over three hours, 60-minute tokens, 5-minute margin: a refresh every 55 minutes.
+            for _ in range(36):
+                for _ in range(5):
+                    response = await client.get(f"{sidecar.url}/m2m")
+                    assert response.status_code == 200
+                clock.advance(300)
+            claims = response.json()["claims"]
+    assert claims["token_use"] == "access"
+    assert claims["scope"] == "api/read"
+    assert stack.emulator.cognito.grant_counts["client_credentials"] == stack.token_requests
+    assert stack.token_requests == 4  # at 0, 55, 110 and 165 minutes
+
+
+async def test_api_key_replaces_the_clients_own(client: httpx2.AsyncClient):
+    async with run_stack(api_key="usage-plan-key") as stack:
+        async with run_sidecar(stack.settings(api_key=SecretStr("wrong-key"))) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).json() == {"message": "Forbidden"}
+        async with run_sidecar(stack.settings(api_key=SecretStr("usage-plan-key"))) as sidecar:
+            response = await client.get(f"{sidecar.url}/a", headers={"x-api-key": "client-sent"})
+    assert response.status_code == 200
+    assert [h for h in response.json()["headers"] if h[0] == "x-api-key"] == [["x-api-key", "usage-plan-key"]]
+
+
+async def test_rotated_client_secret_is_picked_up_after_invalid_client(client: httpx2.AsyncClient, tmp_path: Path):
+    clock = FakeClock()
+    async with run_stack() as stack:
+        stack.emulator.cognito.clock = clock
+        stack.emulator.apigw._clock = clock
+        secret_file = tmp_path / "client-secret"
+        secret_file.write_text((stack.emulator.client.secret or "") + "\n")
+        settings = stack.settings(client_secret_file=secret_file)
+        async with run_sidecar(settings, clock=clock) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+            # The team rotates the app client's secret and Kubernetes updates the mounted file.
+            stack.emulator.client.secret = "the-new-secret"
+            secret_file.write_text("the-new-secret\n")
+            clock.advance(3600)
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+    assert stack.token_requests == 3  # invalid_client once, then the same refresh with the re-read secret
+
+
+async def test_reload_lifts_a_permanent_failure_at_once(client: httpx2.AsyncClient, tmp_path: Path):
+    async with run_stack() as stack:
+        token_file = tmp_path / "refresh-token"
+        token_file.write_text("a-revoked-token\n")
+        async with run_sidecar(
+            stack.settings(refresh_token=SecretStr("a-revoked-token"), refresh_token_file=token_file)
+        ) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 503
+            token_file.write_text(stack.emulator.refresh_token + "\n")  # a person logged in again
+            assert sidecar.parts.tokens.reload_credentials()  # what SIGHUP does
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+
+
+@pytest.mark.slow
+async def test_sighup_rereads_secret_files(stack: Stack, tmp_path: Path):
+    token_file = tmp_path / "refresh-token"
+    token_file.write_text("a-revoked-token\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(
+        SIDECAR_UPSTREAM_URL=stack.upstream_url,
+        SIDECAR_TOKEN_URL=stack.token_url,
+        SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
+        SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
+        SIDECAR_REFRESH_TOKEN_FILE=str(token_file),
+        SIDECAR_LISTEN="127.0.0.1:0",
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    try:
+        url = ""
+        async with asyncio.timeout(30):
+            while not url:
+                line = (await process.stderr.readline()).decode()
+                assert line, "the sidecar exited early"
+                if "listening on " in line:
+                    url = line.split("listening on ")[1].split(",")[0]
+        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            assert (await client.get(f"{url}/a")).status_code == 503
+            token_file.write_text(stack.emulator.refresh_token + "\n")
+            process.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(30):
+                while True:
+                    line = (await process.stderr.readline()).decode()
+                    assert line, "the sidecar exited"
+                    if "SIGHUP" in line:
+                        break
+            assert (await client.get(f"{url}/b")).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=30)
+    assert process.returncode == 0
