@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from proxy.cache import RetryPolicy, TokenProvider
-from proxy.credentials import ClientCredentialsGrant, RefreshTokenGrant, Secret
+from proxy.credentials import ClientCredentialsGrant, RefreshTokenGrant, grant_from_settings
 from proxy.errors import ConfigError, TokenError, error_body
 from proxy.forward import Forwarder
 from proxy.logs import AccessLog
@@ -100,21 +100,7 @@ def build_sidecar(
     endpoint = TokenEndpoint(
         http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
     )
-    secret = (
-        Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
-        if settings.client_secret
-        else None
-    )
-    grant: RefreshTokenGrant | ClientCredentialsGrant
-    if settings.grant == "client_credentials":
-        if secret is None:
-            raise ConfigError(["SIDECAR_CLIENT_SECRET: required for client_credentials"])
-        grant = ClientCredentialsGrant(endpoint, secret, settings.scopes)
-    else:
-        if settings.refresh_token is None:
-            raise ConfigError(["SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE)"])
-        refresh = Secret(settings.refresh_token.get_secret_value(), settings.refresh_token_file)
-        grant = RefreshTokenGrant(endpoint, refresh, secret)
+    grant = grant_from_settings(settings, endpoint)
     tokens = TokenProvider(
         grant,
         kind=settings.token,
@@ -123,6 +109,8 @@ def build_sidecar(
         retry=retry,
         clock=clock,
     )
+    if not settings.upstream_url:
+        raise ConfigError(["SIDECAR_UPSTREAM_URL: is required"])
     forwarder = Forwarder(
         upstream_url=settings.upstream_url,
         tokens=tokens,

@@ -10,21 +10,39 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
+import webbrowser
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx2
 import uvloop
 from pydantic import SecretStr
 
 from proxy.app import create_app
+from proxy.cache import TokenProvider
+from proxy.credentials import grant_from_settings
+from proxy.doctor import run_checks
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import ConfigError, SidecarError
+from proxy.login import (
+    DEFAULT_LOGIN_TIMEOUT,
+    DEFAULT_REDIRECT_URI,
+    DEFAULT_SCOPE,
+    Pkce,
+    authorize_url,
+    domain_of,
+    exchange,
+    wait_for_code,
+    write_refresh_token,
+)
 from proxy.logs import configure_logging
 from proxy.serving import GracefulServer, bind, bound_url, config_for, running, tune_gc
 from proxy.settings import Settings, load_settings
+from proxy.tokens import TokenEndpoint
 
 log = logging.getLogger("proxy")
 
@@ -167,7 +185,91 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument("--stage", default="prod")
     emu.add_argument("--rotate", action="store_true", help="rotate refresh tokens on every refresh")
     emu.add_argument("--grace-period", type=float, default=0.0, help="seconds a rotated-out refresh token still works")
+    login = commands.add_parser(
+        "login", help="sign in once (authorization code + PKCE) and save the refresh token the sidecar needs"
+    )
+    login.add_argument("--redirect-uri", default=DEFAULT_REDIRECT_URI, help=f"default {DEFAULT_REDIRECT_URI}")
+    login.add_argument("--scope", default=DEFAULT_SCOPE, help=f"space-separated (default {DEFAULT_SCOPE!r})")
+    login.add_argument("--no-pkce", action="store_true", help="for app clients not set up for PKCE")
+    login.add_argument("--code", default=None, help="exchange this code (copied from the browser's address bar)")
+    login.add_argument("--code-verifier", default=None, help="the PKCE verifier that goes with --code, if any")
+    login.add_argument(
+        "--out", type=Path, default=None, help="file for the refresh token (default: $SIDECAR_REFRESH_TOKEN_FILE)"
+    )
+    login.add_argument("--print", action="store_true", dest="print_token", help="print the refresh token to stdout")
+    login.add_argument("--timeout", type=float, default=DEFAULT_LOGIN_TIMEOUT, help="seconds to wait for the sign-in")
+    login.add_argument("--no-browser", action="store_true", help="only print the URL to open")
+    token = commands.add_parser("token", help='print a currently valid token (for curl -H "Authorization: $(...)")')
+    token.add_argument("--type", choices=("id", "access"), default=None, help="default: SIDECAR_TOKEN")
+    check = commands.add_parser("check", help="check the configuration, the token endpoint and the token")
+    check.add_argument("--path", default=None, help="also send one GET to this path upstream and explain the answer")
     return parser
+
+
+async def _login(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = load_settings(env, purpose="login")
+    out: Path | None = args.out or settings.refresh_token_file
+    if out is None and not args.print_token:
+        raise ConfigError(
+            ["--out: say where to save the refresh token (or set SIDECAR_REFRESH_TOKEN_FILE, or --print)"]
+        )
+    secret = settings.client_secret.get_secret_value() if settings.client_secret else None
+    async with httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http:
+        endpoint = TokenEndpoint(
+            http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
+        )
+        verifier = args.code_verifier
+        code = args.code
+        if code is None:
+            pkce = None if args.no_pkce else Pkce.new()
+            state = secrets.token_urlsafe(24)
+            url = authorize_url(
+                domain=domain_of(settings.token_url),
+                client_id=settings.client_id,
+                redirect_uri=args.redirect_uri,
+                scope=args.scope,
+                state=state,
+                pkce=pkce,
+            )
+            print(f"Open this URL in a browser and sign in:\n\n  {url}\n", file=sys.stderr, flush=True)
+            if not args.no_browser and (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY") or sys.platform == "darwin"):
+                webbrowser.open(url)
+            print(f"Waiting up to {args.timeout:g} s for the redirect to {args.redirect_uri} ...", file=sys.stderr)
+            code = await wait_for_code(args.redirect_uri, state, args.timeout)
+            verifier = pkce.verifier if pkce else None
+        response = await exchange(
+            endpoint, code=code, redirect_uri=args.redirect_uri, verifier=verifier, client_secret=secret
+        )
+    refresh_token = response.refresh_token or ""  # exchange() refuses an answer without one
+    if out is not None:
+        write_refresh_token(out, refresh_token)
+        print(f"Saved the refresh token to {out} (mode 0600). Next, run the sidecar with it:", file=sys.stderr)
+        print(f"  SIDECAR_REFRESH_TOKEN_FILE={out} cognito-sidecar serve", file=sys.stderr)
+    if args.print_token:
+        print(refresh_token)
+    return 0
+
+
+async def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = load_settings(env, purpose="token")
+    kind = {"id": "id_token", "access": "access_token", None: settings.token}[args.type]
+    async with httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http:
+        endpoint = TokenEndpoint(
+            http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
+        )
+        provider = TokenProvider(grant_from_settings(settings, endpoint), kind=kind, margin=settings.refresh_margin)
+        token = await provider.get()
+    print(token.value)
+    return 0
+
+
+async def _check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    findings = await run_checks(env, path=args.path)
+    for finding in findings:
+        print(finding.render())
+    failed = sum(1 for f in findings if f.status == "FAIL")
+    print(f"\n{'all checks passed' if not failed else f'{failed} check(s) failed'}")
+    return 0 if not failed else EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             listen = args.listen or env.get("SIDECAR_LISTEN", "127.0.0.1:8080")
             return uvloop.run(_demo(listen))
+        if args.command == "login":
+            return uvloop.run(_login(args, env))
+        if args.command == "token":
+            return uvloop.run(_token(args, env))
+        if args.command == "check":
+            return uvloop.run(_check(args, env))
         return uvloop.run(_emulator(args))
     except ConfigError as exc:
         print(f"cognito-sidecar: {exc}", file=sys.stderr)

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from proxy.errors import PermanentTokenError
+from proxy.errors import ConfigError, PermanentTokenError
+from proxy.settings import Settings
 from proxy.tokens import TokenEndpoint, TokenResponse
 
 log = logging.getLogger("proxy.credentials")
@@ -193,3 +194,22 @@ class ClientCredentialsGrant:
                 log.warning("Cognito answered invalid_client; retrying once with the secret re-read from disk")
                 return await self._endpoint.client_credentials(self._scopes, self._client_secret.value)
             raise
+
+
+def client_secret_from(settings: Settings) -> Secret | None:
+    if settings.client_secret is None:
+        return None
+    return Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
+
+
+def grant_from_settings(settings: Settings, endpoint: TokenEndpoint) -> RefreshTokenGrant | ClientCredentialsGrant:
+    """The grant the settings describe, over ``endpoint``."""
+    secret = client_secret_from(settings)
+    if settings.grant == "client_credentials":
+        if secret is None:
+            raise ConfigError(["SIDECAR_CLIENT_SECRET: required for client_credentials"])
+        return ClientCredentialsGrant(endpoint, secret, settings.scopes)
+    if settings.refresh_token is None:
+        raise ConfigError(["SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE)"])
+    refresh = Secret(settings.refresh_token.get_secret_value(), settings.refresh_token_file)
+    return RefreshTokenGrant(endpoint, refresh, secret)

@@ -93,7 +93,8 @@ class Settings(BaseModel):
 
     # First, so the URL validators below can see it.
     allow_insecure: bool = False
-    upstream_url: str
+    # Required to serve; `login` and `token` work without it (load_settings(purpose=...)).
+    upstream_url: str | None = None
     token_url: str
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
@@ -119,7 +120,9 @@ class Settings(BaseModel):
 
     @field_validator("upstream_url", "token_url")
     @classmethod
-    def _url(cls, value: str, info: ValidationInfo) -> str:
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
         allow = bool(info.data.get("allow_insecure", False))
         return _check_url(value, allow_insecure=allow)
 
@@ -181,8 +184,15 @@ def _load_toml(path: str, problems: list[str]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key in _KNOWN_KEYS}
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
-    """Build ``Settings`` from an environment mapping, or raise ``ConfigError`` listing every problem."""
+Purpose = Literal["serve", "token", "login"]
+
+
+def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Settings:
+    """Build ``Settings`` from an environment mapping, or raise ``ConfigError`` listing every problem.
+
+    ``purpose`` relaxes what is required: ``token`` needs no upstream, ``login`` no upstream and no refresh
+    token (it is what login obtains).
+    """
     problems: list[str] = []
     file_data: dict[str, Any] = {}
     config_path = env.get(_env_name("config"))
@@ -258,13 +268,23 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         if not raw.get("client_secret") and "client_secret" not in reported:
             problems.append("SIDECAR_CLIENT_SECRET: required for client_credentials (or SIDECAR_CLIENT_SECRET_FILE)")
             reported.add("client_secret")
-    elif grant == "refresh_token" and not raw.get("refresh_token") and "refresh_token" not in reported:
+    elif (
+        grant == "refresh_token"
+        and purpose != "login"
+        and not raw.get("refresh_token")
+        and "refresh_token" not in reported
+    ):
         problems.append(
             "SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE); get one with "
             "`cognito-sidecar login`, or use SIDECAR_GRANT=client_credentials for a machine-to-machine app client"
         )
         reported.add("refresh_token")
 
+    if purpose == "serve" and not raw.get("upstream_url") and "upstream_url" not in reported:
+        problems.append(
+            "SIDECAR_UPSTREAM_URL: is required, e.g. https://abc123.execute-api.us-east-1.amazonaws.com/prod"
+        )
+        reported.add("upstream_url")
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

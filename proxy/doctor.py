@@ -1,0 +1,163 @@
+"""``cognito-sidecar check``: a doctor for the configuration, as a short pass/fail list.
+
+Validates the settings, checks that the token endpoint's host resolves and answers, performs a real
+refresh, shows the token's claims (never the token), warns when the token kind does not fit how API
+Gateway will read it, and with ``--path`` sends one request upstream and explains a 401/403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+from urllib.parse import urlsplit
+
+import httpx2
+
+from proxy.cache import TokenProvider
+from proxy.credentials import grant_from_settings
+from proxy.errors import ConfigError, TokenEndpointError, TokenError
+from proxy.settings import Settings, load_settings
+from proxy.tokens import Token, TokenEndpoint
+
+Status = Literal["PASS", "WARN", "FAIL"]
+
+# Answers of API Gateway and what they most often mean.
+GATEWAY_HINTS = {
+    "Unauthorized": "the authorizer refused the token: check that the authorizer's user pool and app client match "
+    "SIDECAR_CLIENT_ID, that the header is the one the authorizer reads (SIDECAR_HEADER), and the token kind "
+    "(SIDECAR_TOKEN: methods with OAuth scopes need an access token)",
+    "The incoming token has expired": "the token expired before it arrived: check this machine's clock",
+    "Missing Authentication Token": "no such resource or method: usually a wrong stage or path in "
+    "SIDECAR_UPSTREAM_URL or --path (the stage belongs in the URL, e.g. .../prod)",
+    "Forbidden": "an API key is required or wrong (SIDECAR_API_KEY), or a resource policy denies this caller",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    status: Status
+    title: str
+    detail: str = ""
+
+    def render(self) -> str:
+        return f"{self.status}  {self.title}" + (f"\n      {self.detail}" if self.detail else "")
+
+
+def _when(epoch: object) -> str:
+    if not isinstance(epoch, int | float):
+        return "?"
+    moment = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    delta = epoch - time.time()
+    relative = f"in {delta / 60:.0f} min" if delta >= 0 else f"{-delta / 60:.0f} min ago"
+    return f"{moment} ({relative})"
+
+
+def describe_token(token: Token) -> str:
+    claims = token.claims
+    parts = [f"token_use={claims.get('token_use', '?')}", f"iss={claims.get('iss', '?')}"]
+    if "aud" in claims:
+        parts.append(f"aud={claims['aud']}")
+    if "client_id" in claims:
+        parts.append(f"client_id={claims['client_id']}")
+    if "scope" in claims:
+        parts.append(f"scope={claims['scope']!r}")
+    parts.append(f"exp={_when(claims.get('exp'))}")
+    parts.append(f"auth_time={_when(claims.get('auth_time'))}")
+    return ", ".join(parts)
+
+
+def kind_advice(settings: Settings, token: Token) -> Finding:
+    use = token.claims.get("token_use")
+    if use == "id":
+        return Finding(
+            "PASS" if settings.header.lower() == "authorization" else "WARN",
+            "an id token suits a REST API Cognito authorizer on methods without OAuth scopes",
+            "an id token carries no scopes: if the method requires scopes, set SIDECAR_TOKEN=access_token",
+        )
+    scopes = str(token.claims.get("scope", "")).split()
+    custom = [scope for scope in scopes if "/" in scope]
+    if not custom:
+        return Finding(
+            "WARN",
+            "the access token carries no custom scope",
+            f"scopes: {' '.join(scopes) or 'none'}. A method with an authorizer and OAuth scopes accepts an access "
+            "token only with one of its scopes (e.g. api/read); without scopes on the method, send the id token",
+        )
+    return Finding("PASS", f"the access token carries scopes {' '.join(custom)}")
+
+
+async def _reachable(url: str) -> Finding:
+    host = urlsplit(url).hostname or ""
+    port = urlsplit(url).port or (443 if url.startswith("https") else 80)
+    try:
+        await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return Finding("FAIL", f"the token endpoint's host {host} does not resolve", str(exc))
+    return Finding("PASS", f"the token endpoint's host {host} resolves")
+
+
+async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Finding]:
+    findings: list[Finding] = []
+    try:
+        settings = load_settings(env, purpose="serve" if path else "token")
+    except ConfigError as exc:
+        findings.extend(Finding("FAIL", "setting", problem) for problem in exc.problems)
+        return findings
+    findings.append(Finding("PASS", "settings are valid", f"token endpoint {settings.token_url}"))
+    findings.append(await _reachable(settings.token_url))
+    if findings[-1].status == "FAIL":
+        return findings
+    async with httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http:
+        endpoint = TokenEndpoint(
+            http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
+        )
+        provider = TokenProvider(
+            grant_from_settings(settings, endpoint), kind=settings.token, margin=settings.refresh_margin
+        )
+        try:
+            token = await provider.get()
+        except TokenEndpointError as exc:
+            reached = exc.status is not None
+            if reached:
+                findings.append(Finding("PASS", "the token endpoint answers HTTP"))
+            findings.append(Finding("FAIL", f"a real {provider.grant.flow} failed", str(exc)))
+            return findings
+        except TokenError as exc:
+            findings.append(Finding("FAIL", f"a real {provider.grant.flow} gave no usable token", str(exc)))
+            return findings
+        findings.append(
+            Finding("PASS", f"a real {provider.grant.flow} worked: {settings.token}", describe_token(token))
+        )
+        findings.append(kind_advice(settings, token))
+        if path is not None and settings.upstream_url:
+            findings.append(await _probe(http, settings, token, path))
+    return findings
+
+
+async def _probe(http: httpx2.AsyncClient, settings: Settings, token: Token, path: str) -> Finding:
+    url = (settings.upstream_url or "").rstrip("/") + "/" + path.lstrip("/")
+    headers = {settings.header: settings.header_prefix + token.value}
+    if settings.api_key:
+        headers["x-api-key"] = settings.api_key.get_secret_value()
+    try:
+        response = await http.get(url, headers=headers, timeout=settings.read_timeout)
+    except httpx2.HTTPError as exc:
+        return Finding("FAIL", f"GET {url} did not get an answer", f"{type(exc).__name__}: {exc}")
+    if response.status_code < 400:
+        return Finding("PASS", f"GET {url} answered {response.status_code} with the token")
+    try:
+        message = str(json.loads(response.content).get("message", ""))
+    except (ValueError, AttributeError):
+        message = ""
+    hint = GATEWAY_HINTS.get(message, "")
+    body = response.text[:200]
+    detail = (f"{hint}. " if hint else "") + f"API Gateway said HTTP {response.status_code}: {body}"
+    if response.status_code in (401, 403):
+        return Finding("FAIL", f"GET {url} was refused ({message or response.status_code})", detail)
+    return Finding("WARN", f"GET {url} answered {response.status_code}", detail)

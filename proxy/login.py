@@ -1,0 +1,157 @@
+"""``cognito-sidecar login``: the authorization-code bootstrap that gets the machine credential.
+
+Builds the hosted UI URL with PKCE (S256) and a random ``state``, listens once on the redirect URI's
+own host, port and path for Cognito's redirect, checks ``state``, and exchanges the code exactly as
+the seed does (Basic auth, ``grant_type``, ``code``, ``redirect_uri`` byte for byte the one in the
+authorize URL, ``client_id``) plus the ``code_verifier``. The refresh token goes to a file, atomically,
+mode 0600; it is printed only when asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import html
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from proxy.credentials import write_secret_file
+from proxy.errors import SidecarError
+from proxy.serving import running
+from proxy.tokens import TokenEndpoint, TokenResponse
+
+# Cognito's authorization codes live a few minutes; a person needs a moment to sign in.
+DEFAULT_LOGIN_TIMEOUT = 300.0
+DEFAULT_REDIRECT_URI = "http://localhost:8001/callback"
+DEFAULT_SCOPE = "openid"
+
+
+class LoginError(SidecarError):
+    """The login could not complete; the message says why and what to do."""
+
+    code = "login_failed"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Pkce:
+    verifier: str = field(repr=False)
+    challenge: str
+
+    @classmethod
+    def new(cls) -> Pkce:
+        verifier = secrets.token_urlsafe(64)  # 86 characters, within RFC 7636's 43-128
+        digest = hashlib.sha256(verifier.encode("ascii")).digest()
+        return cls(verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii"))
+
+
+def domain_of(token_url: str) -> str:
+    """The user pool domain (hosted UI base) from the token URL."""
+    return token_url.removesuffix("/oauth2/token")
+
+
+def authorize_url(*, domain: str, client_id: str, redirect_uri: str, scope: str, state: str, pkce: Pkce | None) -> str:
+    params = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": redirect_uri,
+        "scope": scope,
+        "state": state,
+    }
+    if pkce is not None:
+        params |= {"code_challenge": pkce.challenge, "code_challenge_method": "S256"}
+    return f"{domain}/oauth2/authorize?{urlencode(params)}"
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>cognito-sidecar</title></head>
+<body style="font-family: sans-serif; margin: 3em"><h1>{title}</h1><p>{text}</p></body></html>"""
+
+
+async def wait_for_code(redirect_uri: str, state: str, wait_seconds: float) -> str:
+    """Listen once at ``redirect_uri`` for Cognito's redirect; the code, or ``LoginError``."""
+    parts = urlsplit(redirect_uri)
+    if parts.scheme != "http" or not parts.hostname:
+        raise LoginError(
+            f"cannot listen at {redirect_uri}: only http://localhost-style redirect URIs can be caught here. "
+            "Use --code with the code from the browser's address bar instead."
+        )
+    path = parts.path or "/"
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def callback(request: Request) -> Response:
+        params = request.query_params
+        if outcome.done():
+            return HTMLResponse(_PAGE.format(title="Already done", text="You can close this tab."))
+        if "error" in params:
+            error = params["error"]
+            description = params.get("error_description", "")
+            outcome.set_exception(
+                LoginError(
+                    f"Cognito refused the sign-in: {error}"
+                    + (f" ({description})" if description else "")
+                    + ". If it says invalid_redirect or redirect_mismatch, add exactly "
+                    f"{redirect_uri} to the app client's callback URLs (a trailing slash counts)."
+                )
+            )
+            return HTMLResponse(_PAGE.format(title="Sign-in failed", text=html.escape(f"{error}: {description}")), 400)
+        if not secrets.compare_digest(params.get("state", ""), state):
+            outcome.set_exception(
+                LoginError("the redirect carried a different state: it did not come from this login. Run it again.")
+            )
+            return HTMLResponse(_PAGE.format(title="Sign-in failed", text="Unexpected state."), 400)
+        code = params.get("code")
+        if not code:
+            outcome.set_exception(LoginError("the redirect carried no code; run the login again."))
+            return HTMLResponse(_PAGE.format(title="Sign-in failed", text="No code."), 400)
+        outcome.set_result(code)
+        return HTMLResponse(
+            _PAGE.format(title="Signed in", text="cognito-sidecar has the code. You can close this tab.")
+        )
+
+    app = Starlette(routes=[Route(path, callback, methods=["GET"])])
+    try:
+        async with running(app, host=parts.hostname, port=parts.port or 80, grace=1):
+            try:
+                async with asyncio.timeout(wait_seconds):
+                    return await outcome
+            except TimeoutError:
+                raise LoginError(
+                    f"no sign-in came back to {redirect_uri} within {wait_seconds:g} s. Open the URL above in a "
+                    "browser that can reach this machine, or copy the code from the address bar and use --code."
+                ) from None
+    except OSError as exc:
+        raise LoginError(f"cannot listen for the redirect at {redirect_uri}: {exc}") from None
+
+
+async def exchange(
+    endpoint: TokenEndpoint, *, code: str, redirect_uri: str, verifier: str | None, client_secret: str | None
+) -> TokenResponse:
+    response = await endpoint.exchange_code(code, redirect_uri, verifier, client_secret)
+    if not response.refresh_token:
+        raise LoginError(
+            "the code exchange worked but Cognito sent no refresh token: enable ALLOW_REFRESH_TOKEN_AUTH on the "
+            "app client."
+        )
+    return response
+
+
+def write_refresh_token(path: Path, token: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_secret_file(path, token)
+    except OSError as exc:
+        raise LoginError(f"cannot write the refresh token to {path}: {exc.strerror}") from None
