@@ -34,6 +34,7 @@ from proxy.login import (
     DEFAULT_SCOPE,
     Pkce,
     authorize_url,
+    callback_listener,
     domain_of,
     exchange,
     wait_for_code,
@@ -231,11 +232,14 @@ async def _login(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 state=state,
                 pkce=pkce,
             )
-            print(f"Open this URL in a browser and sign in:\n\n  {url}\n", file=sys.stderr, flush=True)
-            if not args.no_browser and (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY") or sys.platform == "darwin"):
-                webbrowser.open(url)
-            print(f"Waiting up to {args.timeout:g} s for the redirect to {args.redirect_uri} ...", file=sys.stderr)
-            code = await wait_for_code(args.redirect_uri, state, args.timeout)
+            async with callback_listener(args.redirect_uri, state) as outcome:
+                print(f"Open this URL in a browser and sign in:\n\n  {url}\n", file=sys.stderr, flush=True)
+                if not args.no_browser and (
+                    env.get("DISPLAY") or env.get("WAYLAND_DISPLAY") or sys.platform == "darwin"
+                ):
+                    webbrowser.open(url)
+                print(f"Waiting up to {args.timeout:g} s for the redirect to {args.redirect_uri} ...", file=sys.stderr)
+                code = await wait_for_code(outcome, args.redirect_uri, args.timeout)
             verifier = pkce.verifier if pkce else None
         response = await exchange(
             endpoint, code=code, redirect_uri=args.redirect_uri, verifier=verifier, client_secret=secret

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import html
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -81,8 +83,12 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>cognito-sidec
 <body style="font-family: sans-serif; margin: 3em"><h1>{title}</h1><p>{text}</p></body></html>"""
 
 
-async def wait_for_code(redirect_uri: str, state: str, wait_seconds: float) -> str:
-    """Listen once at ``redirect_uri`` for Cognito's redirect; the code, or ``LoginError``."""
+@contextlib.asynccontextmanager
+async def callback_listener(redirect_uri: str, state: str) -> AsyncIterator[asyncio.Future[str]]:
+    """Listen at ``redirect_uri`` for Cognito's redirect; the future gets the code or a ``LoginError``.
+
+    The port is bound before this yields, so the authorize URL can be shown knowing the redirect will land.
+    """
     parts = urlsplit(redirect_uri)
     if parts.scheme != "http" or not parts.hostname:
         raise LoginError(
@@ -123,18 +129,24 @@ async def wait_for_code(redirect_uri: str, state: str, wait_seconds: float) -> s
         )
 
     app = Starlette(routes=[Route(path, callback, methods=["GET"])])
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(running(app, host=parts.hostname, port=parts.port or 80, grace=1))
+        except OSError as exc:
+            raise LoginError(f"cannot listen for the redirect at {redirect_uri}: {exc}") from None
+        yield outcome
+
+
+async def wait_for_code(outcome: asyncio.Future[str], redirect_uri: str, wait_seconds: float) -> str:
+    """The code from ``callback_listener``'s future, or ``LoginError`` after ``wait_seconds``."""
     try:
-        async with running(app, host=parts.hostname, port=parts.port or 80, grace=1):
-            try:
-                async with asyncio.timeout(wait_seconds):
-                    return await outcome
-            except TimeoutError:
-                raise LoginError(
-                    f"no sign-in came back to {redirect_uri} within {wait_seconds:g} s. Open the URL above in a "
-                    "browser that can reach this machine, or copy the code from the address bar and use --code."
-                ) from None
-    except OSError as exc:
-        raise LoginError(f"cannot listen for the redirect at {redirect_uri}: {exc}") from None
+        async with asyncio.timeout(wait_seconds):
+            return await outcome
+    except TimeoutError:
+        raise LoginError(
+            f"no sign-in came back to {redirect_uri} within {wait_seconds:g} s. Open the URL above in a "
+            "browser that can reach this machine, or copy the code from the address bar and use --code."
+        ) from None
 
 
 async def exchange(

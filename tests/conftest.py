@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -128,3 +130,20 @@ async def raw_request(url: str, request: bytes) -> tuple[int, dict[str, list[str
         name, _, value = line.partition(":")
         headers.setdefault(name.strip().lower(), []).append(value.strip())
     return status, headers, body
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any SIDECAR_ setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(extra)
+    return env
+
+
+async def run_cli(*args: str, env: dict[str, str], limit: float = 60) -> tuple[int, str, str]:
+    """Run ``python -m proxy ARGS`` to completion; exit status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=limit)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

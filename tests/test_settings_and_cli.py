@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import stat
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 from proxy.errors import ConfigError
 from proxy.settings import load_settings
-from tests.conftest import Stack
+from tests.conftest import Stack, cli_env, run_cli
 
 SECRET = "s3cr3t-client-secret"
 REFRESH = "rt-very-secret-refresh-token"
@@ -107,23 +106,8 @@ def test_missing_and_conflicting_secret_files(tmp_path: Path):
         load_settings(env)
 
 
-def _cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env.update(extra)
-    return env
-
-
-async def _run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def test_bad_configuration_exits_2_without_a_traceback():
-    code, _, err = await _run("serve", env=_cli_env(SIDECAR_CLIENT_SECRET=SECRET, SIDECAR_LISTEN="nonsense"))
+    code, _, err = await run_cli("serve", env=cli_env(SIDECAR_CLIENT_SECRET=SECRET, SIDECAR_LISTEN="nonsense"))
     assert code == 2
     assert "Traceback" not in err
     assert "SIDECAR_UPSTREAM_URL: is required" in err
@@ -138,8 +122,8 @@ async def test_busy_port_is_a_clear_error():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = _cli_env(**BASE, SIDECAR_LISTEN=f"127.0.0.1:{port}")
-        code, _, err = await _run("serve", env=env)
+        env = cli_env(**BASE, SIDECAR_LISTEN=f"127.0.0.1:{port}")
+        code, _, err = await run_cli("serve", env=env)
     assert code == 1
     assert "cannot listen on 127.0.0.1" in err and "address already in use" in err
     assert "Traceback" not in err
@@ -150,7 +134,7 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     token_file = tmp_path / "refresh-token"
     token_file.write_text(stack.emulator.refresh_token + "\n")
     token_file.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    env = _cli_env(
+    env = cli_env(
         SIDECAR_UPSTREAM_URL=stack.upstream_url,
         SIDECAR_TOKEN_URL=stack.token_url,
         SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
@@ -200,7 +184,7 @@ async def test_demo_shows_the_whole_path():
         "demo",
         "--listen",
         "127.0.0.1:0",
-        env=_cli_env(),
+        env=cli_env(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
