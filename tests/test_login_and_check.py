@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx2
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import Stack, cli_env, run_cli, run_sidecar
 
@@ -90,11 +91,8 @@ async def test_login_end_to_end_with_the_listener(stack: Stack, client: httpx2.A
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert f"SIDECAR_REFRESH_TOKEN_FILE={out}" in err.decode()
     # And the credential works in the sidecar.
-    async with run_sidecar(
-        stack.settings(refresh_token=None, refresh_token_file=out).model_copy(
-            update={"refresh_token": __import__("pydantic").SecretStr(out.read_text().strip())}
-        )
-    ) as sidecar:
+    settings = stack.settings(refresh_token=SecretStr(out.read_text().strip()), refresh_token_file=out)
+    async with run_sidecar(settings) as sidecar:
         assert (await client.get(f"{sidecar.url}/after-login")).status_code == 200
 
 
