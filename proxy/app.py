@@ -103,8 +103,7 @@ def build_sidecar(
     grant = grant_from_settings(settings, endpoint)
     tokens = TokenProvider(
         grant,
-        kind=settings.token,
-        header_prefix=settings.header_prefix,
+        kinds={settings.token},
         margin=settings.refresh_margin,
         retry=retry,
         clock=clock,
@@ -113,8 +112,9 @@ def build_sidecar(
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required"])
     forwarder = Forwarder(
         upstream_url=settings.upstream_url,
-        tokens=tokens,
+        tokens=tokens.view(settings.token),
         header=settings.header,
+        header_prefix=settings.header_prefix,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         pool_timeout=settings.pool_timeout,

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import stamina
@@ -25,7 +25,7 @@ from cachetools import TLRUCache
 
 from proxy.credentials import Grant
 from proxy.errors import PermanentTokenError, TokenError, TransientTokenError
-from proxy.tokens import Token, make_token
+from proxy.tokens import Token, TokenSet, make_token_set
 
 log = logging.getLogger("proxy.cache")
 
@@ -60,21 +60,22 @@ class TokenProvider:
         self,
         grant: Grant,
         *,
-        kind: str,
-        header_prefix: str = "",
+        kinds: Iterable[str],
         margin: float,
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.grant = grant
-        self._kind = kind
-        self._prefix = header_prefix
+        self.kinds = frozenset(kinds)
+        self._default_kind = min(self.kinds)
         self._margin = margin
         self._retry = retry or RetryPolicy()
         self._clock = clock
         # Entries vanish at their hard expiry: an expired token can never be handed out.
-        self._cache: TLRUCache[str, Token] = TLRUCache(maxsize=1, ttu=lambda _k, tok, _now: tok.expires_at, timer=clock)
-        self._inflight: asyncio.Future[Token] | None = None
+        self._cache: TLRUCache[str, TokenSet] = TLRUCache(
+            maxsize=1, ttu=lambda _k, tokens, _now: tokens.expires_at, timer=clock
+        )
+        self._inflight: asyncio.Future[TokenSet] | None = None
         self._hold_until = 0.0
         self._background: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -85,51 +86,63 @@ class TokenProvider:
         self.waits = 0
 
     def __repr__(self) -> str:
-        return f"TokenProvider(grant={self.grant!r}, kind={self._kind!r})"
+        return f"TokenProvider(grant={self.grant!r}, kinds={sorted(self.kinds)!r})"
 
-    def cached(self) -> Token | None:
-        """The cached token if it may still be sent, without refreshing."""
-        return self._cache.get(self._KEY)
+    def cached(self, kind: str | None = None) -> Token | None:
+        """The cached token of ``kind`` (default: the first kind) if it may still be sent, without refreshing."""
+        tokens = self._cache.get(self._KEY)
+        return tokens[kind or self._default_kind] if tokens is not None else None
 
-    async def get(self) -> Token:
-        """A token that may be sent now; refreshes (once, shared) when needed. Raises ``TokenError``."""
-        token = self._cache.get(self._KEY)
-        if token is not None and self._clock() < token.refresh_at:
-            return token
+    def view(self, kind: str) -> TokenView:
+        """A source of ``kind`` tokens for one forwarder; every view shares this provider's cache and refreshes."""
+        if kind not in self.kinds:
+            raise ValueError(f"this provider does not fetch {kind}")
+        return TokenView(self, kind)
+
+    async def get(self, kind: str | None = None) -> Token:
+        """A token of ``kind`` (default: the first kind) that may be sent now. Raises ``TokenError``."""
+        return (await self.get_set())[kind or self._default_kind]
+
+    async def get_set(self) -> TokenSet:
+        """Tokens that may be sent now; refreshes (once, shared) when needed. Raises ``TokenError``."""
+        tokens = self._cache.get(self._KEY)
+        if tokens is not None and self._clock() < tokens.refresh_at:
+            return tokens
         if self._inflight is None and self._clock() < self._hold_until:
             # A recent refresh failed: serve the old token while it lasts, else the same error at once.
-            if token is not None:
-                return token
+            if tokens is not None:
+                return tokens
             if self.last_error is not None:
                 raise self.last_error
         self.waits += 1
         try:
             return await self._join_refresh()
         except TokenError:
-            if token is not None and self._cache.get(self._KEY) is token:
+            if tokens is not None and self._cache.get(self._KEY) is tokens:
                 log.warning("token refresh failed; still sending the cached token until it expires")
-                return token
+                return tokens
             raise
 
     def invalidate(self, token: Token) -> None:
         """Drop ``token`` (API Gateway refused it) so the next ``get`` refreshes."""
-        if self._cache.get(self._KEY) is token:
+        current = self._cache.get(self._KEY)
+        if current is not None and current.holds(token):
             del self._cache[self._KEY]
             self._hold_until = 0.0
 
-    def _join_refresh(self) -> asyncio.Future[Token]:
+    def _join_refresh(self) -> asyncio.Future[TokenSet]:
         if self._inflight is None:
             future = asyncio.ensure_future(self._refresh())
             future.add_done_callback(self._flight_done)
             self._inflight = future
         return asyncio.shield(self._inflight)
 
-    def _flight_done(self, future: asyncio.Future[Token]) -> None:
+    def _flight_done(self, future: asyncio.Future[TokenSet]) -> None:
         self._inflight = None
         if not future.cancelled():
             future.exception()  # mark retrieved: a flight nobody awaits any more must not warn
 
-    async def _refresh(self) -> Token:
+    async def _refresh(self) -> TokenSet:
         policy = self._retry
         deadline = policy.deadline
         current = self._cache.get(self._KEY)
@@ -164,22 +177,22 @@ class TokenProvider:
             self._failed(exc)
             raise
         try:
-            token = make_token(response, kind=self._kind, prefix=self._prefix, margin=self._margin, now=self._clock())
+            tokens = make_token_set(response, kinds=self.kinds, margin=self._margin, now=self._clock())
         except TokenError as exc:
             self._failed(exc)
             raise
-        self._cache[self._KEY] = token
+        self._cache[self._KEY] = tokens
         self.refreshes += 1
         self.last_error = None
         self._hold_until = 0.0
         self._wake.set()
         log.info(
             "token refreshed: %s valid for %.0f s (refresh due in %.0f s)",
-            self._kind,
-            token.expires_at - self._clock(),
-            token.refresh_at - self._clock(),
+            "+".join(sorted(self.kinds)),
+            tokens.expires_at - self._clock(),
+            tokens.refresh_at - self._clock(),
         )
-        return token
+        return tokens
 
     def _failed(self, error: TokenError) -> None:
         self.failures += 1
@@ -234,3 +247,20 @@ class TokenProvider:
                     pass
             with contextlib.suppress(TokenError):
                 await self._join_refresh()
+
+
+class TokenView:
+    """One kind of token from a shared ``TokenProvider``: what a forwarder is handed."""
+
+    def __init__(self, provider: TokenProvider, kind: str) -> None:
+        self._provider = provider
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"TokenView(kind={self.kind!r})"
+
+    async def get(self) -> Token:
+        return (await self._provider.get_set())[self.kind]
+
+    def invalidate(self, token: Token) -> None:
+        self._provider.invalidate(token)

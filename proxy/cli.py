@@ -261,7 +261,7 @@ async def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         endpoint = TokenEndpoint(
             http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
         )
-        provider = TokenProvider(grant_from_settings(settings, endpoint), kind=kind, margin=settings.refresh_margin)
+        provider = TokenProvider(grant_from_settings(settings, endpoint), kinds={kind}, margin=settings.refresh_margin)
         token = await provider.get()
     print(token.value)
     return 0

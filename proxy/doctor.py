@@ -118,7 +118,7 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
             http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
         )
         provider = TokenProvider(
-            grant_from_settings(settings, endpoint), kind=settings.token, margin=settings.refresh_margin
+            grant_from_settings(settings, endpoint), kinds={settings.token}, margin=settings.refresh_margin
         )
         try:
             token = await provider.get()

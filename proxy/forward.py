@@ -65,6 +65,7 @@ class Forwarder:
         upstream_url: str,
         tokens: TokenSource,
         header: str,
+        header_prefix: str = "",
         connect_timeout: float,
         read_timeout: float,
         pool_timeout: float,
@@ -78,6 +79,7 @@ class Forwarder:
         self._base_path = parts.path.rstrip("/")
         self._tokens = tokens
         self._header = header.lower().encode("latin-1")
+        self._prefix = header_prefix.encode("latin-1")
         self._extra = extra_headers
         # connect covers waiting for a pooled connection plus opening one; sock_read bounds every wait for
         # upstream bytes, the status line included.
@@ -193,7 +195,7 @@ class Forwarder:
         headers = upstream_request_headers(
             headers_in,
             token_header=self._header,
-            token_value=token.header_value,
+            token_value=self._prefix + token.encoded,
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             extra=self._extra,

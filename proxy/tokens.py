@@ -125,7 +125,7 @@ class Token:
 
     kind: str
     value: str = field(repr=False)
-    header_value: bytes = field(repr=False)
+    encoded: bytes = field(repr=False)  # the value as header bytes, encoded once
     issued_at: float
     refresh_at: float
     expires_at: float
@@ -146,7 +146,37 @@ def read_claims(token: str) -> dict[str, Any]:
     return claims
 
 
-def make_token(response: TokenResponse, *, kind: str, prefix: str, margin: float, now: float) -> Token:
+@dataclass(frozen=True)
+class TokenSet:
+    """The tokens of one answer, by kind; usable while every one of them is."""
+
+    tokens: Mapping[str, Token]
+
+    def __getitem__(self, kind: str) -> Token:
+        return self.tokens[kind]
+
+    @property
+    def refresh_at(self) -> float:
+        return min(token.refresh_at for token in self.tokens.values())
+
+    @property
+    def expires_at(self) -> float:
+        return min(token.expires_at for token in self.tokens.values())
+
+    @property
+    def issued_at(self) -> float:
+        return max(token.issued_at for token in self.tokens.values())
+
+    def holds(self, token: Token) -> bool:
+        return any(mine is token for mine in self.tokens.values())
+
+
+def make_token_set(response: TokenResponse, *, kinds: frozenset[str], margin: float, now: float) -> TokenSet:
+    """The ``kinds`` of token the routes need, from one answer; ``TokenUnusableError`` if one is missing."""
+    return TokenSet({kind: make_token(response, kind=kind, margin=margin, now=now) for kind in sorted(kinds)})
+
+
+def make_token(response: TokenResponse, *, kind: str, margin: float, now: float) -> Token:
     """Turn a token response into the ``Token`` to inject, timed by the JWT's own ``exp`` claim."""
     value = response.id_token if kind == "id_token" else response.access_token
     if not value:
@@ -179,13 +209,13 @@ def make_token(response: TokenResponse, *, kind: str, prefix: str, margin: float
     effective_margin = min(margin, life / 2)
     skew = min(HARD_EXPIRY_SKEW, life / 10)
     try:
-        header_value = (prefix + value).encode("ascii")
+        encoded = value.encode("ascii")
     except UnicodeEncodeError:
         raise TokenUnusableError(f"the {kind} contains non-ASCII characters and cannot be sent in a header") from None
     return Token(
         kind=kind,
         value=value,
-        header_value=header_value,
+        encoded=encoded,
         issued_at=issued,
         refresh_at=expires - effective_margin,
         expires_at=expires - skew,
