@@ -1,7 +1,8 @@
-"""The sidecar application: ``create_app(settings)`` wires settings, token cache and forwarder.
+"""The sidecar application: ``create_app(settings)`` wires settings, token caches and forwarders.
 
-The Starlette app owns lifespan (the HTTP clients and the background refresh) and the reserved
-``/-/`` routes; everything else is mounted straight onto the bare ASGI forwarder.
+The Starlette app owns lifespan (the HTTP clients and the background refreshes) and the reserved
+``/-/`` routes; every other request goes straight to the forwarder of the longest matching route
+prefix. Routes whose credentials are the same share one token provider: one cache, one refresh.
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
 from proxy.cache import RetryPolicy, TokenProvider
-from proxy.credentials import ClientCredentialsGrant, RefreshTokenGrant, grant_from_settings
+from proxy.credentials import Grant, grant_from_settings
 from proxy.errors import ConfigError, TokenError, error_body
-from proxy.forward import Forwarder
+from proxy.forward import Forwarder, send_error
 from proxy.logs import AccessLog
 from proxy.metrics import render
 from proxy.settings import Settings
@@ -33,29 +34,60 @@ from proxy.types import Message, Receive, Scope, Send
 log = logging.getLogger("proxy.app")
 
 
+@dataclass(frozen=True)
+class UpstreamRoute:
+    """A path prefix (as raw bytes, no trailing slash; ``/`` matches everything) and its forwarder."""
+
+    prefix: bytes
+    forwarder: Forwarder
+
+    def matches(self, raw_path: bytes) -> bool:
+        prefix = self.prefix
+        return prefix == b"/" or raw_path == prefix or raw_path.startswith(prefix + b"/")
+
+
 @dataclass
 class Sidecar:
-    """The pieces of one running sidecar, kept on ``app.state.sidecar`` for the routes and for tests."""
+    """The pieces of one running sidecar, kept on ``app.state.sidecar`` for the routes, metrics and tests."""
 
     settings: Settings
     http: httpx2.AsyncClient
-    endpoint: TokenEndpoint
-    grant: RefreshTokenGrant | ClientCredentialsGrant
-    tokens: TokenProvider
-    forwarder: Forwarder
+    providers: list[TokenProvider]
+    routes: list[UpstreamRoute]  # longest prefix first
     draining: bool = False
+    forwarders: list[Forwarder] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.forwarders = [route.forwarder for route in self.routes]
+
+    # The first route's pieces: the whole sidecar in the usual one-route form.
+    @property
+    def tokens(self) -> TokenProvider:
+        return self.providers[0]
+
+    @property
+    def grant(self) -> Grant:
+        return self.tokens.grant
+
+    @property
+    def forwarder(self) -> Forwarder:
+        return self.routes[-1].forwarder
 
 
 class SidecarApp(Starlette):
-    """Starlette for lifespan and the ``/-/`` routes; every other request goes straight to the forwarder.
+    """Starlette for lifespan and the ``/-/`` routes; every other request goes straight to a forwarder.
 
     Skipping Starlette's middleware and router on the hot path saves several wrappers around every
     ``send`` and a regex match per route; the forwarder answers its own errors.
     """
 
-    def __init__(self, *, forwarder: Forwarder, access_log: AccessLog | None, **kwargs: Any) -> None:
+    def __init__(self, *, routes_by_prefix: list[UpstreamRoute], access_log: AccessLog | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.forwarder = forwarder
+        self.upstream_routes = routes_by_prefix
+        # The one-route form needs no matching at all.
+        self.only: Forwarder | None = (
+            routes_by_prefix[0].forwarder if len(routes_by_prefix) == 1 and routes_by_prefix[0].prefix == b"/" else None
+        )
         self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,10 +109,20 @@ class SidecarApp(Starlette):
             self.access_log.record(scope, status, time.perf_counter() - start)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith("/-"):
-            await self.forwarder(scope, receive, send)
-        else:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or path == "/-" or path.startswith("/-/"):
             await super().__call__(scope, receive, send)
+            return
+        if self.only is not None:
+            await self.only(scope, receive, send)
+            return
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        for route in self.upstream_routes:
+            if route.matches(raw_path):
+                await route.forwarder(scope, receive, send)
+                return
+        prefixes = ", ".join(route.prefix.decode() for route in self.upstream_routes)
+        await send_error(send, 404, "no_route", f"no route matches {scope['path']}; routes: {prefixes}")
 
 
 def _error(status: int, code: str, detail: str) -> Response:
@@ -96,33 +138,45 @@ def build_sidecar(
     settings: Settings, *, retry: RetryPolicy | None = None, clock: Callable[[], float] = time.time
 ) -> Sidecar:
     """Assemble the sidecar's parts from settings (no I/O happens here)."""
+    routes = settings.effective_routes()
+    if not routes:
+        raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
     http = httpx2.AsyncClient(trust_env=False, follow_redirects=False, timeout=settings.token_timeout)
-    endpoint = TokenEndpoint(
-        http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
-    )
-    grant = grant_from_settings(settings, endpoint)
-    tokens = TokenProvider(
-        grant,
-        kinds={settings.token},
-        margin=settings.refresh_margin,
-        retry=retry,
-        clock=clock,
-    )
-    if not settings.upstream_url:
-        raise ConfigError(["SIDECAR_UPSTREAM_URL: is required"])
-    forwarder = Forwarder(
-        upstream_url=settings.upstream_url,
-        tokens=tokens.view(settings.token),
-        header=settings.header,
-        header_prefix=settings.header_prefix,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        pool_timeout=settings.pool_timeout,
-        max_connections=settings.max_connections,
-        # API Gateway usage plans: the configured key replaces any the client sent.
-        extra_headers=((b"x-api-key", settings.api_key.get_secret_value().encode()),) if settings.api_key else (),
-    )
-    return Sidecar(settings, http, endpoint, grant, tokens, forwarder)
+    providers: dict[tuple[str, ...], TokenProvider] = {}
+    kinds: dict[tuple[str, ...], set[str]] = {}
+    for route in routes:
+        kinds.setdefault(route.credential_key(), set()).add(route.token)
+    # Shortest prefix first, so the catch-all route's provider (the one-route form's) is providers[0].
+    for route in reversed(routes):
+        key = route.credential_key()
+        if key not in providers:
+            endpoint = TokenEndpoint(
+                http, token_url=route.token_url, client_id=route.client_id, timeout=settings.token_timeout
+            )
+            grant = grant_from_settings(route, endpoint)
+            providers[key] = TokenProvider(
+                grant, kinds=kinds[key], margin=settings.refresh_margin, retry=retry, clock=clock
+            )
+    upstream_routes = [
+        UpstreamRoute(
+            route.prefix.encode(),
+            Forwarder(
+                upstream_url=route.upstream_url,
+                tokens=providers[route.credential_key()].view(route.token),
+                header=route.header,
+                header_prefix=route.header_prefix,
+                strip_prefix=route.prefix if route.strip_prefix else "",
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                pool_timeout=settings.pool_timeout,
+                max_connections=settings.max_connections,
+                # API Gateway usage plans: the configured key replaces any the client sent.
+                extra_headers=((b"x-api-key", route.api_key.get_secret_value().encode()),) if route.api_key else (),
+            ),
+        )
+        for route in routes
+    ]
+    return Sidecar(settings, http, list(providers.values()), upstream_routes)
 
 
 def create_app(
@@ -137,16 +191,19 @@ def create_app(
     async def readyz(request: Request) -> Response:
         if sidecar.draining:
             return _error(503, "draining", "the sidecar is shutting down")
+        expires: list[float] = []
         try:
             async with asyncio.timeout(settings.token_timeout):
-                token = await sidecar.tokens.get()
+                for provider in sidecar.providers:
+                    expires.append((await provider.get()).expires_at)
         except TokenError as exc:
             return _error(503, exc.code, str(exc))
         except TimeoutError:
             return _error(503, "token_endpoint_unavailable", "a token refresh is still in progress; try again")
-        body: dict[str, object] = {"status": "ready", "token_expires_in": round(token.expires_at - clock())}
-        if sidecar.grant.persist_error:
-            body["warning"] = sidecar.grant.persist_error  # serving, but a restart would lose the credential
+        body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(expires) - clock())}
+        warnings = [p.grant.persist_error for p in sidecar.providers if p.grant.persist_error]
+        if warnings:
+            body["warning"] = " ".join(str(w) for w in warnings)  # serving, but a restart would lose a credential
         return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:
@@ -159,8 +216,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await sidecar.forwarder.open()
-        sidecar.tokens.start()
+        for forwarder in sidecar.forwarders:
+            await forwarder.open()
+        for provider in sidecar.providers:
+            provider.start()
         flusher = asyncio.create_task(access_log.run()) if access_log else None
         try:
             yield
@@ -170,13 +229,15 @@ def create_app(
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
-            await sidecar.tokens.aclose()
-            await sidecar.forwarder.aclose()
+            for provider in sidecar.providers:
+                await provider.aclose()
+            for forwarder in sidecar.forwarders:
+                await forwarder.aclose()
             await sidecar.http.aclose()
 
     access_log = AccessLog() if settings.access_log else None
     app = SidecarApp(
-        forwarder=sidecar.forwarder,
+        routes_by_prefix=sidecar.routes,
         access_log=access_log,
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
@@ -184,7 +245,6 @@ def create_app(
             Route("/-/metrics", metrics, methods=["GET"]),
             Route("/-/{rest:path}", not_found),
             Route("/-", not_found),
-            Mount("/", app=sidecar.forwarder),
         ],
         lifespan=lifespan,
     )

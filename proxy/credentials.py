@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from proxy.errors import ConfigError, PermanentTokenError
-from proxy.settings import Settings
+from proxy.settings import RouteSettings, Settings
 from proxy.tokens import TokenEndpoint, TokenResponse
 
 log = logging.getLogger("proxy.credentials")
@@ -87,6 +87,12 @@ class Grant(Protocol):
     """Something that obtains a token response (one exchange with the token endpoint)."""
 
     flow: str
+    rotations: int
+    persist_failures: int
+    persist_error: str | None
+
+    @property
+    def endpoint(self) -> TokenEndpoint: ...
 
     async def fetch(self) -> TokenResponse: ...
 
@@ -109,6 +115,10 @@ class RefreshTokenGrant:
 
     def __repr__(self) -> str:
         return f"RefreshTokenGrant(endpoint={self._endpoint!r}, file={self._token.path})"
+
+    @property
+    def endpoint(self) -> TokenEndpoint:
+        return self._endpoint
 
     @property
     def refresh_token(self) -> str:
@@ -183,6 +193,10 @@ class ClientCredentialsGrant:
     def __repr__(self) -> str:
         return f"ClientCredentialsGrant(endpoint={self._endpoint!r}, scopes={self._scopes!r})"
 
+    @property
+    def endpoint(self) -> TokenEndpoint:
+        return self._endpoint
+
     def reload(self) -> bool:
         return self._client_secret.reload()
 
@@ -196,13 +210,15 @@ class ClientCredentialsGrant:
             raise
 
 
-def client_secret_from(settings: Settings) -> Secret | None:
+def client_secret_from(settings: Settings | RouteSettings) -> Secret | None:
     if settings.client_secret is None:
         return None
     return Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
 
 
-def grant_from_settings(settings: Settings, endpoint: TokenEndpoint) -> RefreshTokenGrant | ClientCredentialsGrant:
+def grant_from_settings(
+    settings: Settings | RouteSettings, endpoint: TokenEndpoint
+) -> RefreshTokenGrant | ClientCredentialsGrant:
     """The grant the settings describe, over ``endpoint``."""
     secret = client_secret_from(settings)
     if settings.grant == "client_credentials":

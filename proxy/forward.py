@@ -66,6 +66,7 @@ class Forwarder:
         tokens: TokenSource,
         header: str,
         header_prefix: str = "",
+        strip_prefix: str = "",
         connect_timeout: float,
         read_timeout: float,
         pool_timeout: float,
@@ -80,6 +81,7 @@ class Forwarder:
         self._tokens = tokens
         self._header = header.lower().encode("latin-1")
         self._prefix = header_prefix.encode("latin-1")
+        self._strip = len(strip_prefix.rstrip("/"))
         self._extra = extra_headers
         # connect covers waiting for a pooled connection plus opening one; sock_read bounds every wait for
         # upstream bytes, the status line included.
@@ -114,7 +116,9 @@ class Forwarder:
 
     def _url(self, scope: Scope) -> URL:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        path = raw_path.decode("ascii")
+        path = raw_path[self._strip :].decode("ascii") if self._strip else raw_path.decode("ascii")
+        if self._strip and not path.startswith("/"):
+            path = "/" + path
         if not path.startswith("/"):
             raise ValueError("request target must be a path")
         # Built from parts: nothing in the request (absolute-form, //host, @, backslashes, %2F) can change
@@ -251,7 +255,7 @@ class Forwarder:
 
     async def _error(self, send: Send, status: int, code: str, detail: str) -> None:
         self.errors[code] += 1
-        await _send_error(send, status, code, detail)
+        await send_error(send, status, code, detail)
 
     async def _relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
         await send(
@@ -326,7 +330,7 @@ async def _send_buffered(response: aiohttp.ClientResponse, body: bytes, send: Se
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _send_error(send: Send, status: int, code: str, detail: str) -> None:
+async def send_error(send: Send, status: int, code: str, detail: str) -> None:
     body = error_body(code, detail)
     await send(
         {

@@ -7,7 +7,7 @@ label or value ever holds a token, a secret or a URL with credentials.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,73 +15,84 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from proxy.cache import TokenProvider
-from proxy.credentials import ClientCredentialsGrant, RefreshTokenGrant
 from proxy.forward import Forwarder
-from proxy.tokens import TokenEndpoint
 
 
 class _Parts(Protocol):
-    endpoint: TokenEndpoint
-    grant: RefreshTokenGrant | ClientCredentialsGrant
-    tokens: TokenProvider
-    forwarder: Forwarder
+    providers: list[TokenProvider]
+    forwarders: list[Forwarder]
     draining: bool
 
 
 class SidecarCollector(Collector):
+    """Sums over every route's provider and forwarder (one of each in the usual one-route form)."""
+
     def __init__(self, parts: _Parts, clock: Callable[[], float] = time.time) -> None:
         self._parts = parts
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        parts = self._parts
-        tokens = parts.tokens
+        providers = self._parts.providers
+        forwarders = self._parts.forwarders
+        grants = [provider.grant for provider in providers]
+
+        def total(values: Iterable[float]) -> float:
+            return float(sum(values))
+
         yield CounterMetricFamily(
             "sidecar_token_requests",
             "Requests sent to the token endpoint, retries included",
-            value=parts.endpoint.requests,
+            value=total(grant.endpoint.requests for grant in grants),
         )
-        yield CounterMetricFamily("sidecar_token_refreshes", "Refreshes that produced a token", value=tokens.refreshes)
+        yield CounterMetricFamily(
+            "sidecar_token_refreshes", "Refreshes that produced a token", value=total(p.refreshes for p in providers)
+        )
         failed = CounterMetricFamily(
             "sidecar_token_refresh_failures", "Refreshes that ended without a token, by kind", labels=["kind"]
         )
-        failed.add_metric(["all"], tokens.failures)
+        failed.add_metric(["all"], total(p.failures for p in providers))
         yield failed
         yield CounterMetricFamily(
-            "sidecar_token_waits", "Requests that had to wait for a token refresh", value=tokens.waits
+            "sidecar_token_waits",
+            "Requests that had to wait for a token refresh",
+            value=total(p.waits for p in providers),
         )
         yield CounterMetricFamily(
             "sidecar_refresh_token_rotations",
             "Times Cognito rotated the refresh token",
-            value=parts.grant.rotations,
+            value=total(grant.rotations for grant in grants),
         )
         yield CounterMetricFamily(
             "sidecar_refresh_token_persist_failures",
             "Failed writes of a rotated refresh token to its file",
-            value=parts.grant.persist_failures,
+            value=total(grant.persist_failures for grant in grants),
         )
-        token = tokens.cached()
+        remaining = [max(token.expires_at - self._clock(), 0.0) for p in providers if (token := p.cached())]
         yield GaugeMetricFamily(
             "sidecar_token_expires_in_seconds",
-            "Seconds until the cached token expires (0: none cached)",
-            value=max(token.expires_at - self._clock(), 0.0) if token else 0.0,
+            "Seconds until the soonest cached token expires (0: a route has none cached)",
+            value=min(remaining) if len(remaining) == len(providers) else 0.0,
         )
-        error = tokens.last_error
+        refused = any(p.last_error is not None and getattr(p.last_error, "permanent", False) for p in providers)
         yield GaugeMetricFamily(
             "sidecar_token_permanent_failure",
-            "1 while Cognito refuses the credential (a person must act)",
-            value=1.0 if error is not None and getattr(error, "permanent", False) else 0.0,
+            "1 while Cognito refuses a credential (a person must act)",
+            value=1.0 if refused else 0.0,
         )
         yield CounterMetricFamily(
             "sidecar_upstream_replays",
             "Requests replayed once after API Gateway refused the token",
-            value=parts.forwarder.replays,
+            value=total(f.replays for f in forwarders),
         )
         errors = CounterMetricFamily("sidecar_errors", "The sidecar's own error answers, by code", labels=["code"])
-        for code, count in sorted(parts.forwarder.errors.items()):
+        codes: dict[str, int] = {}
+        for forwarder in forwarders:
+            for code, count in forwarder.errors.items():
+                codes[code] = codes.get(code, 0) + count
+        for code, count in sorted(codes.items()):
             errors.add_metric([code], count)
         yield errors
-        yield GaugeMetricFamily("sidecar_draining", "1 while shutting down", value=1.0 if parts.draining else 0.0)
+        yield GaugeMetricFamily("sidecar_draining", "1 while shutting down", value=1.0 if self._parts.draining else 0.0)
 
 
 def render(parts: _Parts, clock: Callable[[], float] = time.time) -> bytes:

@@ -9,6 +9,7 @@ or an error message.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import tomllib
@@ -86,6 +87,72 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+class RouteSettings(BaseModel):
+    """One route of a multi-API sidecar: a path prefix, its upstream, and its credential and header options.
+
+    Anything a route leaves out is taken from the top-level settings.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    prefix: str
+    upstream_url: str
+    strip_prefix: bool = True
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
+    scopes: str = ""
+    refresh_token: SecretStr | None = None
+    refresh_token_file: Path | None = None
+    token: Literal["id_token", "access_token"] = "id_token"
+    header: str = "Authorization"
+    header_prefix: str = ""
+    api_key: SecretStr | None = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_path(cls, value: str) -> str:
+        if not value.startswith("/") or not value.isascii() or "?" in value or "%" in value:
+            raise ValueError("must be a plain path starting with /, e.g. /orders")
+        if value == "/-" or value.startswith("/-/"):
+            raise ValueError("/-/ is reserved for the sidecar's own routes")
+        return value.rstrip("/") or "/"
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        return _valid_header(value)
+
+    @field_validator("header_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return _valid_prefix(value)
+
+    def credential_key(self) -> tuple[str, ...]:
+        """Routes with the same key share one token cache and one refresh."""
+        source = str(self.refresh_token_file or "")
+        if not source and self.refresh_token is not None:
+            source = hashlib.sha256(self.refresh_token.get_secret_value().encode()).hexdigest()
+        scopes = self.scopes if self.grant == "client_credentials" else ""
+        return (self.token_url, self.client_id, self.grant, scopes, source)
+
+
+def _valid_header(value: str) -> str:
+    if not _HEADER_NAME.match(value):
+        raise ValueError("must be a valid HTTP header name, e.g. Authorization")
+    if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+        raise ValueError(f"{value} is managed by the sidecar and cannot carry the token")
+    return value
+
+
+def _valid_prefix(value: str) -> str:
+    if any(ch in value for ch in "\r\n\0"):
+        raise ValueError("must not contain line breaks")
+    return value
+
+
 class Settings(BaseModel):
     """Validated, immutable settings. Build with ``load_settings``; tests may construct it directly."""
 
@@ -126,21 +193,17 @@ class Settings(BaseModel):
         allow = bool(info.data.get("allow_insecure", False))
         return _check_url(value, allow_insecure=allow)
 
+    routes: tuple[RouteSettings, ...] = ()
+
     @field_validator("header")
     @classmethod
     def _header(cls, value: str) -> str:
-        if not _HEADER_NAME.match(value):
-            raise ValueError("must be a valid HTTP header name, e.g. Authorization")
-        if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-            raise ValueError(f"{value} is managed by the sidecar and cannot carry the token")
-        return value
+        return _valid_header(value)
 
     @field_validator("header_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if any(ch in value for ch in "\r\n\0"):
-            raise ValueError("must not contain line breaks")
-        return value
+        return _valid_prefix(value)
 
     @field_validator("listen")
     @classmethod
@@ -152,7 +215,21 @@ class Settings(BaseModel):
     def listen_address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
 
+    def effective_routes(self) -> tuple[RouteSettings, ...]:
+        """Every route, longest prefix first; the top-level upstream (the one-route shorthand) is the ``/`` route."""
+        routes = list(self.routes)
+        if self.upstream_url and not any(route.prefix == "/" for route in routes):
+            inherited = {name: getattr(self, name) for name in _INHERITED}
+            routes.append(RouteSettings(prefix="/", upstream_url=self.upstream_url, strip_prefix=False, **inherited))
+        return tuple(sorted(routes, key=lambda route: len(route.prefix), reverse=True))
 
+
+# What a route takes from the top level when it does not say.
+_INHERITED = (
+    "token_url", "client_id", "client_secret", "client_secret_file", "grant", "scopes", "refresh_token",
+    "refresh_token_file", "token", "header", "header_prefix", "api_key",
+)  # fmt: skip
+_ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {"cognito_domain"} | {f"{k}_file" for k in FILE_KEYS}
 _KNOWN_KEYS = frozenset(Settings.model_fields) | {"cognito_domain", "config"} | {f"{k}_file" for k in FILE_KEYS}
 
 
@@ -280,7 +357,11 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
         )
         reported.add("refresh_token")
 
-    if purpose == "serve" and not raw.get("upstream_url") and "upstream_url" not in reported:
+    if isinstance(file_data.get("routes"), list):
+        raw["routes"] = _load_routes(file_data["routes"], raw, problems)
+    elif "routes" in file_data:
+        problems.append("SIDECAR_CONFIG: routes must be an array of tables ([[routes]])")
+    if purpose == "serve" and not raw.get("upstream_url") and not raw.get("routes") and "upstream_url" not in reported:
         problems.append(
             "SIDECAR_UPSTREAM_URL: is required, e.g. https://abc123.execute-api.us-east-1.amazonaws.com/prod"
         )
@@ -299,3 +380,64 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _load_routes(tables: list[Any], base: Mapping[str, Any], problems: list[str]) -> list[RouteSettings]:
+    """Validate ``[[routes]]`` tables from the TOML file; each inherits what it leaves out from ``base``."""
+    allow = str(base.get("allow_insecure", "")).lower() in ("1", "true", "yes", "on")
+    routes: list[RouteSettings] = []
+    seen: set[str] = set()
+    for index, table in enumerate(tables):
+        label = f"SIDECAR_CONFIG routes[{index}]"
+        if not isinstance(table, dict):
+            problems.append(f"{label}: must be a table with prefix and upstream_url")
+            continue
+        label += f" ({table.get('prefix', 'no prefix')})"
+        unknown = sorted(set(table) - _ROUTE_KEYS)
+        if unknown:
+            problems.append(f"{label}: unknown key(s) {', '.join(unknown)}")
+            continue
+        raw: dict[str, Any] = {key: base[key] for key in _INHERITED if key in base and base[key] is not None}
+        if "client_id" in table and "refresh_token" not in table and "refresh_token_file" not in table:
+            # Another app client cannot use the top-level client's refresh token.
+            raw.pop("refresh_token", None)
+            raw.pop("refresh_token_file", None)
+        if table.get("grant") == "client_credentials" and "token" not in table:
+            raw["token"] = "access_token"
+        raw.update(
+            {key: value for key, value in table.items() if not key.endswith("_file") and key != "cognito_domain"}
+        )
+        for key in FILE_KEYS:
+            path = table.get(f"{key}_file")
+            if path:
+                try:
+                    raw[key] = _read_secret_file(str(path))
+                except OSError as exc:
+                    problems.append(f"{label}: {key}_file {path}: {exc.strerror}")
+                    continue
+                if key in ("refresh_token", "client_secret"):
+                    raw[f"{key}_file"] = str(path)
+        if table.get("cognito_domain") and "token_url" not in table:
+            raw["token_url"] = str(table["cognito_domain"]).rstrip("/") + "/oauth2/token"
+        for key in ("upstream_url", "token_url"):
+            if key in raw:
+                try:
+                    raw[key] = _check_url(str(raw[key]), allow_insecure=allow)
+                except ValueError as exc:
+                    problems.append(f"{label}: {key}: {exc}")
+        if raw.get("grant", "refresh_token") == "refresh_token" and not raw.get("refresh_token"):
+            problems.append(f"{label}: refresh_token (or refresh_token_file) is required for the refresh_token grant")
+            continue
+        try:
+            route = RouteSettings.model_validate(raw)
+        except ValidationError as exc:
+            for error in exc.errors(include_input=False, include_url=False):
+                key = str(error["loc"][0]) if error["loc"] else "?"
+                missing = error["type"] == "missing"
+                problems.append(f"{label}: {key}: {'is required' if missing else error['msg']}")
+            continue
+        if route.prefix in seen:
+            problems.append(f"{label}: prefix {route.prefix} is declared twice")
+        seen.add(route.prefix)
+        routes.append(route)
+    return routes
