@@ -69,7 +69,7 @@ def _serve(env: Mapping[str, str]) -> int:
         sidecar.draining = True
 
     def reload_secrets() -> None:
-        changed = sidecar.tokens.reload_credentials()
+        changed = any([provider.reload_credentials() for provider in sidecar.providers])
         log.info("SIGHUP: secret files re-read (%s)", "a value changed" if changed else "nothing changed")
 
     server = GracefulServer(

@@ -434,7 +434,8 @@ def _load_routes(tables: list[Any], base: Mapping[str, Any], problems: list[str]
             for error in exc.errors(include_input=False, include_url=False):
                 key = str(error["loc"][0]) if error["loc"] else "?"
                 missing = error["type"] == "missing"
-                problems.append(f"{label}: {key}: {'is required' if missing else error['msg']}")
+                message = "is required" if missing else str(error["msg"]).removeprefix("Value error, ")
+                problems.append(f"{label}: {key}: {message}")
             continue
         if route.prefix in seen:
             problems.append(f"{label}: prefix {route.prefix} is declared twice")

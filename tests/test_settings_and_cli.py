@@ -205,3 +205,21 @@ async def test_demo_shows_the_whole_path():
     assert "token_use: id" in text
     assert "aud: demo-client" in text
     assert "eyJ" not in text  # no JWT is ever printed
+
+
+@pytest.mark.parametrize("example", ["sidecar.toml", "routes.toml", "example.env"])
+def test_the_example_configurations_load(example: str, tmp_path: Path):
+    root = Path(__file__).resolve().parent.parent / "config"
+    for name in ("cognito_client_secret", "cognito_refresh_token", "catalog_api_key", "billing_client_secret"):
+        (tmp_path / name).write_text(f"example-{name}\n")
+    text = (root / example).read_text().replace("/run/secrets", str(tmp_path))
+    if example.endswith(".toml"):
+        (tmp_path / example).write_text(text)
+        settings = load_settings({"SIDECAR_CONFIG": str(tmp_path / example)})
+    else:
+        env = dict(
+            line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#")
+        )
+        settings = load_settings(env)
+    assert settings.effective_routes()
+    assert "example-cognito" not in repr(settings)
