@@ -217,9 +217,7 @@ def test_the_example_configurations_load(example: str, tmp_path: Path):
         (tmp_path / example).write_text(text)
         settings = load_settings({"SIDECAR_CONFIG": str(tmp_path / example)})
     else:
-        env = dict(
-            line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#")
-        )
+        env = dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
         settings = load_settings(env)
     assert settings.effective_routes()
     assert "example-cognito" not in repr(settings)
