@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -83,6 +84,20 @@ class Secret:
         return True
 
 
+async def _rereading_files_once(
+    exchange: Callable[[], Awaitable[TokenResponse]], reload: Callable[[], bool], errors: tuple[str, ...]
+) -> TokenResponse:
+    """``exchange()``; if Cognito refuses it with one of ``errors`` and a secret file changed meanwhile (a person
+    already fixed it on disk), once more with the new values."""
+    try:
+        return await exchange()
+    except PermanentTokenError as exc:
+        if exc.error in errors and reload():
+            log.warning("Cognito answered %s; retrying once with the values re-read from disk", exc.error)
+            return await exchange()
+        raise
+
+
 class Grant(Protocol):
     """Something that obtains a token response (one exchange with the token endpoint)."""
 
@@ -134,15 +149,11 @@ class RefreshTokenGrant:
 
     async def fetch(self) -> TokenResponse:
         self._persist_pending()
-        try:
-            response = await self._endpoint.refresh(self._token.value, self._secret())
-        except PermanentTokenError as exc:
-            # Maybe a person already fixed it on disk (a new secret, a new refresh token): try once more.
-            if exc.error in ("invalid_client", "invalid_grant") and self.reload():
-                log.warning("Cognito answered %s; retrying once with the values re-read from disk", exc.error)
-                response = await self._endpoint.refresh(self._token.value, self._secret())
-            else:
-                raise
+        response = await _rereading_files_once(
+            lambda: self._endpoint.refresh(self._token.value, self._secret()),
+            self.reload,
+            ("invalid_client", "invalid_grant"),
+        )
         if response.refresh_token and response.refresh_token != self._token.value:
             self._rotate(response.refresh_token)
         return response
@@ -201,13 +212,11 @@ class ClientCredentialsGrant:
         return self._client_secret.reload()
 
     async def fetch(self) -> TokenResponse:
-        try:
-            return await self._endpoint.client_credentials(self._scopes, self._client_secret.value)
-        except PermanentTokenError as exc:
-            if exc.error == "invalid_client" and self.reload():
-                log.warning("Cognito answered invalid_client; retrying once with the secret re-read from disk")
-                return await self._endpoint.client_credentials(self._scopes, self._client_secret.value)
-            raise
+        return await _rereading_files_once(
+            lambda: self._endpoint.client_credentials(self._scopes, self._client_secret.value),
+            self.reload,
+            ("invalid_client",),
+        )
 
 
 def client_secret_from(settings: Settings | RouteSettings) -> Secret | None:

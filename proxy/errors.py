@@ -26,6 +26,13 @@ class SidecarError(Exception):
 
     code: str = "sidecar_error"
 
+    def __init__(self, message: str = "") -> None:
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
 
 class ConfigError(SidecarError, ValueError):
     """The configuration cannot be used. ``problems`` holds one line per problem, each naming its variable."""
@@ -34,7 +41,7 @@ class ConfigError(SidecarError, ValueError):
 
     def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
         self.problems = tuple(problems)
-        super().__init__(self.problems)
+        super().__init__("; ".join(self.problems))
 
     def __str__(self) -> str:
         count = len(self.problems)
@@ -47,13 +54,6 @@ class TokenError(SidecarError):
     """No valid token is available for the upstream request."""
 
     code = "token_unavailable"
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class TokenEndpointError(TokenError):

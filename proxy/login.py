@@ -41,13 +41,6 @@ class LoginError(SidecarError):
 
     code = "login_failed"
 
-    def __init__(self, message: str) -> None:
-        self.message = message
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        return self.message
-
 
 @dataclass(frozen=True)
 class Pkce:

@@ -36,13 +36,11 @@ class ListenError(SidecarError, OSError):
         self.host = host
         self.port = port
         self.reason = reason
-        super().__init__(
+        SidecarError.__init__(
+            self,
             f"cannot listen on {format_address(host, port)}: {reason}. "
-            "Choose another address with SIDECAR_LISTEN (e.g. 127.0.0.1:8081), or stop what is using it."
+            "Choose another address with SIDECAR_LISTEN (e.g. 127.0.0.1:8081), or stop what is using it.",
         )
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 # A young-generation collection every 700 allocations (CPython's default) walks the many short-lived

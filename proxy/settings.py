@@ -87,17 +87,27 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-class RouteSettings(BaseModel):
-    """One route of a multi-API sidecar: a path prefix, its upstream, and its credential and header options.
+def _valid_header(value: str) -> str:
+    if not _HEADER_NAME.match(value):
+        raise ValueError("must be a valid HTTP header name, e.g. Authorization")
+    if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+        raise ValueError(f"{value} is managed by the sidecar and cannot carry the token")
+    return value
 
-    Anything a route leaves out is taken from the top-level settings.
-    """
+
+def _valid_prefix(value: str) -> str:
+    if any(ch in value for ch in "\r\n\0"):
+        raise ValueError("must not contain line breaks")
+    return value
+
+
+class _Credentialed(BaseModel):
+    """What the top level and every route have: the credential, and how the token is sent."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    prefix: str
-    upstream_url: str
-    strip_prefix: bool = True
+    # First, so the URL validators can see it.
+    allow_insecure: bool = False
     token_url: str
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
@@ -107,18 +117,16 @@ class RouteSettings(BaseModel):
     refresh_token: SecretStr | None = None
     refresh_token_file: Path | None = None
     token: Literal["id_token", "access_token"] = "id_token"
+    api_key: SecretStr | None = None
     header: str = "Authorization"
     header_prefix: str = ""
-    api_key: SecretStr | None = None
 
-    @field_validator("prefix")
+    @field_validator("token_url", "upstream_url", check_fields=False)
     @classmethod
-    def _prefix_path(cls, value: str) -> str:
-        if not value.startswith("/") or not value.isascii() or "?" in value or "%" in value:
-            raise ValueError("must be a plain path starting with /, e.g. /orders")
-        if value == "/-" or value.startswith("/-/"):
-            raise ValueError("/-/ is reserved for the sidecar's own routes")
-        return value.rstrip("/") or "/"
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        return _check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
 
     @field_validator("header")
     @classmethod
@@ -139,41 +147,31 @@ class RouteSettings(BaseModel):
         return (self.token_url, self.client_id, self.grant, scopes, source)
 
 
-def _valid_header(value: str) -> str:
-    if not _HEADER_NAME.match(value):
-        raise ValueError("must be a valid HTTP header name, e.g. Authorization")
-    if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-        raise ValueError(f"{value} is managed by the sidecar and cannot carry the token")
-    return value
+class RouteSettings(_Credentialed):
+    """One route of a multi-API sidecar: a path prefix, its upstream, and its credential and header options.
+
+    Anything a route leaves out is taken from the top-level settings.
+    """
+
+    prefix: str
+    upstream_url: str
+    strip_prefix: bool = True
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_path(cls, value: str) -> str:
+        if not value.startswith("/") or not value.isascii() or "?" in value or "%" in value:
+            raise ValueError("must be a plain path starting with /, e.g. /orders")
+        if value == "/-" or value.startswith("/-/"):
+            raise ValueError("/-/ is reserved for the sidecar's own routes")
+        return value.rstrip("/") or "/"
 
 
-def _valid_prefix(value: str) -> str:
-    if any(ch in value for ch in "\r\n\0"):
-        raise ValueError("must not contain line breaks")
-    return value
-
-
-class Settings(BaseModel):
+class Settings(_Credentialed):
     """Validated, immutable settings. Build with ``load_settings``; tests may construct it directly."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
-
-    # First, so the URL validators below can see it.
-    allow_insecure: bool = False
     # Required to serve; `login` and `token` work without it (load_settings(purpose=...)).
     upstream_url: str | None = None
-    token_url: str
-    client_id: str = Field(min_length=1)
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
-    scopes: str = ""
-    refresh_token: SecretStr | None = None
-    refresh_token_file: Path | None = None
-    token: Literal["id_token", "access_token"] = "id_token"
-    api_key: SecretStr | None = None
-    header: str = "Authorization"
-    header_prefix: str = ""
     listen: str = "127.0.0.1:8080"
     refresh_margin: float = Field(default=DEFAULT_REFRESH_MARGIN, ge=0)
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
@@ -184,26 +182,7 @@ class Settings(BaseModel):
     shutdown_grace: int = Field(default=DEFAULT_SHUTDOWN_GRACE, ge=0)
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-    @field_validator("upstream_url", "token_url")
-    @classmethod
-    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        allow = bool(info.data.get("allow_insecure", False))
-        return _check_url(value, allow_insecure=allow)
-
     routes: tuple[RouteSettings, ...] = ()
-
-    @field_validator("header")
-    @classmethod
-    def _header(cls, value: str) -> str:
-        return _valid_header(value)
-
-    @field_validator("header_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        return _valid_prefix(value)
 
     @field_validator("listen")
     @classmethod
@@ -225,10 +204,7 @@ class Settings(BaseModel):
 
 
 # What a route takes from the top level when it does not say.
-_INHERITED = (
-    "token_url", "client_id", "client_secret", "client_secret_file", "grant", "scopes", "refresh_token",
-    "refresh_token_file", "token", "header", "header_prefix", "api_key",
-)  # fmt: skip
+_INHERITED = tuple(name for name in _Credentialed.model_fields)
 _ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {"cognito_domain"} | {f"{k}_file" for k in FILE_KEYS}
 _KNOWN_KEYS = frozenset(Settings.model_fields) | {"cognito_domain", "config"} | {f"{k}_file" for k in FILE_KEYS}
 
@@ -384,7 +360,6 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
 
 def _load_routes(tables: list[Any], base: Mapping[str, Any], problems: list[str]) -> list[RouteSettings]:
     """Validate ``[[routes]]`` tables from the TOML file; each inherits what it leaves out from ``base``."""
-    allow = str(base.get("allow_insecure", "")).lower() in ("1", "true", "yes", "on")
     routes: list[RouteSettings] = []
     seen: set[str] = set()
     for index, table in enumerate(tables):
@@ -419,12 +394,6 @@ def _load_routes(tables: list[Any], base: Mapping[str, Any], problems: list[str]
                     raw[f"{key}_file"] = str(path)
         if table.get("cognito_domain") and "token_url" not in table:
             raw["token_url"] = str(table["cognito_domain"]).rstrip("/") + "/oauth2/token"
-        for key in ("upstream_url", "token_url"):
-            if key in raw:
-                try:
-                    raw[key] = _check_url(str(raw[key]), allow_insecure=allow)
-                except ValueError as exc:
-                    problems.append(f"{label}: {key}: {exc}")
         if raw.get("grant", "refresh_token") == "refresh_token" and not raw.get("refresh_token"):
             problems.append(f"{label}: refresh_token (or refresh_token_file) is required for the refresh_token grant")
             continue
