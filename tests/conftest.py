@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -55,6 +56,11 @@ class Stack:
     @property
     def token_requests(self) -> int:
         return self.emulator.cognito.token_requests
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Make the emulated Cognito and API Gateway tell time by ``clock`` (pass the same to the sidecar)."""
+        self.emulator.cognito.clock = clock
+        self.emulator.apigw._clock = clock
 
     def settings(self, **overrides: Any) -> Settings:
         secret = self.emulator.client.secret
@@ -147,3 +153,61 @@ async def run_cli(*args: str, env: dict[str, str], limit: float = 60) -> tuple[i
     out, err = await asyncio.wait_for(process.communicate(), timeout=limit)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+def stack_env(stack: Stack, **extra: str) -> dict[str, str]:
+    """Environment for a sidecar command talking to ``stack``, on an ephemeral port; ``extra`` adds or overrides."""
+    values = {
+        "SIDECAR_UPSTREAM_URL": stack.upstream_url,
+        "SIDECAR_TOKEN_URL": stack.token_url,
+        "SIDECAR_CLIENT_ID": stack.emulator.client.client_id,
+        "SIDECAR_CLIENT_SECRET": stack.emulator.client.secret or "",
+        "SIDECAR_LISTEN": "127.0.0.1:0",
+    }
+    return cli_env(**(values | extra))
+
+
+@dataclass
+class SidecarProcess:
+    """``cognito-sidecar serve`` as a child process, with the stderr lines read so far."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    lines: list[str]
+
+    async def read_until(self, text: str, *, limit: float = 30) -> str:
+        """Read stderr lines until one contains ``text``; that line."""
+        assert self.process.stderr is not None
+        async with asyncio.timeout(limit):
+            while True:
+                line = (await self.process.stderr.readline()).decode()
+                assert line, "the sidecar exited; it said:\n" + "".join(self.lines)
+                self.lines.append(line)
+                if text in line:
+                    return line
+
+    async def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        """Send ``sig``, read the rest of stderr, wait; the exit status and everything it logged."""
+        assert self.process.stderr is not None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        rest = await asyncio.wait_for(self.process.stderr.read(), timeout=30)
+        code = await asyncio.wait_for(self.process.wait(), timeout=30)
+        self.lines.append(rest.decode())
+        return code, "".join(self.lines)
+
+
+@contextlib.asynccontextmanager
+async def sidecar_process(env: dict[str, str]) -> AsyncIterator[SidecarProcess]:
+    """Start ``python -m proxy serve`` with ``env``; yields once it logged where it listens (no polling)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    child = SidecarProcess(process, "", [])
+    try:
+        line = await child.read_until("listening on ")
+        child.url = line.split("listening on ")[1].split(",")[0]
+        yield child
+    finally:
+        if process.returncode is None:
+            await child.stop(signal.SIGKILL)

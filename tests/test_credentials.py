@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
 import signal
 import stat
-import sys
 from pathlib import Path
 
 import httpx2
@@ -16,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from proxy.credentials import read_secret_file, write_secret_file
-from tests.conftest import FakeClock, Stack, run_sidecar, run_stack
+from tests.conftest import FakeClock, Stack, run_sidecar, run_stack, sidecar_process, stack_env
 
 
 def test_atomic_secret_file_is_private_and_whole(tmp_path: Path):
@@ -32,8 +30,7 @@ def test_atomic_secret_file_is_private_and_whole(tmp_path: Path):
 async def test_rotated_refresh_token_is_written_to_its_file(client: httpx2.AsyncClient, tmp_path: Path):
     clock = FakeClock()
     async with run_stack(rotate_refresh_tokens=True) as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         token_file = tmp_path / "refresh-token"
         token_file.write_text(stack.emulator.refresh_token + "\n")
         settings = stack.settings(refresh_token_file=token_file)
@@ -71,39 +68,19 @@ async def test_kill_9_during_refreshes_never_loses_the_credential(tmp_path: Path
     async with run_stack(rotate_refresh_tokens=True, grace_period=5, token_lifetime=2) as stack:
         token_file = tmp_path / "refresh-token"
         token_file.write_text(stack.emulator.refresh_token + "\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        env.update(
-            SIDECAR_UPSTREAM_URL=stack.upstream_url,
-            SIDECAR_TOKEN_URL=stack.token_url,
-            SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
-            SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
-            SIDECAR_REFRESH_TOKEN_FILE=str(token_file),
-            SIDECAR_LISTEN="127.0.0.1:0",
-            SIDECAR_ACCESS_LOG="0",
-        )
+        env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file), SIDECAR_ACCESS_LOG="0")
         rng = random.Random(7)
         async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
             for _ in range(10):
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "proxy", "serve", env=env, stderr=asyncio.subprocess.PIPE
-                )
-                assert process.stderr is not None
-                url = ""
-                async with asyncio.timeout(30):
-                    while not url:
-                        line = (await process.stderr.readline()).decode()
-                        assert line, "the sidecar exited early"
-                        if "listening on " in line:
-                            url = line.split("listening on ")[1].split(",")[0]
-                response = await client.get(f"{url}/alive")
-                assert response.status_code == 200, response.text  # this restart works with what the file held
-                requests_before = stack.token_requests
-                # Let it refresh in the background (rotating each time), then kill it at a random instant.
-                async with asyncio.timeout(30):
-                    while stack.token_requests < requests_before + rng.randint(1, 3):
-                        await client.get(f"{url}/busy")
-                process.send_signal(signal.SIGKILL)
-                await process.wait()
+                async with sidecar_process(env) as sidecar:
+                    response = await client.get(f"{sidecar.url}/alive")
+                    assert response.status_code == 200, response.text  # this restart works with what the file held
+                    requests_before = stack.token_requests
+                    # Let it refresh in the background (rotating each time), then kill it at a random instant.
+                    async with asyncio.timeout(30):
+                        while stack.token_requests < requests_before + rng.randint(1, 3):
+                            await client.get(f"{sidecar.url}/busy")
+                    await sidecar.stop(signal.SIGKILL)
                 content = token_file.read_text()
                 assert content.endswith("\n") and len(content.strip()) > 20  # whole, never empty or torn
         assert stack.token_requests > 20
@@ -112,8 +89,7 @@ async def test_kill_9_during_refreshes_never_loses_the_credential(tmp_path: Path
 async def test_client_credentials_one_token_request_per_token_life(client: httpx2.AsyncClient):
     clock = FakeClock()
     async with run_stack(machine_to_machine=True) as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         settings = stack.settings(grant="client_credentials", token="access_token", scopes="api/read")
         async with run_sidecar(settings, clock=clock) as sidecar:
             # Sustained traffic over three hours, 60-minute tokens, 5-minute margin: a refresh every 55 minutes.
@@ -142,8 +118,7 @@ async def test_api_key_replaces_the_clients_own(client: httpx2.AsyncClient):
 async def test_rotated_client_secret_is_picked_up_after_invalid_client(client: httpx2.AsyncClient, tmp_path: Path):
     clock = FakeClock()
     async with run_stack() as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         secret_file = tmp_path / "client-secret"
         secret_file.write_text((stack.emulator.client.secret or "") + "\n")
         settings = stack.settings(client_secret_file=secret_file)
@@ -174,39 +149,12 @@ async def test_reload_lifts_a_permanent_failure_at_once(client: httpx2.AsyncClie
 async def test_sighup_rereads_secret_files(stack: Stack, tmp_path: Path):
     token_file = tmp_path / "refresh-token"
     token_file.write_text("a-revoked-token\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env.update(
-        SIDECAR_UPSTREAM_URL=stack.upstream_url,
-        SIDECAR_TOKEN_URL=stack.token_url,
-        SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
-        SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
-        SIDECAR_REFRESH_TOKEN_FILE=str(token_file),
-        SIDECAR_LISTEN="127.0.0.1:0",
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stderr is not None
-    try:
-        url = ""
-        async with asyncio.timeout(30):
-            while not url:
-                line = (await process.stderr.readline()).decode()
-                assert line, "the sidecar exited early"
-                if "listening on " in line:
-                    url = line.split("listening on ")[1].split(",")[0]
-        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
-            assert (await client.get(f"{url}/a")).status_code == 503
-            token_file.write_text(stack.emulator.refresh_token + "\n")
-            process.send_signal(signal.SIGHUP)
-            async with asyncio.timeout(30):
-                while True:
-                    line = (await process.stderr.readline()).decode()
-                    assert line, "the sidecar exited"
-                    if "SIGHUP" in line:
-                        break
-            assert (await client.get(f"{url}/b")).status_code == 200
-    finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), timeout=30)
-    assert process.returncode == 0
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file))
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        assert (await client.get(f"{sidecar.url}/a")).status_code == 503
+        token_file.write_text(stack.emulator.refresh_token + "\n")
+        sidecar.process.send_signal(signal.SIGHUP)
+        await sidecar.read_until("SIGHUP")
+        assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+        code, _ = await sidecar.stop()
+    assert code == 0

@@ -83,8 +83,7 @@ async def test_token_is_cached_across_requests(stack: Stack, sidecar: RunningSid
 async def test_expired_token_is_refreshed_and_never_sent(client: httpx2.AsyncClient):
     clock = FakeClock()
     async with run_stack(token_lifetime=3600) as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             first = (await client.get(f"{sidecar.url}/a")).json()["token_sha256"]
             # Inside the safety margin (5 minutes before exp): a request refreshes first.
@@ -100,8 +99,7 @@ async def test_expired_token_is_refreshed_and_never_sent(client: httpx2.AsyncCli
 async def test_short_lived_tokens_use_half_their_life_as_margin(client: httpx2.AsyncClient):
     clock = FakeClock()
     async with run_stack(token_lifetime=60) as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             await client.get(f"{sidecar.url}/a")
             clock.advance(29)  # margin is min(300 s, 30 s): still fresh
@@ -115,8 +113,7 @@ async def test_short_lived_tokens_use_half_their_life_as_margin(client: httpx2.A
 async def test_500_concurrent_requests_cause_one_token_request(client: httpx2.AsyncClient):
     clock = FakeClock()
     async with run_stack() as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         # A slow token endpoint: every request below arrives while the refresh is in flight.
         stack.emulator.cognito.latency = 0.3
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
@@ -135,8 +132,7 @@ async def test_500_concurrent_requests_cause_one_token_request(client: httpx2.As
 async def test_rotated_refresh_token_replaces_the_old_one(client: httpx2.AsyncClient):
     clock = FakeClock()
     async with run_stack(rotate_refresh_tokens=True, grace_period=0) as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             assert (await client.get(f"{sidecar.url}/a")).status_code == 200
             assert sidecar.parts.grant.rotations == 1

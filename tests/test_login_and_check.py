@@ -13,22 +13,13 @@ import httpx2
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import Stack, cli_env, run_cli, run_sidecar
+from tests.conftest import Stack, cli_env, run_cli, run_sidecar, stack_env
 
 
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _env(stack: Stack, **extra: str) -> dict[str, str]:
-    return cli_env(
-        SIDECAR_TOKEN_URL=stack.token_url,
-        SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
-        SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
-        **extra,
-    )
 
 
 def _register(stack: Stack, redirect_uri: str) -> None:
@@ -67,7 +58,7 @@ async def test_login_end_to_end_with_the_listener(stack: Stack, client: httpx2.A
         "--no-browser",
         "--timeout",
         "30",
-        env=_env(stack),
+        env=stack_env(stack),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -101,7 +92,7 @@ async def test_login_with_a_copied_code(stack: Stack, client: httpx2.AsyncClient
     _register(stack, redirect_uri)
     code = await _code_for(stack, client, redirect_uri)
     status, out, err = await run_cli(
-        "login", "--code", code, "--redirect-uri", redirect_uri, "--print", env=_env(stack)
+        "login", "--code", code, "--redirect-uri", redirect_uri, "--print", env=stack_env(stack)
     )
     assert status == 0, err
     token = out.strip()
@@ -123,7 +114,7 @@ async def test_login_failures_explain_themselves(stack: Stack, client: httpx2.As
     params = {"code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM", "code_challenge_method": "S256"}
     code = await _code_for(stack, client, redirect_uri, **(params if case == "wrong verifier" else {}))
     args = ["login", "--code", code, "--redirect-uri", redirect_uri, "--print"]
-    env = _env(stack)
+    env = stack_env(stack)
     if case == "trailing slash":
         args[4] = redirect_uri + "/"
     elif case == "used twice":
@@ -154,7 +145,7 @@ async def test_sign_in_refused_at_the_hosted_ui(stack: Stack, client: httpx2.Asy
         "--no-browser",
         "--timeout",
         "30",
-        env=_env(stack),
+        env=stack_env(stack),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -171,7 +162,7 @@ async def test_sign_in_refused_at_the_hosted_ui(stack: Stack, client: httpx2.Asy
 
 
 async def test_token_prints_only_the_token(stack: Stack, client: httpx2.AsyncClient):
-    env = _env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
     status, out, err = await run_cli("token", env=env)
     assert status == 0, err
     token = out.strip()
@@ -197,7 +188,7 @@ CAUSES = {
 @pytest.mark.parametrize("error", sorted(CAUSES))
 async def test_every_cognito_error_is_explained_by_token(stack: Stack, error: str):
     stack.emulator.cognito.fail_next(400, f'{{"error":"{error}"}}')
-    status, out, err = await run_cli("token", env=_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token))
+    status, out, err = await run_cli("token", env=stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token))
     assert status == 1
     assert out == ""
     assert f"Cognito refused the refresh request with {error}" in err
@@ -215,7 +206,7 @@ async def test_every_cognito_error_is_explained_by_token(stack: Stack, error: st
 )
 async def test_unknown_and_throttled_answers_are_explained(stack: Stack, status_code: int, body: str, expected: str):
     stack.emulator.cognito.fail_next(status_code, body, times=20, content_type="text/html")
-    env = _env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
     status, _, err = await run_cli("token", env=env)
     assert status == 1
     assert expected in err
@@ -223,7 +214,7 @@ async def test_unknown_and_throttled_answers_are_explained(stack: Stack, status_
 
 
 async def test_check_passes_and_shows_claims_not_the_token(stack: Stack):
-    env = _env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_UPSTREAM_URL=stack.upstream_url)
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
     status, out, err = await run_cli("check", "--path", "/health", env=env)
     assert status == 0, out + err
     assert "PASS  a real refresh worked: id_token" in out
@@ -234,7 +225,7 @@ async def test_check_passes_and_shows_claims_not_the_token(stack: Stack):
 
 
 async def test_check_explains_a_wrong_stage_and_an_access_token_without_scopes(stack: Stack):
-    env = _env(
+    env = stack_env(
         stack,
         SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token,
         SIDECAR_UPSTREAM_URL=f"{stack.api_url}/staging",

@@ -7,7 +7,6 @@ import gc
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -19,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.serving import running
-from tests.conftest import Stack, run_sidecar, run_stack
+from tests.conftest import Stack, run_sidecar, run_stack, sidecar_process, stack_env
 
 
 def _closed_port() -> int:
@@ -146,36 +145,18 @@ async def test_sigterm_lets_in_flight_requests_finish(stack: Stack):
 
     upstream = Starlette(routes=[Route("/s/slow", slow)])
     async with running(upstream) as upstream_url:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        env.update(
-            SIDECAR_UPSTREAM_URL=f"{upstream_url}/s",
-            SIDECAR_TOKEN_URL=stack.token_url,
-            SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
-            SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
-            SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token,
-            SIDECAR_LISTEN="127.0.0.1:0",
+        env = stack_env(
+            stack, SIDECAR_UPSTREAM_URL=f"{upstream_url}/s", SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token
         )
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", env=env, stderr=asyncio.subprocess.PIPE
-        )
-        assert process.stderr is not None
-        url = ""
-        async with asyncio.timeout(30):
-            while not url:
-                line = (await process.stderr.readline()).decode()
-                assert line, "the sidecar exited early"
-                if "listening on " in line:
-                    url = line.split("listening on ")[1].split(",")[0]
-        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
-            in_flight = asyncio.create_task(client.get(f"{url}/slow"))
+        async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            in_flight = asyncio.create_task(client.get(f"{sidecar.url}/slow"))
             async with asyncio.timeout(30):
                 await entered.wait()
-            process.send_signal(signal.SIGTERM)
+            sidecar.process.send_signal(signal.SIGTERM)
             release.set()
             response = await in_flight
-        err = await asyncio.wait_for(process.stderr.read(), timeout=30)
-        code = await asyncio.wait_for(process.wait(), timeout=30)
+            code, logged = await sidecar.stop()
     assert response.status_code == 200
     assert response.text == "finished"
     assert code == 0
-    assert b"Traceback" not in err
+    assert "Traceback" not in logged

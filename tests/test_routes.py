@@ -34,8 +34,7 @@ async def test_longest_prefix_wins_and_shared_credentials_refresh_once(tmp_path:
     clock = FakeClock()
     async with run_stack() as stack, run_stack(machine_to_machine=True, client_id="m2m") as other:
         for s in (stack, other):
-            s.emulator.cognito.clock = clock
-            s.emulator.apigw._clock = clock
+            s.use_clock(clock)
         config = _config(
             tmp_path,
             f"""

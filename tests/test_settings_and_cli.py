@@ -13,7 +13,7 @@ import pytest
 
 from proxy.errors import ConfigError
 from proxy.settings import load_settings
-from tests.conftest import Stack, cli_env, run_cli
+from tests.conftest import Stack, cli_env, run_cli, sidecar_process, stack_env
 
 SECRET = "s3cr3t-client-secret"
 REFRESH = "rt-very-secret-refresh-token"
@@ -134,39 +134,12 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     token_file = tmp_path / "refresh-token"
     token_file.write_text(stack.emulator.refresh_token + "\n")
     token_file.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    env = cli_env(
-        SIDECAR_UPSTREAM_URL=stack.upstream_url,
-        SIDECAR_TOKEN_URL=stack.token_url,
-        SIDECAR_CLIENT_ID=stack.emulator.client.client_id,
-        SIDECAR_CLIENT_SECRET=stack.emulator.client.secret or "",
-        SIDECAR_REFRESH_TOKEN_FILE=str(token_file),
-        SIDECAR_LISTEN="127.0.0.1:0",
-        SIDECAR_LOG_LEVEL="debug",
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stderr is not None
-    logs: list[str] = []
-    url = ""
-    try:
-        async with asyncio.timeout(30):
-            while not url:
-                line = (await process.stderr.readline()).decode()
-                assert line, "the sidecar exited before listening: " + "".join(logs)
-                logs.append(line)
-                if "listening on " in line:
-                    url = line.split("listening on ")[1].split(",")[0]
-        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
-            response = await client.get(f"{url}/from-a-process?x=1")
-        assert response.status_code == 200
-        assert response.json()["claims"]["token_use"] == "id"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        rest = await asyncio.wait_for(process.stderr.read(), timeout=30)
-        code = await process.wait()
-    logs.append(rest.decode())
-    text = "".join(logs)
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file), SIDECAR_LOG_LEVEL="debug")
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        response = await client.get(f"{sidecar.url}/from-a-process?x=1")
+        code, text = await sidecar.stop()
+    assert response.status_code == 200
+    assert response.json()["claims"]["token_use"] == "id"
     assert code == 0
     assert "Traceback" not in text
     assert stack.emulator.refresh_token not in text

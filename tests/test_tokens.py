@@ -89,8 +89,7 @@ async def test_cached_token_outlives_a_token_endpoint_outage(client: httpx2.Asyn
 
     clock = FakeClock()
     async with run_stack() as stack:
-        stack.emulator.cognito.clock = clock
-        stack.emulator.apigw._clock = clock
+        stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             assert (await client.get(f"{sidecar.url}/a")).status_code == 200
             stack.emulator.cognito.fail_next(500, "down", times=1000)
