@@ -202,6 +202,7 @@ def main() -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="size of the upload and download, GiB")
     parser.add_argument("--streaming-only", action="store_true", help="skip the request-rate rounds")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     shm = work
