@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import httpx2
@@ -155,15 +156,16 @@ class TokenSet:
     def __getitem__(self, kind: str) -> Token:
         return self.tokens[kind]
 
-    @property
+    # Read on every request: computed once.
+    @cached_property
     def refresh_at(self) -> float:
         return min(token.refresh_at for token in self.tokens.values())
 
-    @property
+    @cached_property
     def expires_at(self) -> float:
         return min(token.expires_at for token in self.tokens.values())
 
-    @property
+    @cached_property
     def issued_at(self) -> float:
         return max(token.issued_at for token in self.tokens.values())
 

@@ -8,8 +8,9 @@ nginx (installed with apt-get when missing and running as root). It starts, on l
   (so every 200 proves the header was injected); it also serves the token endpoint (a real emulator
   token, fetched once) and counts the token requests in its log;
 - nginx as a reverse proxy on CPU 0 (proxy_set_header Authorization, upstream keepalive): the reference;
-- the sidecar on CPU 0, one uvicorn worker, default settings (access log on).
-wrk runs on CPU 1. Rounds rotate the order of direct, nginx and sidecar. It prints one table, exits 1 if
+- the sidecar on CPU 0, one uvicorn worker, default settings (access log on);
+- "bare": the featureless prototype the first issue measured (ASGI callable over aiohttp), on CPU 0.
+wrk runs on CPU 1. Rounds rotate the order of direct, nginx, bare and sidecar. It prints one table, exits 1 if
 any request failed or a figure misses its target, and prints the figures either way.
 """
 
@@ -54,6 +55,43 @@ TARGETS = {
     "rss_growth_mib": 10.0,
     "cold_token_requests": 1,
 }
+
+
+# The "bare" baseline: the throwaway prototype the first issue measured, a featureless ASGI callable over
+# aiohttp under uvicorn (uvloop, httptools). The sidecar should cost about the same while carrying its features.
+BARE = """
+import os, aiohttp, uvicorn
+from yarl import URL
+UP, TOKEN = os.environ["BARE_UPSTREAM"], os.environ["BARE_TOKEN"]
+HOP = {b"connection", b"transfer-encoding", b"keep-alive"}
+session = None
+async def app(scope, receive, send):
+    global session
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                session = aiohttp.ClientSession(auto_decompress=False)
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await session.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k not in (b"host", b"connection")]
+    headers.append(("authorization", TOKEN))
+    url = URL(UP + scope["raw_path"].decode(), encoded=True)
+    response = await session.request(scope["method"], url, headers=headers)
+    try:
+        out = [(k, v) for k, v in response.raw_headers if k.lower() not in HOP]
+        await send({"type": "http.response.start", "status": response.status, "headers": out})
+        async for chunk in response.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        response.release()
+uvicorn.run(app, host="127.0.0.1", port=int(os.environ["BARE_PORT"]), loop="uvloop", http="httptools",
+            access_log=False, server_header=False, date_header=False, log_level="warning")
+"""
 
 
 def free_port() -> int:
@@ -317,13 +355,21 @@ def main() -> int:
             wait_port(side)
             return proc
 
+        ref_pids = children(procs[-1].pid) or [procs[-1].pid]
+        bare_port = free_port()
+        bare_env = {**os.environ, "BARE_UPSTREAM": f"http://127.0.0.1:{up}", "BARE_TOKEN": token}
+        bare = subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, "-c", BARE], env={**bare_env, "BARE_PORT": str(bare_port)}
+        )
+        procs.append(bare)
+        wait_port(bare_port)
         token_log.write_text("")
         sidecar = start_sidecar()
         procs.append(sidecar)
-        ref_pids = children(procs[-2].pid) or [procs[-2].pid]
         targets = {
             "direct": (f"http://127.0.0.1:{up}/item", []),
             "nginx": (f"http://127.0.0.1:{ref}/item", ref_pids),
+            "bare": (f"http://127.0.0.1:{bare_port}/item", [bare.pid]),
             "sidecar": (f"http://127.0.0.1:{side}/item", [sidecar.pid]),
         }
         for url, _ in targets.values():
@@ -333,7 +379,7 @@ def main() -> int:
         order = list(targets)
         for rnd in range(0 if args.streaming_only else args.rounds):
             for conns in (1, 32, 256):
-                for name in order[rnd % 3 :] + order[: rnd % 3]:
+                for name in order[rnd % len(order) :] + order[: rnd % len(order)]:
                     url, pids = targets[name]
                     cpu0 = cpu_seconds(pids) if pids else 0.0
                     result = wrk(url, conns, args.duration, token if name == "direct" else None)
@@ -365,6 +411,12 @@ def main() -> int:
                     f"{ratio:.3f}",
                 )
                 print(f"{name:8} " + " ".join(f"{c:>10}" for c in cells))
+        if not args.streaming_only:
+            shares = ", ".join(
+                f"{conns} conns {best('sidecar', conns, 'rps') / best('bare', conns, 'rps'):.2f}"
+                for conns in (1, 32, 256)
+            )
+            print(f"sidecar/bare prototype, requests/s in the same rounds: {shares}")
 
         # 4. Streaming: 1 GiB down and up, direct (the baseline) and through the sidecar.
         size = blob.stat().st_size
