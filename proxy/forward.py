@@ -1,6 +1,7 @@
-"""The forwarding hot path: a bare ASGI callable over one shared aiohttp ClientSession.
+"""The forwarding hot path: a bare ASGI callable per route, over that route's aiohttp ClientSession.
 
-Each request goes to the upstream base URL plus the raw path and query, byte for byte, with the token
+Each request goes to the upstream base URL plus the raw path (less the route prefix, when stripped) and
+query, byte for byte, with the token
 header replaced, and the answer streams back untouched. This is the one place where failures become
 the sidecar's own answers: 503 no token, 502 upstream unreachable or broken, 504 upstream timed out.
 
@@ -39,6 +40,8 @@ MAX_401_BODY = 64 * 1024
 
 
 class TokenSource(Protocol):
+    """What a forwarder is handed: something that yields a valid token (and hears when one was refused)."""
+
     async def get(self) -> Token: ...
 
     def invalidate(self, token: Token) -> None: ...
@@ -95,7 +98,7 @@ class Forwarder:
         self.errors: Counter[str] = Counter()
 
     async def open(self) -> None:
-        """Create the shared client session; called from the app's lifespan, inside the running loop."""
+        """Create the client session (one per route); called from the app's lifespan, inside the running loop."""
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -133,12 +136,6 @@ class Forwarder:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                await send(
-                    {"type": "websocket.close", "code": 1003, "reason": "the sidecar does not forward WebSockets"}
-                )
-            return
         session = self._session
         if session is None:
             await self._error(send, 503, "not_ready", "the sidecar is starting or stopping; try again in a moment")

@@ -256,3 +256,13 @@ async def test_second_401_goes_back_to_the_client(stack: Stack, sidecar: Running
     assert response.json() == {"message": "Unauthorized"}
     assert response.headers["x-amzn-errortype"] == "UnauthorizedException"
     assert stack.token_requests == 2
+
+
+async def test_websockets_are_refused_not_forwarded(stack: Stack, sidecar: RunningSidecar):
+    status, _, _ = await raw_request(
+        sidecar.url,
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    assert status == 403  # API Gateway's Cognito authorizer cannot guard WebSockets; neither does the sidecar
+    assert stack.emulator.apigw.requests == 0
