@@ -1,6 +1,8 @@
-"""The token cache: one valid token in memory, refreshed once however many requests wait.
+"""The token cache: one credential's tokens in memory, refreshed once however many requests wait.
 
-``TokenProvider.get()`` answers from the cache while the token is fresh. Past its ``refresh_at`` (expiry
+The cache holds a ``TokenSet``: every kind of token one answer gives (id and access), so routes that
+send different kinds of the same credential share one refresh. ``TokenProvider.get()`` answers from
+the cache while the tokens are fresh. Past its ``refresh_at`` (expiry
 minus the safety margin) or when absent, exactly one refresh runs (single flight: every waiter shares
 one future) and covers the whole exchange, including replacing a rotated refresh token. A background
 task refreshes at 75-80% of the usable life, so at steady state no request waits for Cognito.
