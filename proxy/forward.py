@@ -22,7 +22,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.errors import TokenError, error_body
-from proxy.headers import downstream_response_headers, has_request_body, upstream_request_headers
+from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
 from proxy.tokens import Token
 from proxy.types import Receive, Scope, Send
 
@@ -151,8 +151,8 @@ class Forwarder:
         headers_in = scope["headers"]
         body: bytes | AsyncIterator[bytes] | None = None
         replayable = True
-        if has_request_body(headers_in):
-            length = _content_length(headers_in)
+        length = request_body_length(headers_in)
+        if length != 0:
             if length is not None and length <= REPLAY_BODY_LIMIT:
                 try:
                     body = await _read_body(receive, limit=length)
@@ -278,18 +278,6 @@ class Forwarder:
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-        if name == b"transfer-encoding":
-            return None
-    return None
 
 
 async def _read_body(receive: Receive, *, limit: int) -> bytes:

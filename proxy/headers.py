@@ -92,11 +92,14 @@ def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tupl
     ]
 
 
-def has_request_body(raw: RawHeaders) -> bool:
-    """Whether the client announced a body (Content-Length > 0 or Transfer-Encoding)."""
+def request_body_length(raw: RawHeaders) -> int | None:
+    """The announced body size: 0 for none, ``None`` when it streams without a length (chunked) or is unreadable."""
     for name, value in raw:
         if name == b"transfer-encoding":
-            return True
+            return None
         if name == b"content-length":
-            return value.strip() not in (b"0", b"")
-    return False
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return 0
