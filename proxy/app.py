@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.cache import RetryPolicy, TokenProvider
-from proxy.credentials import Grant, grant_from_settings
+from proxy.credentials import Grant, Secret, grant_from_settings
 from proxy.errors import ConfigError, TokenError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.logs import AccessLog
@@ -170,8 +170,7 @@ def build_sidecar(
                 read_timeout=settings.read_timeout,
                 pool_timeout=settings.pool_timeout,
                 max_connections=settings.max_connections,
-                # API Gateway usage plans: the configured key replaces any the client sent.
-                extra_headers=((b"x-api-key", route.api_key.get_secret_value().encode()),) if route.api_key else (),
+                api_key=Secret(route.api_key.get_secret_value(), route.api_key_file) if route.api_key else None,
             ),
         )
         for route in routes

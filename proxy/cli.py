@@ -69,7 +69,10 @@ def _serve(env: Mapping[str, str]) -> int:
         sidecar.draining = True
 
     def reload_secrets() -> None:
-        changed = any([provider.reload_credentials() for provider in sidecar.providers])
+        # Every file is re-read (a list, not any(): no short-circuit).
+        results = [provider.reload_credentials() for provider in sidecar.providers]
+        results += [forwarder.reload_secrets() for forwarder in sidecar.forwarders]
+        changed = any(results)
         log.info("SIGHUP: secret files re-read (%s)", "a value changed" if changed else "nothing changed")
 
     server = GracefulServer(

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
+from proxy.credentials import Secret
 from proxy.errors import TokenError, error_body
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
 from proxy.tokens import Token
@@ -74,7 +75,7 @@ class Forwarder:
         read_timeout: float,
         pool_timeout: float,
         max_connections: int,
-        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+        api_key: Secret | None = None,
     ) -> None:
         parts = urlsplit(upstream_url)
         self._scheme = parts.scheme
@@ -85,7 +86,8 @@ class Forwarder:
         self._header = header.lower().encode("latin-1")
         self._prefix = header_prefix.encode("latin-1")
         self._strip = len(strip_prefix.rstrip("/"))
-        self._extra = extra_headers
+        self._api_key = api_key
+        self._extra = self._extra_headers()
         # connect covers waiting for a pooled connection plus opening one; sock_read bounds every wait for
         # upstream bytes, the status line included.
         self._timeout = aiohttp.ClientTimeout(
@@ -96,6 +98,17 @@ class Forwarder:
         self.replays = 0
         # The sidecar's own error answers by code, for /-/metrics; counted off the success path only.
         self.errors: Counter[str] = Counter()
+
+    def _extra_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        # API Gateway usage plans: the configured key replaces any the client sent.
+        return ((b"x-api-key", self._api_key.value.encode()),) if self._api_key else ()
+
+    def reload_secrets(self) -> bool:
+        """Re-read the API key file (SIGHUP); True when it changed."""
+        if self._api_key is None or not self._api_key.reload():
+            return False
+        self._extra = self._extra_headers()
+        return True
 
     async def open(self) -> None:
         """Create the client session (one per route); called from the app's lifespan, inside the running loop."""

@@ -118,6 +118,7 @@ class _Credentialed(BaseModel):
     refresh_token_file: Path | None = None
     token: Literal["id_token", "access_token"] = "id_token"
     api_key: SecretStr | None = None
+    api_key_file: Path | None = None
     header: str = "Authorization"
     header_prefix: str = ""
 
@@ -287,7 +288,7 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
             problems.append(f"{source}: cannot read {file_path}: {exc.strerror}")
             reported.add(key)
             continue
-        if key in ("refresh_token", "client_secret"):
+        if key in FILE_KEYS:
             raw[f"{key}_file"] = str(file_path)
         if not raw[key]:
             problems.append(f"{source}: file {file_path} is empty")
@@ -390,7 +391,7 @@ def _load_routes(tables: list[Any], base: Mapping[str, Any], problems: list[str]
                 except OSError as exc:
                     problems.append(f"{label}: {key}_file {path}: {exc.strerror}")
                     continue
-                if key in ("refresh_token", "client_secret"):
+                if key in FILE_KEYS:
                     raw[f"{key}_file"] = str(path)
         if table.get("cognito_domain") and "token_url" not in table:
             raw["token_url"] = str(table["cognito_domain"]).rstrip("/") + "/oauth2/token"

@@ -158,3 +158,15 @@ async def test_sighup_rereads_secret_files(stack: Stack, tmp_path: Path):
         assert (await client.get(f"{sidecar.url}/b")).status_code == 200
         code, _ = await sidecar.stop()
     assert code == 0
+
+
+async def test_api_key_file_is_reread_like_the_other_secrets(client: httpx2.AsyncClient, tmp_path: Path):
+    async with run_stack(api_key="rotated-key") as stack:
+        key_file = tmp_path / "api-key"
+        key_file.write_text("old-key\n")
+        settings = stack.settings(api_key=SecretStr("old-key"), api_key_file=key_file)
+        async with run_sidecar(settings) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 403
+            key_file.write_text("rotated-key\n")
+            assert sidecar.parts.forwarder.reload_secrets()  # what SIGHUP does, with the providers' reload
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
