@@ -15,7 +15,6 @@ import signal
 import sys
 import webbrowser
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx2
@@ -25,7 +24,7 @@ from pydantic import SecretStr
 from proxy.app import create_app
 from proxy.cache import TokenProvider
 from proxy.credentials import grant_from_settings
-from proxy.doctor import run_checks
+from proxy.doctor import format_epoch, run_checks
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import ConfigError, SidecarError
 from proxy.login import (
@@ -88,9 +87,8 @@ def _claims_summary(claims: Mapping[str, object]) -> list[str]:
     for name in ("token_use", "iss", "aud", "client_id", "cognito:username", "sub", "scope", "auth_time", "exp"):
         if name in claims:
             value = claims[name]
-            if name in ("exp", "auth_time") and isinstance(value, int):
-                when = datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-                value = f"{value} ({when})"
+            if name in ("exp", "auth_time"):
+                value = f"{value} ({format_epoch(value)})"
             lines.append(f"    {name}: {value}")
     return lines
 

@@ -21,15 +21,10 @@ from pathlib import Path
 from typing import Protocol
 
 from proxy.errors import ConfigError, PermanentTokenError
-from proxy.settings import RouteSettings, Settings
+from proxy.settings import RouteSettings, Settings, read_secret_file
 from proxy.tokens import TokenEndpoint, TokenResponse
 
 log = logging.getLogger("proxy.credentials")
-
-
-def read_secret_file(path: Path) -> str:
-    """A secret from a file; Docker and Kubernetes secrets often end with one newline, a token never does."""
-    return path.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
 
 
 def write_secret_file(path: Path, value: str) -> None:
@@ -219,17 +214,15 @@ class ClientCredentialsGrant:
         )
 
 
-def client_secret_from(settings: Settings | RouteSettings) -> Secret | None:
-    if settings.client_secret is None:
-        return None
-    return Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
-
-
 def grant_from_settings(
     settings: Settings | RouteSettings, endpoint: TokenEndpoint
 ) -> RefreshTokenGrant | ClientCredentialsGrant:
     """The grant the settings describe, over ``endpoint``."""
-    secret = client_secret_from(settings)
+    secret = (
+        Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
+        if settings.client_secret is not None
+        else None
+    )
     if settings.grant == "client_credentials":
         if secret is None:
             raise ConfigError(["SIDECAR_CLIENT_SECRET: required for client_credentials"])

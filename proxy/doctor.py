@@ -49,7 +49,8 @@ class Finding:
         return f"{self.status}  {self.title}" + (f"\n      {self.detail}" if self.detail else "")
 
 
-def _when(epoch: object) -> str:
+def format_epoch(epoch: object) -> str:
+    """A claim's epoch seconds as UTC time and how far away it is."""
     if not isinstance(epoch, int | float):
         return "?"
     moment = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -67,8 +68,8 @@ def describe_token(token: Token) -> str:
         parts.append(f"client_id={claims['client_id']}")
     if "scope" in claims:
         parts.append(f"scope={claims['scope']!r}")
-    parts.append(f"exp={_when(claims.get('exp'))}")
-    parts.append(f"auth_time={_when(claims.get('auth_time'))}")
+    parts.append(f"exp={format_epoch(claims.get('exp'))}")
+    parts.append(f"auth_time={format_epoch(claims.get('auth_time'))}")
     return ", ".join(parts)
 
 

@@ -214,10 +214,9 @@ def _env_name(key: str) -> str:
     return ENV_PREFIX + key.upper()
 
 
-def _read_secret_file(path: str) -> str:
-    text = Path(path).read_text(encoding="utf-8")
-    # Docker and Kubernetes secrets often end with one newline; a token never does.
-    return text.removesuffix("\n").removesuffix("\r")
+def read_secret_file(path: str | Path) -> str:
+    """A secret from a file; Docker and Kubernetes secrets often end with one newline, a token never does."""
+    return Path(path).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
 
 
 def _load_toml(path: str, problems: list[str]) -> dict[str, Any]:
@@ -279,7 +278,7 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
             reported.add(key)
             continue
         try:
-            raw[key] = _read_secret_file(str(file_path))
+            raw[key] = read_secret_file(file_path)
         except FileNotFoundError:
             problems.append(f"{source}: file {file_path} does not exist")
             reported.add(key)
@@ -387,7 +386,7 @@ def _load_routes(tables: list[Any], base: Mapping[str, Any], problems: list[str]
             path = table.get(f"{key}_file")
             if path:
                 try:
-                    raw[key] = _read_secret_file(str(path))
+                    raw[key] = read_secret_file(path)
                 except OSError as exc:
                     problems.append(f"{label}: {key}_file {path}: {exc.strerror}")
                     continue

@@ -9,7 +9,6 @@ happened, the likely causes for the flow in progress, what to do, and the raw st
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -399,8 +398,3 @@ class TokenEndpoint:
             causes=causes,
             fix="the sidecar retries with backoff; if it persists, check the token endpoint's health.",
         )
-
-
-def now() -> float:
-    """Wall-clock seconds: JWT exp and iat are wall-clock, so the cache's timer is too."""
-    return time.time()
