@@ -211,3 +211,10 @@ async def sidecar_process(env: dict[str, str]) -> AsyncIterator[SidecarProcess]:
     finally:
         if process.returncode is None:
             await child.stop(signal.SIGKILL)
+
+
+def assert_hidden(text: str, *secrets: str) -> None:
+    """Fail if a secret shows in ``text``, without putting the secret in the failure message."""
+    leaked = [index for index, secret in enumerate(secrets) if secret and secret in text]
+    if leaked:
+        raise AssertionError(f"secret(s) {leaked} of {len(secrets)} appear in the output")

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.errors import ConfigError
 from proxy.settings import load_settings
-from tests.conftest import Stack, cli_env, run_cli, sidecar_process, stack_env
+from tests.conftest import Stack, assert_hidden, cli_env, run_cli, sidecar_process, stack_env
 
 SECRET = "s3cr3t-client-secret"
 REFRESH = "rt-very-secret-refresh-token"
@@ -142,8 +142,7 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     assert response.json()["claims"]["token_use"] == "id"
     assert code == 0
     assert "Traceback" not in text
-    assert stack.emulator.refresh_token not in text
-    assert (stack.emulator.client.secret or "") not in text
+    assert_hidden(text, stack.emulator.refresh_token, stack.emulator.client.secret or "")
     assert "token refreshed" in text
     assert '"GET /from-a-process?x=1" 200' in text  # the access log
 
