@@ -93,12 +93,13 @@ def _claims_summary(claims: Mapping[str, object]) -> list[str]:
     return lines
 
 
-async def _wait_for_stop() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM. Installed first, so a signal that comes early still stops cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def _stack_settings(stack: EmulatorStack, cognito_url: str, api_url: str, listen: str) -> Settings:
@@ -114,6 +115,7 @@ def _stack_settings(stack: EmulatorStack, cognito_url: str, api_url: str, listen
 
 
 async def _demo(listen: str) -> int:
+    stop = _stop_on_signals()
     stack = make_stack(client_id="demo-client")
     async with running(stack.cognito.app) as cognito_url, running(stack.apigw) as api_url:
         settings = _stack_settings(stack, cognito_url, api_url, listen)
@@ -139,12 +141,13 @@ async def _demo(listen: str) -> int:
             print(f"  curl -s '{sidecar_url}/hello?name=you'")
             print(f"  curl -s {sidecar_url}/-/readyz")
             sys.stdout.flush()
-            await _wait_for_stop()
+            await stop.wait()
     print("demo stopped")
     return 0
 
 
 async def _emulator(args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()
     stack = make_stack(
         client_id=args.client_id,
         client_secret=args.client_secret or os.environ.get("EMULATOR_CLIENT_SECRET"),
@@ -163,7 +166,7 @@ async def _emulator(args: argparse.Namespace) -> int:
         print(f"SIDECAR_CLIENT_ID={stack.client.client_id}")
         print("(the client secret and refresh token are the ones given with --client-secret / --refresh-token)")
         sys.stdout.flush()
-        await _wait_for_stop()
+        await stop.wait()
     return 0
 
 
