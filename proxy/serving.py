@@ -18,6 +18,7 @@ from types import FrameType
 
 import uvicorn
 
+from proxy.coalesce import CoalescingHttpToolsProtocol
 from proxy.errors import SidecarError
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -91,7 +92,7 @@ def config_for(app: ASGIApp, *, grace: int = DEFAULT_GRACE) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         lifespan="on",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         loop="uvloop",
         server_header=False,
         # The peer address is the truth: X-Forwarded-For from a client is passed on, never believed.

@@ -1,0 +1,108 @@
+"""The coalescing transport: the writes of one loop step leave in one system call, in order.
+
+These run on uvloop, as the sidecar does: uvloop writes sockets with write(2)/writev(2), which Linux counts
+in ``/proc/self/io``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import uvloop
+
+from proxy.coalesce import CoalescingTransport
+
+
+def write_syscalls() -> int:
+    """This process's write system calls so far (Linux ``/proc/self/io``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/self/io")
+
+
+class Peer:
+    """A real TCP server on an ephemeral loopback port that keeps everything one connection sends."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.closed = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            self.received += data
+        self.closed.set()
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[tuple[CoalescingTransport, Peer]]:
+    peer = Peer()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    try:
+        yield CoalescingTransport(transport, loop), peer  # type: ignore[arg-type]
+    finally:
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+
+def on_uvloop(check: Callable[[CoalescingTransport, Peer], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with connected() as (transport, peer):
+            await check(transport, peer)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def test_writes_of_one_step_leave_in_one_system_call() -> None:
+    on_uvloop(_one_system_call)
+
+
+async def _one_system_call(transport: CoalescingTransport, peer: Peer) -> None:
+    before = write_syscalls()
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n")
+    transport.write(b"body")
+    transport.write(b"more")
+    assert write_syscalls() == before  # held until the step ends
+    assert transport.get_write_buffer_size() == 46  # and counted as buffered meanwhile
+    transport.flush()
+    assert write_syscalls() == before + 1
+    transport.write(b"tail")
+    transport.close()  # what is held goes out before the close
+    await asyncio.wait_for(peer.closed.wait(), 10)
+    assert bytes(peer.received) == b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nbodymoretail"
+
+
+def test_held_writes_go_out_when_the_step_ends() -> None:
+    on_uvloop(_flushed_when_the_step_ends)
+
+
+async def _flushed_when_the_step_ends(transport: CoalescingTransport, peer: Peer) -> None:
+    transport.write(b"first ")
+    transport.write(b"second")
+    await asyncio.sleep(0)  # one loop step, not a wait for readiness: the flush was scheduled for it
+    assert transport.get_write_buffer_size() == 0
+    transport.close()
+    await asyncio.wait_for(peer.closed.wait(), 10)
+    assert bytes(peer.received) == b"first second"
+
+
+def test_abort_drops_what_is_held() -> None:
+    on_uvloop(_abort_drops)
+
+
+async def _abort_drops(transport: CoalescingTransport, peer: Peer) -> None:
+    transport.write(b"sent")
+    transport.flush()
+    transport.write(b"never sent")
+    transport.abort()
+    await asyncio.wait_for(peer.closed.wait(), 10)
+    assert bytes(peer.received) == b"sent"
