@@ -30,13 +30,9 @@ HOP_BY_HOP = frozenset(
 _REQUEST_OWN = frozenset({b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
 
-def connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Names listed in ``Connection`` headers (they are hop-by-hop for this message)."""
-    names: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            names.update(part.strip().lower() for part in value.split(b",") if part.strip())
-    return frozenset(names)
+def _listed(value: bytes) -> set[bytes]:
+    """The header names a ``Connection`` value lists (each is hop-by-hop for this message)."""
+    return {part.strip().lower() for part in value.split(b",")} - {b""}
 
 
 def upstream_request_headers(
@@ -48,18 +44,20 @@ def upstream_request_headers(
     scheme: str,
     extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> list[tuple[str, str]]:
-    """The headers to send upstream for a client request with headers ``raw``.
+    """The headers to send upstream for a client request with headers ``raw`` (one pass over them).
 
     ``token_header`` is the lower-cased name of the header that carries the token; any incoming value is
     replaced. ``extra`` headers (lower-cased names) are set, replacing incoming ones of the same name.
     """
-    listed = connection_listed(raw) if any(name == b"connection" for name, _ in raw) else frozenset()
-    replaced = {token_header, *(name for name, _ in extra)}
+    replaced = {token_header, *(name for name, _ in extra)} if extra else (token_header,)
     out: list[tuple[str, str]] = []
+    listed: set[bytes] = set()
     forwarded_for: list[str] = []
     original_host = ""
     for name, value in raw:
-        if name in HOP_BY_HOP or name in listed or name in replaced:
+        if name in HOP_BY_HOP or name in replaced:
+            if name == b"connection":
+                listed |= _listed(value)
             continue
         if name in _REQUEST_OWN:
             if name == b"x-forwarded-for":
@@ -68,6 +66,13 @@ def upstream_request_headers(
                 original_host = value.decode("latin-1")
             continue
         out.append((name.decode("latin-1"), value.decode("latin-1")))
+    if listed - HOP_BY_HOP:
+        drop = {name.decode("latin-1") for name in listed}
+        out = [(name, value) for name, value in out if name not in drop]
+        if b"x-forwarded-for" in listed:
+            forwarded_for.clear()
+        if b"host" in listed:
+            original_host = ""
     out.append((token_header.decode("latin-1"), token_value.decode("latin-1")))
     for name, value in extra:
         out.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -82,14 +87,20 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers minus hop-by-hop ones; repeated headers (Set-Cookie) are kept apart."""
-    headers = list(raw)
-    listed = connection_listed(headers)
-    return [
-        (name.lower(), value)
-        for name, value in headers
-        if name.lower() not in HOP_BY_HOP and name.lower() not in listed
-    ]
+    """The upstream's response headers minus hop-by-hop ones, names lower-cased; repeated headers (Set-Cookie)
+    are kept apart. One pass; a second only when ``Connection`` names a header that is not hop-by-hop anyway."""
+    out: list[tuple[bytes, bytes]] = []
+    listed: set[bytes] = set()
+    for name, value in raw:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                listed |= _listed(value)
+            continue
+        out.append((lower, value))
+    if listed - HOP_BY_HOP:
+        return [(name, value) for name, value in out if name not in listed]
+    return out
 
 
 def request_body_length(raw: RawHeaders) -> int | None:
