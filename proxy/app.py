@@ -91,8 +91,41 @@ class SidecarApp(Starlette):
         self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or path == "/-" or path.startswith("/-/"):
+            await self._own_route(scope, receive, send)
+            return
+        forwarder = self.only or self._route(scope)
+        if self.access_log is None:
+            if forwarder is None:
+                await self._no_route(scope, send)
+            else:
+                await forwarder.forward(scope, receive, send)
+            return
+        status = 0
+        start = time.perf_counter()
+        try:
+            # The forwarder says which status it sent: no wrapper around every send on the hot path.
+            status = await forwarder.forward(scope, receive, send) if forwarder else await self._no_route(scope, send)
+        finally:
+            self.access_log.record(scope, status, time.perf_counter() - start)
+
+    def _route(self, scope: Scope) -> Forwarder | None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        for route in self.upstream_routes:
+            if route.matches(raw_path):
+                return route.forwarder
+        return None
+
+    async def _no_route(self, scope: Scope, send: Send) -> int:
+        prefixes = ", ".join(route.prefix.decode() for route in self.upstream_routes)
+        await send_error(send, 404, "no_route", f"no route matches {scope['path']}; routes: {prefixes}")
+        return 404
+
+    async def _own_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Lifespan and the reserved ``/-/`` routes, through Starlette (logged like any other request)."""
         if scope["type"] != "http" or self.access_log is None:
-            await self._dispatch(scope, receive, send)
+            await super().__call__(scope, receive, send)
             return
         status = 0
         start = time.perf_counter()
@@ -104,25 +137,9 @@ class SidecarApp(Starlette):
             await send(message)
 
         try:
-            await self._dispatch(scope, receive, send_and_note_status)
+            await super().__call__(scope, receive, send_and_note_status)
         finally:
             self.access_log.record(scope, status, time.perf_counter() - start)
-
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        if scope["type"] != "http" or path == "/-" or path.startswith("/-/"):
-            await super().__call__(scope, receive, send)
-            return
-        if self.only is not None:
-            await self.only(scope, receive, send)
-            return
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        for route in self.upstream_routes:
-            if route.matches(raw_path):
-                await route.forwarder(scope, receive, send)
-                return
-        prefixes = ", ".join(route.prefix.decode() for route in self.upstream_routes)
-        await send_error(send, 404, "no_route", f"no route matches {scope['path']}; routes: {prefixes}")
 
 
 def _error(status: int, code: str, detail: str) -> Response:

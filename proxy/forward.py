@@ -149,17 +149,21 @@ class Forwarder:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.forward(scope, receive, send)
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Forward one request; returns the status sent to the client (0 if the client left before one was)."""
         session = self._session
         if session is None:
-            await self._error(send, 503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
-            return
+            return await self._error(
+                send, 503, "not_ready", "the sidecar is starting or stopping; try again in a moment"
+            )
         try:
             url = self._url(scope)
         except (ValueError, UnicodeDecodeError):
-            await self._error(
+            return await self._error(
                 send, 400, "bad_request", "the request target must be a plain ASCII path such as /items?id=1"
             )
-            return
 
         headers_in = scope["headers"]
         body: bytes | AsyncIterator[bytes] | None = None
@@ -170,7 +174,7 @@ class Forwarder:
                 try:
                     body = await _read_body(receive, limit=length)
                 except ClientGone:
-                    return
+                    return 0
             else:
                 body = _stream_body(receive)
                 replayable = False
@@ -178,20 +182,19 @@ class Forwarder:
         try:
             token = await self._tokens.get()
         except TokenError as exc:
-            await self._error(send, 503, exc.code, f"no token could be had: {exc}")
-            return
+            return await self._error(send, 503, exc.code, f"no token could be had: {exc}")
 
         response = await self._send_upstream(session, scope, url, headers_in, token, body, send)
-        if response is None:
-            return
+        if isinstance(response, int):
+            return response
         try:
             if response.status == 401 and replayable and _authorizer_refused(response):
                 replayed = await self._replay_after_401(session, scope, url, headers_in, token, body, response, send)
-                if replayed is None:
-                    return
+                if isinstance(replayed, int):
+                    return replayed
                 response.release()
                 response = replayed
-            await self._relay(response, send)
+            return await self._relay(response, send)
         finally:
             response.release()
 
@@ -204,7 +207,8 @@ class Forwarder:
         token: Token,
         body: bytes | AsyncIterator[bytes] | None,
         send: Send,
-    ) -> aiohttp.ClientResponse | None:
+    ) -> aiohttp.ClientResponse | int:
+        """The upstream's response, or the status of the error already sent in its place (0: client gone)."""
         client = scope.get("client")
         headers = upstream_request_headers(
             headers_in,
@@ -219,13 +223,13 @@ class Forwarder:
                 scope["method"], url, headers=headers, data=body, allow_redirects=False, compress=None
             )
         except ClientGone:
-            return None
+            return 0
         except (aiohttp.ServerTimeoutError, TimeoutError):
-            await self._error(
+            return await self._error(
                 send, 504, "upstream_timeout", f"the upstream {self._host} did not answer in time; try again later"
             )
         except aiohttp.ClientConnectorError as exc:
-            await self._error(
+            return await self._error(
                 send,
                 502,
                 "upstream_unreachable",
@@ -233,10 +237,9 @@ class Forwarder:
                 "the network",
             )
         except aiohttp.ClientError as exc:
-            await self._error(
+            return await self._error(
                 send, 502, "upstream_error", f"the upstream {self._host} broke the connection ({_reason(exc)})"
             )
-        return None
 
     async def _replay_after_401(
         self,
@@ -248,7 +251,7 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes] | None,
         refused: aiohttp.ClientResponse,
         send: Send,
-    ) -> aiohttp.ClientResponse | None:
+    ) -> aiohttp.ClientResponse | int:
         # Keep the 401 to hand back unchanged if no better token can be had.
         refused_body = await refused.content.read(MAX_401_BODY)
         self._tokens.invalidate(token)
@@ -258,34 +261,42 @@ class Forwarder:
             fresh = token
         if fresh is token or fresh.value == token.value:
             await _send_buffered(refused, refused_body, send)
-            return None
+            return refused.status
         self.replays += 1
         log.info("API Gateway refused the token; refreshed and replaying %s once", scope["method"])
         return await self._send_upstream(session, scope, url, headers_in, fresh, body, send)
 
-    async def _error(self, send: Send, status: int, code: str, detail: str) -> None:
+    async def _error(self, send: Send, status: int, code: str, detail: str) -> int:
         self.errors[code] += 1
         await send_error(send, status, code, detail)
+        return status
 
-    async def _relay(self, response: aiohttp.ClientResponse, send: Send) -> None:
+    async def _relay(self, response: aiohttp.ClientResponse, send: Send) -> int:
+        status = response.status
         await send(
             {
                 "type": "http.response.start",
-                "status": response.status,
+                "status": status,
                 "headers": downstream_response_headers(response.raw_headers),
             }
         )
+        content = response.content
         try:
-            async for chunk in response.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            while chunk := await content.readany():
+                # A body that is all in hand (the usual small answer) goes out as the last message at once.
+                last = content.at_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    return status
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is gone already: end the connection without the final chunk, so the client sees
             # a broken response rather than a truncated one that looks complete.
             log.warning(
                 "upstream %s broke off the response body (%s); closing the client connection", self._host, _reason(exc)
             )
-            return
+            return status
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return status
 
 
 def _reason(exc: BaseException) -> str:
