@@ -77,6 +77,9 @@ class TokenProvider:
         self._cache: TLRUCache[str, TokenSet] = TLRUCache(
             maxsize=1, ttu=lambda _k, tokens, _now: tokens.expires_at, timer=clock
         )
+        # The cache's entry while it is fresh, for the per-request check: cachetools' expiry bookkeeping costs
+        # ~2 us a lookup. Always older than the entry's hard expiry (refresh_at comes before expires_at).
+        self._hot: TokenSet | None = None
         self._inflight: asyncio.Future[TokenSet] | None = None
         self._hold_until = 0.0
         self._background: asyncio.Task[None] | None = None
@@ -105,6 +108,11 @@ class TokenProvider:
         """A token of ``kind`` (default: the first kind) that may be sent now. Raises ``TokenError``."""
         return (await self.get_set())[kind or self._default_kind]
 
+    def fresh(self) -> TokenSet | None:
+        """The cached tokens if no refresh is due yet, without waiting; ``None`` means ``get_set`` must run."""
+        hot = self._hot
+        return hot if hot is not None and self._clock() < hot.refresh_at else None
+
     async def get_set(self) -> TokenSet:
         """Tokens that may be sent now; refreshes (once, shared) when needed. Raises ``TokenError``."""
         tokens = self._cache.get(self._KEY)
@@ -130,6 +138,7 @@ class TokenProvider:
         current = self._cache.get(self._KEY)
         if current is not None and current.holds(token):
             del self._cache[self._KEY]
+            self._hot = None
             self._hold_until = 0.0
 
     def _join_refresh(self) -> asyncio.Future[TokenSet]:
@@ -184,6 +193,7 @@ class TokenProvider:
             self._failed(exc)
             raise
         self._cache[self._KEY] = tokens
+        self._hot = tokens
         self.refreshes += 1
         self.last_error = None
         self._hold_until = 0.0
@@ -262,7 +272,10 @@ class TokenView:
         return f"TokenView(kind={self.kind!r})"
 
     async def get(self) -> Token:
-        return (await self._provider.get_set())[self.kind]
+        tokens = self._provider.fresh()
+        if tokens is None:
+            tokens = await self._provider.get_set()
+        return tokens[self.kind]
 
     def invalidate(self, token: Token) -> None:
         self._provider.invalidate(token)
