@@ -1,4 +1,4 @@
-"""The coalescing transport: the writes of one loop step leave in one system call, in order.
+"""The coalescing transport: a response's head and body leave in one system call, in order.
 
 These run on uvloop, as the sidecar does: uvloop writes sockets with write(2)/writev(2), which Linux counts
 in ``/proc/self/io``.
@@ -39,46 +39,64 @@ class Peer:
 
 
 @contextlib.asynccontextmanager
-async def connected() -> AsyncIterator[tuple[CoalescingTransport, Peer]]:
+async def connected(open_connections: int = 1) -> AsyncIterator[tuple[CoalescingTransport, Peer]]:
     peer = Peer()
     server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
     try:
-        yield CoalescingTransport(transport, loop), peer  # type: ignore[arg-type]
+        yield CoalescingTransport(transport, loop, range(open_connections)), peer  # type: ignore[arg-type]
     finally:
         transport.close()
         server.close()
         await server.wait_closed()
 
 
-def on_uvloop(check: Callable[[CoalescingTransport, Peer], Awaitable[None]]) -> None:
+def on_uvloop(check: Callable[[CoalescingTransport, Peer], Awaitable[None]], open_connections: int = 1) -> None:
     async def main() -> None:
-        async with connected() as (transport, peer):
+        async with connected(open_connections) as (transport, peer):
             await check(transport, peer)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
 
 
-def test_writes_of_one_step_leave_in_one_system_call() -> None:
+def test_a_head_waits_for_its_body_and_both_leave_in_one_system_call() -> None:
     on_uvloop(_one_system_call)
 
 
 async def _one_system_call(transport: CoalescingTransport, peer: Peer) -> None:
     before = write_syscalls()
     transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n")
+    assert write_syscalls() == before  # held for the body
+    assert transport.get_write_buffer_size() == 38  # and counted as buffered meanwhile
     transport.write(b"body")
+    assert write_syscalls() == before + 1  # both at once, no waiting for the step to end
     transport.write(b"more")
-    assert write_syscalls() == before  # held until the step ends
-    assert transport.get_write_buffer_size() == 46  # and counted as buffered meanwhile
-    transport.flush()
-    assert write_syscalls() == before + 1
     transport.write(b"tail")
+    assert write_syscalls() == before + 2
+    transport.write(b"!")
     transport.close()  # what is held goes out before the close
     await asyncio.wait_for(peer.closed.wait(), 10)
-    assert bytes(peer.received) == b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nbodymoretail"
+    assert bytes(peer.received) == b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nbodymoretail!"
+
+
+def test_with_other_clients_connected_a_step_s_writes_leave_together_when_it_ends() -> None:
+    on_uvloop(_batched, open_connections=32)
+
+
+async def _batched(transport: CoalescingTransport, peer: Peer) -> None:
+    before = write_syscalls()
+    for part in (b"head ", b"body ", b"next head ", b"next body"):
+        transport.write(part)
+    assert write_syscalls() == before
+    assert transport.get_write_buffer_size() == 29
+    await asyncio.sleep(0)  # one loop step: the flush was scheduled for its end
+    assert write_syscalls() == before + 1
+    transport.close()
+    await asyncio.wait_for(peer.closed.wait(), 10)
+    assert bytes(peer.received) == b"head body next head next body"
 
 
 def test_held_writes_go_out_when_the_step_ends() -> None:
@@ -86,13 +104,12 @@ def test_held_writes_go_out_when_the_step_ends() -> None:
 
 
 async def _flushed_when_the_step_ends(transport: CoalescingTransport, peer: Peer) -> None:
-    transport.write(b"first ")
-    transport.write(b"second")
+    transport.write(b"a head whose body is not in hand yet")
     await asyncio.sleep(0)  # one loop step, not a wait for readiness: the flush was scheduled for it
     assert transport.get_write_buffer_size() == 0
     transport.close()
     await asyncio.wait_for(peer.closed.wait(), 10)
-    assert bytes(peer.received) == b"first second"
+    assert bytes(peer.received) == b"a head whose body is not in hand yet"
 
 
 def test_abort_drops_what_is_held() -> None:
