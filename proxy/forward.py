@@ -84,11 +84,15 @@ class Forwarder:
         self._port = parts.port
         self._base_path = parts.path.rstrip("/")
         self._tokens = tokens
-        self._header = header.lower().encode("latin-1")
-        self._prefix = header_prefix.encode("latin-1")
+        self._header = header.lower()
+        self._prefix = header_prefix
         self._strip = len(strip_prefix.rstrip("/"))
         self._api_key = api_key
         self._extra = self._extra_headers()
+        # Names a client may not set (the sidecar sets them), and the headers set for the current token:
+        # built once per token, not per request.
+        self._replaced = frozenset(name.encode("latin-1") for name, _ in ((self._header, ""), *self._extra))
+        self._token_headers: tuple[Token, tuple[tuple[str, str], ...]] | None = None
         # connect covers waiting for a pooled connection plus opening one; sock_read bounds every wait for
         # upstream bytes, the status line included.
         self._timeout = aiohttp.ClientTimeout(
@@ -100,15 +104,24 @@ class Forwarder:
         # The sidecar's own error answers by code, for /-/metrics; counted off the success path only.
         self.errors: Counter[str] = Counter()
 
-    def _extra_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+    def _extra_headers(self) -> tuple[tuple[str, str], ...]:
         # API Gateway usage plans: the configured key replaces any the client sent.
-        return ((b"x-api-key", self._api_key.value.encode()),) if self._api_key else ()
+        return (("x-api-key", self._api_key.value),) if self._api_key else ()
+
+    def _headers_for(self, token: Token) -> tuple[tuple[str, str], ...]:
+        cached = self._token_headers
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        headers = ((self._header, self._prefix + token.value), *self._extra)
+        self._token_headers = (token, headers)
+        return headers
 
     def reload_secrets(self) -> bool:
         """Re-read the API key file (SIGHUP); True when it changed."""
         if self._api_key is None or not self._api_key.reload():
             return False
         self._extra = self._extra_headers()
+        self._token_headers = None
         return True
 
     async def open(self) -> None:
@@ -213,11 +226,10 @@ class Forwarder:
         client = scope.get("client")
         headers = upstream_request_headers(
             headers_in,
-            token_header=self._header,
-            token_value=self._prefix + token.encoded,
+            replaced=self._replaced,
+            set_headers=self._headers_for(token),
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
-            extra=self._extra,
         )
         try:
             return await session.request(

@@ -38,18 +38,16 @@ def _listed(value: bytes) -> set[bytes]:
 def upstream_request_headers(
     raw: RawHeaders,
     *,
-    token_header: bytes,
-    token_value: bytes,
+    replaced: frozenset[bytes],
+    set_headers: Sequence[tuple[str, str]],
     client_host: str | None,
     scheme: str,
-    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> list[tuple[str, str]]:
     """The headers to send upstream for a client request with headers ``raw`` (one pass over them).
 
-    ``token_header`` is the lower-cased name of the header that carries the token; any incoming value is
-    replaced. ``extra`` headers (lower-cased names) are set, replacing incoming ones of the same name.
+    Incoming headers named in ``replaced`` (lower-cased: the token header, the API key) are dropped and
+    ``set_headers`` are added, so a client can never send its own value alongside the sidecar's.
     """
-    replaced = {token_header, *(name for name, _ in extra)} if extra else (token_header,)
     out: list[tuple[str, str]] = []
     listed: set[bytes] = set()
     forwarded_for: list[str] = []
@@ -73,9 +71,7 @@ def upstream_request_headers(
             forwarded_for.clear()
         if b"host" in listed:
             original_host = ""
-    out.append((token_header.decode("latin-1"), token_value.decode("latin-1")))
-    for name, value in extra:
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    out.extend(set_headers)
     if client_host:
         forwarded_for.append(client_host)
     if forwarded_for:

@@ -117,7 +117,7 @@ class TokenResponse:
 
 @dataclass(frozen=True)
 class Token:
-    """One token ready to inject: its value, the header bytes, and when it stops being usable.
+    """One token ready to inject: its value and when it stops being usable.
 
     ``refresh_at`` is when a request should trigger a refresh (expiry minus the safety margin);
     ``expires_at`` is when it must never be sent again (the real expiry, less a little clock skew).
@@ -125,7 +125,6 @@ class Token:
 
     kind: str
     value: str = field(repr=False)
-    encoded: bytes = field(repr=False)  # the value as header bytes, encoded once
     issued_at: float
     refresh_at: float
     expires_at: float
@@ -209,14 +208,11 @@ def make_token(response: TokenResponse, *, kind: str, margin: float, now: float)
     # At most half the token's life, so short-lived test tokens are still used for a while.
     effective_margin = min(margin, life / 2)
     skew = min(HARD_EXPIRY_SKEW, life / 10)
-    try:
-        encoded = value.encode("ascii")
-    except UnicodeEncodeError:
-        raise TokenUnusableError(f"the {kind} contains non-ASCII characters and cannot be sent in a header") from None
+    if not value.isascii():
+        raise TokenUnusableError(f"the {kind} contains non-ASCII characters and cannot be sent in a header")
     return Token(
         kind=kind,
         value=value,
-        encoded=encoded,
         issued_at=issued,
         refresh_at=expires - effective_margin,
         expires_at=expires - skew,
