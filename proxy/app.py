@@ -96,19 +96,17 @@ class SidecarApp(Starlette):
             await self._own_route(scope, receive, send)
             return
         forwarder = self.only or self._route(scope)
-        if self.access_log is None:
-            if forwarder is None:
-                await self._no_route(scope, send)
-            else:
-                await forwarder.forward(scope, receive, send)
-            return
         status = 0
         start = time.perf_counter()
         try:
             # The forwarder says which status it sent: no wrapper around every send on the hot path.
-            status = await forwarder.forward(scope, receive, send) if forwarder else await self._no_route(scope, send)
+            if forwarder is None:
+                status = await self._no_route(scope, send)
+            else:
+                status = await forwarder.forward(scope, receive, send)
         finally:
-            self.access_log.record(scope, status, time.perf_counter() - start)
+            if self.access_log is not None:
+                self.access_log.record(scope, status, time.perf_counter() - start)
 
     def _route(self, scope: Scope) -> Forwarder | None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
