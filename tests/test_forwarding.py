@@ -209,6 +209,19 @@ async def test_unreachable_upstream_is_a_502_in_the_sidecar_format(stack: Stack,
     assert response.json()["error"] == "upstream_unreachable"
 
 
+async def test_the_access_log_has_the_status_the_sidecar_sent_in_the_upstream_s_place(
+    stack: Stack, client: httpx2.AsyncClient, capsys: pytest.CaptureFixture[str]
+):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = stack.settings(upstream_url=f"http://127.0.0.1:{port}/prod", access_log=True)
+    async with run_sidecar(settings) as sidecar:
+        response = await client.get(f"{sidecar.url}/x?y=1")
+    assert response.status_code == 502
+    assert '"GET /x?y=1" 502' in capsys.readouterr().err  # written when the sidecar stops, at the latest
+
+
 async def test_slow_upstream_is_a_504(stack: Stack, client: httpx2.AsyncClient):
     async with upstream_and_sidecar(stack, read_timeout=0.5) as (upstream, sidecar):
         response = await client.get(f"{sidecar.url}/hang")

@@ -137,6 +137,7 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file), SIDECAR_LOG_LEVEL="debug")
     async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
         response = await client.get(f"{sidecar.url}/from-a-process?x=1")
+        own = [(await client.get(f"{sidecar.url}{path}")).status_code for path in ("/-/healthz", "/-/nope")]
         code, text = await sidecar.stop()
     assert response.status_code == 200
     assert response.json()["claims"]["token_use"] == "id"
@@ -144,7 +145,10 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     assert "Traceback" not in text
     assert_hidden(text, stack.emulator.refresh_token, stack.emulator.client.secret or "")
     assert "token refreshed" in text
-    assert '"GET /from-a-process?x=1" 200' in text  # the access log
+    # The access log: a forwarded request (status from the forwarder) and the sidecar's own routes.
+    assert own == [200, 404]
+    assert '"GET /from-a-process?x=1" 200' in text
+    assert '"GET /-/healthz" 200' in text and '"GET /-/nope" 404' in text
 
 
 @pytest.mark.slow
