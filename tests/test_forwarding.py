@@ -279,3 +279,29 @@ async def test_websockets_are_refused_not_forwarded(stack: Stack, sidecar: Runni
     )
     assert status == 403  # API Gateway's Cognito authorizer cannot guard WebSockets; neither does the sidecar
     assert stack.emulator.apigw.requests == 0
+
+
+async def test_pipelined_requests_get_their_answers_whole_and_in_order(sidecar: RunningSidecar):
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        # Three requests in one segment: each answer's head and body must leave together and in order.
+        writer.write(
+            b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+    paths = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head[:40]
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        paths.append(json.loads(rest[:length])["path"])
+        data = rest[length:]
+    assert paths == ["/first", "/second", "/third"]
