@@ -54,6 +54,8 @@ class CoalescingTransport:
         held = self._held
         if held is not None:
             self._held = None
+            if self._transport.is_closing():
+                return  # the client is gone: uvloop would only count (and after a few, log) lost writes
             if len(held) == 1:
                 self._transport.write(held[0])
             else:

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import uvloop
 
 from proxy.coalesce import CoalescingTransport
@@ -123,3 +124,37 @@ async def _abort_drops(transport: CoalescingTransport, peer: Peer) -> None:
     transport.abort()
     await asyncio.wait_for(peer.closed.wait(), 10)
     assert bytes(peer.received) == b"sent"
+
+
+class Client(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+def test_what_is_held_for_a_client_that_left_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        client = Client()
+        transport, _ = await loop.create_connection(lambda: client, "127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            await asyncio.wait_for(client.lost.wait(), 10)
+            wrapped = CoalescingTransport(transport, loop)  # type: ignore[arg-type]
+            for _ in range(10):  # uvloop warns "socket.send() raised exception." from the 6th lost write on
+                wrapped.write(b"an answer nobody will read")
+                wrapped.flush()
+            assert wrapped.get_write_buffer_size() == 0
+        finally:
+            transport.close()
+            server.close()
+            await server.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    assert "raised exception" not in caplog.text
