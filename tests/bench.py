@@ -157,6 +157,23 @@ def nginx_bin() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
+def emulator_token(procs: list[subprocess.Popen[bytes]]) -> str:
+    """A real token answer (JSON) from the emulator for client ``bench``, valid 24 h; the emulator joins ``procs``."""
+    cognito_port, api_port = free_port(), free_port()
+    command = [sys.executable, "-m", "proxy", "emulator", "--cognito-port", str(cognito_port), "--api-port"]
+    command += [str(api_port), "--client-id", "bench", "--client-secret", "bench-secret"]
+    command += ["--refresh-token", "bench-rt", "--token-lifetime", "86400"]
+    procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=ROOT))
+    wait_port(cognito_port)
+    answer = httpx2.post(
+        f"http://127.0.0.1:{cognito_port}/oauth2/token",
+        auth=("bench", "bench-secret"),
+        data={"grant_type": "refresh_token", "refresh_token": "bench-rt", "client_id": "bench"},
+    )
+    answer.raise_for_status()
+    return answer.text
+
+
 def start_nginx(workdir: Path, name: str, cpu: int, server_block: str) -> subprocess.Popen[bytes]:
     conf = workdir / f"{name}.conf"
     (workdir / name).mkdir(exist_ok=True)
@@ -280,37 +297,8 @@ def main() -> int:
     failures: list[str] = []
     try:
         # 1. A real token from the emulator, fetched once.
-        cognito_port, api_port = free_port(), free_port()
-        emulator = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "emulator",
-                "--cognito-port",
-                str(cognito_port),
-                "--api-port",
-                str(api_port),
-                "--client-id",
-                "bench",
-                "--client-secret",
-                "bench-secret",
-                "--refresh-token",
-                "bench-rt",
-                "--token-lifetime",
-                "86400",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        procs.append(emulator)
-        wait_port(cognito_port)
-        answer = httpx2.post(
-            f"http://127.0.0.1:{cognito_port}/oauth2/token",
-            auth=("bench", "bench-secret"),
-            data={"grant_type": "refresh_token", "refresh_token": "bench-rt", "client_id": "bench"},
-        )
-        token_json = answer.text
-        token = answer.json()["id_token"]
+        token_json = emulator_token(procs)
+        token = json.loads(token_json)["id_token"]
 
         # 2. The upstream (and token endpoint) nginx on CPU 1, the reference proxy nginx on CPU 0.
         blob = work / "blob"

@@ -1,0 +1,127 @@
+"""A/B: sidecars built from several source trees, measured in alternating wrk runs in one go.
+
+    git worktree add /tmp/before HEAD~1
+    python tests/ab.py /tmp/before . [bare] [--rounds 10] [--duration 2] [--connections 32]
+
+Each tree (a checkout of this repository; ``bare`` is the prototype from ``tests/bench.py``) runs as its
+own sidecar on CPU 0, against one nginx upstream on CPU 1 that answers 401 unless the token was injected.
+wrk (CPU 1) alternates between them, in rotating order, so a noisy machine hits every tree alike; the
+medians and best values are printed, with write/read system calls per request from ``/proc/PID/io``.
+Not a test (pytest does not collect it); needs wrk, nginx and taskset, like ``tests/bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import BARE, cpu_seconds, emulator_token, ensure_tools, free_port, start_nginx, wait_port, wrk
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def syscalls(pid: int) -> tuple[int, int]:
+    """(write, read) system calls of ``pid`` so far."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["syscw"]), int(fields["syscr"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trees", nargs="+", help="source trees (checkouts of this repository) or 'bare'")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=2, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
+    work.chmod(0o755)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        token_json = emulator_token(procs)
+        token = json.loads(token_json)["id_token"]
+        up = free_port()
+        server = f"""
+  server {{
+    listen 127.0.0.1:{up} backlog=4096;
+    default_type application/json;
+    location = /oauth2/token {{ return 200 '{token_json}'; }}
+    location / {{
+      if ($http_authorization != "{token}") {{ return 401 '{{"message":"Unauthorized"}}'; }}
+      return 200 '{{"a":"{"x" * 180}"}}';
+    }}
+  }}"""
+        procs.append(start_nginx(work, "upstream", 1, server))
+        wait_port(up)
+        targets: list[tuple[str, subprocess.Popen[bytes], int]] = []
+        for tree in args.trees:
+            port = free_port()
+            if tree == "bare":
+                env = {**os.environ, "BARE_UPSTREAM": f"http://127.0.0.1:{up}", "BARE_TOKEN": token}
+                command, cwd = [sys.executable, "-c", BARE], work
+                env["BARE_PORT"] = str(port)
+            else:
+                cwd = Path(tree).resolve()
+                env = {
+                    **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+                    "PYTHONPATH": str(cwd),
+                    "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{up}",
+                    "SIDECAR_TOKEN_URL": f"http://127.0.0.1:{up}/oauth2/token",
+                    "SIDECAR_CLIENT_ID": "bench",
+                    "SIDECAR_CLIENT_SECRET": "bench-secret",
+                    "SIDECAR_REFRESH_TOKEN": "bench-rt",
+                    "SIDECAR_LISTEN": f"127.0.0.1:{port}",
+                }
+                command = [sys.executable, "-m", "proxy", "serve"]
+            proc = subprocess.Popen(
+                ["taskset", "-c", "0", *command], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            procs.append(proc)
+            wait_port(port)
+            targets.append((tree, proc, port))
+        results: dict[str, list[dict[str, float]]] = {tree: [] for tree, _, _ in targets}
+        for rnd in range(args.rounds):
+            for tree, proc, port in targets[rnd % len(targets) :] + targets[: rnd % len(targets)]:
+                cpu0, (w0, r0) = cpu_seconds([proc.pid]), syscalls(proc.pid)
+                run = wrk(f"http://127.0.0.1:{port}/item", args.connections, args.duration)
+                if run["failed"]:
+                    print(f"{tree}: {int(run['failed'])} requests failed")
+                    return 1
+                w1, r1 = syscalls(proc.pid)
+                run["cpu_us"] = (cpu_seconds([proc.pid]) - cpu0) / run["requests"] * 1e6
+                run["writes"], run["reads"] = (w1 - w0) / run["requests"], (r1 - r0) / run["requests"]
+                results[tree].append(run)
+        print(f"{args.rounds} alternating {args.duration} s runs at {args.connections} connections:")
+        for tree, runs in results.items():
+
+            def median(key: str, runs: list[dict[str, float]] = runs) -> float:
+                return statistics.median(run[key] for run in runs)
+
+            print(
+                f"{tree:30} req/s median {median('rps'):7,.0f} best {max(r['rps'] for r in runs):7,.0f}   "
+                f"CPU us/req median {median('cpu_us'):6.1f} best {min(r['cpu_us'] for r in runs):6.1f}   "
+                f"p50 {median('p50'):.2f} ms p99 {median('p99'):.1f} ms   "
+                f"syscalls/req write {median('writes'):.2f} read {median('reads'):.2f}"
+            )
+        return 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
