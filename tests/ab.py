@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench import BARE, cpu_seconds, emulator_token, ensure_tools, free_port, start_nginx, wait_port, wrk
+from bench import BARE, cpu_seconds, emulator_token, ensure_tools, free_port, start_nginx, stop_all, wait_port, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,14 +111,7 @@ def main() -> int:
             )
         return 0
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":

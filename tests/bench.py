@@ -157,6 +157,18 @@ def nginx_bin() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]], work: Path) -> None:
+    """SIGTERM every process still running (SIGKILL after 10 s), then remove the work directory."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def emulator_token(procs: list[subprocess.Popen[bytes]]) -> str:
     """A real token answer (JSON) from the emulator for client ``bench``, valid 24 h; the emulator joins ``procs``."""
     cognito_port, api_port = free_port(), free_port()
@@ -521,14 +533,7 @@ def main() -> int:
             if not ok:
                 failures.append(f"{key} missed its target")
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
     if failures:
         print("\nFAILED: " + "; ".join(failures))
         return 1
