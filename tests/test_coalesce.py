@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -54,13 +55,17 @@ async def connected(open_connections: int = 1) -> AsyncIterator[tuple[Coalescing
         await server.wait_closed()
 
 
+def run_on_uvloop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
 def on_uvloop(check: Callable[[CoalescingTransport, Peer], Awaitable[None]], open_connections: int = 1) -> None:
     async def main() -> None:
         async with connected(open_connections) as (transport, peer):
             await check(transport, peer)
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+    run_on_uvloop(main)
 
 
 def test_a_head_waits_for_its_body_and_both_leave_in_one_system_call() -> None:
@@ -155,6 +160,5 @@ def test_what_is_held_for_a_client_that_left_is_dropped(caplog: pytest.LogCaptur
             server.close()
             await server.wait_closed()
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+    run_on_uvloop(main)
     assert "raised exception" not in caplog.text
