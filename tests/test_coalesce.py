@@ -48,7 +48,7 @@ async def connected(open_connections: int = 1) -> AsyncIterator[tuple[Coalescing
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
     try:
-        yield CoalescingTransport(transport, loop, range(open_connections)), peer  # type: ignore[arg-type]
+        yield CoalescingTransport(transport, loop, range(open_connections)), peer
     finally:
         transport.close()
         server.close()
@@ -150,7 +150,7 @@ def test_what_is_held_for_a_client_that_left_is_dropped(caplog: pytest.LogCaptur
         transport, _ = await loop.create_connection(lambda: client, "127.0.0.1", server.sockets[0].getsockname()[1])
         try:
             await asyncio.wait_for(client.lost.wait(), 10)
-            wrapped = CoalescingTransport(transport, loop)  # type: ignore[arg-type]
+            wrapped = CoalescingTransport(transport, loop)
             for _ in range(10):  # uvloop warns "socket.send() raised exception." from the 6th lost write on
                 wrapped.write(b"an answer nobody will read")
                 wrapped.flush()
