@@ -1,4 +1,4 @@
-"""The forwarding hot path: a bare ASGI callable per route, over that route's aiohttp ClientSession.
+"""The forwarding hot path: a forwarder per route, over that route's aiohttp ClientSession.
 
 Each request goes to the upstream base URL plus the raw path (less the route prefix, when stripped) and
 query, byte for byte, with the token
@@ -63,7 +63,8 @@ def _authorizer_refused(response: aiohttp.ClientResponse) -> bool:
 
 
 class Forwarder:
-    """ASGI app forwarding every request to ``upstream_url`` with a token from ``tokens``."""
+    """Forwards requests (``forward``, called with the ASGI scope, receive and send) to ``upstream_url`` with a
+    token from ``tokens``."""
 
     def __init__(
         self,
@@ -162,9 +163,6 @@ class Forwarder:
             query_string=scope["query_string"].decode("ascii"),
             encoded=True,
         )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.forward(scope, receive, send)
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Forward one request; returns the status sent to the client (0 if the client left before one was)."""
