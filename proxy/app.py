@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.cache import RetryPolicy, TokenProvider
+from proxy.cache import RefreshPolicy, TokenProvider
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.credentials import Grant, Secret, grant_from_settings
-from proxy.errors import ConfigError, TokenError, error_body
+from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.logs import AccessLog
 from proxy.metrics import render
@@ -96,17 +97,17 @@ class SidecarApp(Starlette):
             await self._own_route(scope, receive, send)
             return
         forwarder = self.only or self._route(scope)
-        status = 0
+        status, code = 0, ""
         start = time.perf_counter()
         try:
             # The forwarder says which status it sent: no wrapper around every send on the hot path.
             if forwarder is None:
-                status = await self._no_route(scope, send)
+                status, code = await self._no_route(scope, send), "no_route"
             else:
-                status = await forwarder.forward(scope, receive, send)
+                status, code = await forwarder.forward(scope, receive, send)
         finally:
             if self.access_log is not None:
-                self.access_log.record(scope, status, time.perf_counter() - start)
+                self.access_log.record(scope, status, time.perf_counter() - start, code)
 
     def _route(self, scope: Scope) -> Forwarder | None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -149,9 +150,7 @@ def _error(status: int, code: str, detail: str) -> Response:
     )
 
 
-def build_sidecar(
-    settings: Settings, *, retry: RetryPolicy | None = None, clock: Callable[[], float] = time.time
-) -> Sidecar:
+def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, clock: Clock = SYSTEM_CLOCK) -> Sidecar:
     """Assemble the sidecar's parts from settings (no I/O happens here)."""
     routes = settings.effective_routes()
     if not routes:
@@ -170,7 +169,12 @@ def build_sidecar(
             )
             grant = grant_from_settings(route, endpoint)
             providers[key] = TokenProvider(
-                grant, kinds=kinds[key], margin=settings.refresh_margin, retry=retry, clock=clock
+                grant,
+                kinds=kinds[key],
+                margin=settings.refresh_margin,
+                wait_limit=settings.token_timeout,
+                policy=policy,
+                clock=clock,
             )
     upstream_routes = [
         UpstreamRoute(
@@ -193,31 +197,28 @@ def build_sidecar(
     return Sidecar(settings, http, list(providers.values()), upstream_routes)
 
 
-def create_app(
-    settings: Settings, *, retry: RetryPolicy | None = None, clock: Callable[[], float] = time.time
-) -> SidecarApp:
-    """The sidecar as an ASGI app. ``retry`` and ``clock`` are for tests."""
-    sidecar = build_sidecar(settings, retry=retry, clock=clock)
+def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock: Clock = SYSTEM_CLOCK) -> SidecarApp:
+    """The sidecar as an ASGI app. ``policy`` and ``clock`` are for tests."""
+    sidecar = build_sidecar(settings, policy=policy, clock=clock)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        # From state alone, never waiting on the network: probes have short timeouts.
         if sidecar.draining:
             return _error(503, "draining", "the sidecar is shutting down")
-        expires: list[float] = []
-        try:
-            async with asyncio.timeout(settings.token_timeout):
-                for provider in sidecar.providers:
-                    expires.append((await provider.get()).expires_at)
-        except TokenError as exc:
-            return _error(503, exc.code, str(exc))
-        except TimeoutError:
-            return _error(503, "token_endpoint_unavailable", "a token refresh is still in progress; try again")
-        body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(expires) - clock())}
-        warnings = [p.grant.persist_error for p in sidecar.providers if p.grant.persist_error]
+        states = [provider.state() for provider in sidecar.providers]
+        for code, reason in states:
+            if code != "ready":
+                return _error(503, code, reason)
+        held = [tokens.expires_at for p in sidecar.providers if (tokens := p.usable()) is not None]
+        body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
+        warnings = [
+            warning for p in sidecar.providers for warning in (p.grant.persist_error, p.grant.shared_warning) if warning
+        ]
         if warnings:
-            body["warning"] = " ".join(str(w) for w in warnings)  # serving, but a restart would lose a credential
+            body["warning"] = " ".join(warnings)  # serving, but a restart (or a rotation) could lose a credential
         return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:
@@ -233,6 +234,7 @@ def create_app(
         for forwarder in sidecar.forwarders:
             await forwarder.open()
         for provider in sidecar.providers:
+            provider.grant.claim()
             provider.start()
         flusher = asyncio.create_task(access_log.run()) if access_log else None
         try:
@@ -245,6 +247,7 @@ def create_app(
                     await flusher
             for provider in sidecar.providers:
                 await provider.aclose()
+                provider.grant.release()
             for forwarder in sidecar.forwarders:
                 await forwarder.aclose()
             await sidecar.http.aclose()

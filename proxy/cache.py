@@ -1,15 +1,27 @@
-"""The token cache: one credential's tokens in memory, refreshed once however many requests wait.
+"""The token cache: one credential's current token set, and the refresher that keeps it fresh.
 
-The cache holds a ``TokenSet``: every kind of token one answer gives (id and access), so routes that
-send different kinds of the same credential share one refresh. ``TokenProvider.get()`` answers from
-the cache while the tokens are fresh. Past its ``refresh_at`` (expiry
-minus the safety margin) or when absent, exactly one refresh runs (single flight: every waiter shares
-one future) and covers the whole exchange, including replacing a rotated refresh token. A background
-task refreshes at 75-80% of the usable life, so at steady state no request waits for Cognito.
+State is one ``TokenSet`` (every kind of token one answer gives, so routes that send different kinds of the
+same credential share it) and the refresher's schedule. Requests read the set:
 
-When the token endpoint fails, a still-valid token keeps being served until its real expiry, never
-after; transient failures are retried with backoff (stamina) within a deadline; after a failure, new
-refreshes are held off for a while so an outage is not hammered.
+- while it is valid it is sent, whatever the refresher is doing: past its ``refresh_at`` the refresher is
+  nudged, but the request does not wait. A valid token is never dropped, only replaced.
+- only a request with no valid token waits: for the attempt in flight or one that may start now, at most
+  ``wait_limit`` seconds. When backoff has put the next attempt later, it gets the last failure at once.
+
+The refresher is one task and the only caller of the token endpoint, so there is one token request at a
+time by construction, however many requests wait. It sleeps on the injected ``Clock`` until the next
+attempt is due:
+
+- at a random point 90-100% into the token's usable life (sidecars sharing a credential drift apart), or at
+  once when there is no valid token, when API Gateway refused the token, or when secret files changed;
+- never sooner than ``min_interval`` after the previous token request, whatever happens;
+- after failures, later: exponential backoff with jitter across the whole outage, up to ``max_wait``;
+  at least what the endpoint asked for in ``Retry-After``; at least ``permanent_hold`` after a refusal
+  that a person must fix (new secrets on disk lift the hold).
+
+Why not stamina, which the previous refresh used: its loop sleeps on real time and starts its backoff
+afresh at every call, while this schedule spans a whole outage, is shared with the token's own life and
+must be driven by the same clock as the checks.
 """
 
 from __future__ import annotations
@@ -17,46 +29,76 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
-import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-import stamina
-from cachetools import TLRUCache
-
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.credentials import Grant
-from proxy.errors import PermanentTokenError, TokenError, TransientTokenError
-from proxy.tokens import Token, TokenSet, make_token_set
+from proxy.errors import TokenError, TransientTokenError
+from proxy.tokens import Token, TokenResponse, TokenSet, make_token_set
 
 log = logging.getLogger("proxy.cache")
 
-# After a permanent refusal (invalid_grant, ...) try again only this often: a person must act first.
+# The first wait after a failed token request; each further failure in a row doubles it. A single bad answer
+# (a blip, an empty 200) is then behind the sidecar a tenth of a second later.
+FIRST_RETRY_WAIT = 0.1
+# The longest wait between token requests in an outage: a one-hour outage then costs about 25 requests per
+# sidecar (0.1, 0.2 ... 205 s, then every 225-300 s), and recovery takes at most this long once it ends.
+MAX_RETRY_WAIT = 300.0
+# Two token requests for one credential are never closer than this, whatever asks for them (clock skew, a
+# flood of 401s, an endpoint that answers nonsense at once): at most 10 a second from one sidecar, however
+# wrong everything else goes, while a single blip is still retried within FIRST_RETRY_WAIT.
+MIN_TOKEN_REQUEST_INTERVAL = 0.1
+# After a refusal a person must fix (invalid_grant, invalid_client ...): asking again sooner cannot help.
 PERMANENT_HOLD = 60.0
-# After transient failures that outlasted their retries, wait this long before the next attempt.
-TRANSIENT_HOLD = 2.0
-# Even a token about to expire gets this long for its refresh, retries included.
-MIN_RETRY_WINDOW = 1.0
-# Background refresh at a random point in this fraction of the usable life: early enough to retry,
-# jittered so that many sidecars sharing a credential do not refresh in step.
-BACKGROUND_WINDOW = (0.75, 0.8)
+# Cognito's token quota is counted per second across the account: a throttled sidecar backs off for at
+# least a few seconds so that a fleet sharing the quota can drain it.
+THROTTLED_MIN_WAIT = 5.0
+# A Retry-After longer than this is not believed (a misconfigured proxy must not stop refreshes for a day).
+RETRY_AFTER_MAX = 3600.0
+# API Gateway's 401s come from whatever token a caller's request carried; a caller must not be able to make
+# the sidecar buy tokens (client_credentials is billed per request). One refresh per this many seconds
+# answers a real key rotation within a request or two.
+SUSPECT_REFRESH_INTERVAL = 30.0
+# The refresher renews a token unasked at a random point in this fraction of its usable life (the life less
+# the margin): requests never wait for it while the token is valid, so it can come late; the margin is the
+# time left for retries; the jitter keeps sidecars sharing a credential from refreshing in step. With 60-minute
+# tokens and the 5-minute margin: every 49.5-55 minutes.
+BACKGROUND_WINDOW = (0.9, 1.0)
+# Backoff waits are multiplied by a random factor in this range: a fleet that failed together retries apart,
+# and the waits still add up at the cap's pace.
+JITTER = (0.75, 1.0)
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """How a refresh retries transient failures. ``deadline`` bounds the whole refresh, retries included."""
+class RefreshPolicy:
+    """When the refresher may ask the token endpoint; every field has the named default above."""
 
-    attempts: int = 5
-    wait_initial: float = 0.2
-    wait_max: float = 5.0
-    wait_jitter: float = 0.5
-    deadline: float = 30.0
+    first_wait: float = FIRST_RETRY_WAIT
+    max_wait: float = MAX_RETRY_WAIT
+    min_interval: float = MIN_TOKEN_REQUEST_INTERVAL
+    permanent_hold: float = PERMANENT_HOLD
+    throttled_wait: float = THROTTLED_MIN_WAIT
+    suspect_interval: float = SUSPECT_REFRESH_INTERVAL
+
+    def backoff(self, failures: int, error: TokenError, rng: random.Random) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row, ``error`` being the latest."""
+        wait: float = min(self.max_wait, self.first_wait * 2.0 ** min(failures - 1, 32)) * rng.uniform(*JITTER)
+        if error.permanent:
+            wait = max(wait, self.permanent_hold)
+        if isinstance(error, TransientTokenError):
+            if error.throttled:
+                wait = max(wait, self.throttled_wait)
+            if error.retry_after is not None:
+                wait = max(wait, min(error.retry_after, RETRY_AFTER_MAX))
+        return wait
 
 
 class TokenProvider:
-    """Yields a valid ``Token`` for the forwarder; owns caching, single flight and background refresh."""
-
-    _KEY = "token"
+    """Yields a valid ``TokenSet`` for the forwarders of one credential; owns the refresher."""
 
     def __init__(
         self,
@@ -64,201 +106,280 @@ class TokenProvider:
         *,
         kinds: Iterable[str],
         margin: float,
-        retry: RetryPolicy | None = None,
-        clock: Callable[[], float] = time.time,
+        wait_limit: float,
+        policy: RefreshPolicy | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
     ) -> None:
         self.grant = grant
         self.kinds = frozenset(kinds)
-        self._default_kind = min(self.kinds)
         self._margin = margin
-        self._retry = retry or RetryPolicy()
+        # A request with no valid token waits at most this long; a token request is bounded by twice it
+        # (the grant may re-read its files and ask once more).
+        self._wait_limit = wait_limit
+        self._policy = policy or RefreshPolicy()
         self._clock = clock
-        # Entries vanish at their hard expiry: an expired token can never be handed out.
-        self._cache: TLRUCache[str, TokenSet] = TLRUCache(
-            maxsize=1, ttu=lambda _k, tokens, _now: tokens.expires_at, timer=clock
-        )
-        # The cache's entry while it is fresh, for the per-request check: cachetools' expiry bookkeeping costs
-        # ~2 us a lookup. Always older than the entry's hard expiry (refresh_at comes before expires_at).
-        self._hot: TokenSet | None = None
-        self._inflight: asyncio.Future[TokenSet] | None = None
-        self._hold_until = 0.0
-        self._background: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+        self.current: TokenSet | None = None
         self.last_error: TokenError | None = None
+        self._background_at = 0.0  # when the refresher renews ``current`` unasked
+        self._failures_in_row = 0
+        self._not_before = 0.0  # backoff or hold after failures
+        self._last_request_at = -math.inf
+        self._last_suspect_at = -math.inf
+        self._asked = False  # someone wants an attempt as soon as the rules allow
+        self._attempting = False
+        self._outcome: asyncio.Future[TokenSet] | None = None  # what waiters await: the next attempt's result
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self.refreshes = 0
-        self.failures = 0
-        # Requests that had to wait for a refresh; at steady state, with background refresh, it stays put.
+        self.failures: Counter[str] = Counter()  # by ``failure_kind``
+        # Requests that had to wait for a token because none was valid; flat at steady state.
         self.waits = 0
 
     def __repr__(self) -> str:
         return f"TokenProvider(grant={self.grant!r}, kinds={sorted(self.kinds)!r})"
 
-    def cached(self, kind: str | None = None) -> Token | None:
-        """The cached token of ``kind`` (default: the first kind) if it may still be sent, without refreshing."""
-        tokens = self._cache.get(self._KEY)
-        return tokens[kind or self._default_kind] if tokens is not None else None
-
     def view(self, kind: str) -> TokenView:
-        """A source of ``kind`` tokens for one forwarder; every view shares this provider's cache and refreshes."""
+        """A source of ``kind`` tokens for one forwarder; every view shares this provider's tokens."""
         if kind not in self.kinds:
             raise ValueError(f"this provider does not fetch {kind}")
         return TokenView(self, kind)
 
-    async def get(self, kind: str | None = None) -> Token:
-        """A token of ``kind`` (default: the first kind) that may be sent now. Raises ``TokenError``."""
-        return (await self.get_set())[kind or self._default_kind]
+    # Reading ----------------------------------------------------------------------------------------
 
-    def fresh(self) -> TokenSet | None:
-        """The cached tokens if no refresh is due yet, without waiting; ``None`` means ``get_set`` must run."""
-        hot = self._hot
-        return hot if hot is not None and self._clock() < hot.refresh_at else None
+    def usable(self) -> TokenSet | None:
+        """The current tokens if they may still be sent, without waiting or asking for anything."""
+        tokens = self.current
+        return tokens if tokens is not None and self._clock.monotonic() < tokens.expires_at else None
 
-    async def get_set(self) -> TokenSet:
-        """Tokens that may be sent now; refreshes (once, shared) when needed. Raises ``TokenError``."""
-        tokens = self._cache.get(self._KEY)
-        if tokens is not None and self._clock() < tokens.refresh_at:
-            return tokens
-        if self._inflight is None and self._clock() < self._hold_until:
-            # A recent refresh failed: serve the old token while it lasts, else the same error at once.
+    async def get(self) -> TokenSet:
+        """Tokens that may be sent now; waits only when none are valid. Raises ``TokenError``."""
+        tokens = self.current
+        if tokens is not None:
+            now = self._clock.monotonic()
+            if now < tokens.expires_at:
+                if now >= tokens.refresh_at:
+                    self._ask()
+                return tokens
+        self.waits += 1
+        return await self._wait_for_tokens()
+
+    def state(self) -> tuple[str, str]:
+        """``(code, reason)`` for readiness, from state alone: ``("ready", ...)`` while a valid token is held."""
+        tokens = self.usable()
+        if tokens is not None:
+            return "ready", f"token valid for {tokens.expires_at - self._clock.monotonic():.0f} s"
+        if self.last_error is not None:
+            return self.last_error.code, str(self.last_error)
+        return "token_pending", "no token yet: the first token request is in progress"
+
+    async def _wait_for_tokens(self) -> TokenSet:
+        # Wait for an attempt in flight, or one that may start now; never for one that backoff put later:
+        # in an outage, requests get the last failure at once instead of piling up.
+        deadline = asyncio.get_running_loop().time() + self._wait_limit
+        while True:
+            tokens = self.usable()
             if tokens is not None:
                 return tokens
-            if self.last_error is not None:
-                raise self.last_error
-        self.waits += 1
+            if not self._attempting:
+                if self.last_error is not None and self._not_before > self._clock.monotonic():
+                    raise self.last_error
+                self._ask()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await asyncio.shield(self._next_outcome())
+            except TimeoutError:
+                raise self.last_error or self._no_token_error() from None
+            except TokenError:
+                pass  # look again: the next attempt may be due at once (a secret file changed meanwhile)
+
+    def _no_token_error(self) -> TransientTokenError:
+        return TransientTokenError(
+            flow=self.grant.flow,
+            status=None,
+            error=None,
+            body="",
+            summary=f"The token endpoint did not answer within {self._wait_limit:g} s; no valid token is held "
+            "(a token request is still in progress).",
+            fix="check the token endpoint's health and network access; the sidecar keeps trying.",
+        )
+
+    def _next_outcome(self) -> asyncio.Future[TokenSet]:
+        if self._outcome is None:
+            self._outcome = asyncio.get_running_loop().create_future()
+        return self._outcome
+
+    # What callers and signals ask ---------------------------------------------------------------------
+
+    def _ask(self) -> None:
+        # An attempt in flight answers whoever asks meanwhile: its outcome is as new as one asked for now.
+        if not self._asked and not self._attempting:
+            self._asked = True
+            self._wake.set()
+
+    def refused(self, token: Token) -> bool:
+        """API Gateway refused ``token``: refresh once, unless one was asked for this way in the last
+        ``suspect_interval`` seconds. The token in hand stays until a new one has arrived. True if asked now."""
+        tokens = self.current
+        if tokens is None or not tokens.holds(token):
+            return False  # already replaced
+        now = self._clock.monotonic()
+        if now - self._last_suspect_at < self._policy.suspect_interval:
+            return False
+        self._last_suspect_at = now
+        log.warning("API Gateway refused the current token; asking for a new one")
+        self._ask()
+        return True
+
+    async def replacement(self, token: Token) -> Token | None:
+        """A valid token of ``token``'s kind other than ``token`` (API Gateway refused it), waiting for the
+        refresh that ``refused`` asks for; ``None`` if there is none."""
+        if self.refused(token) or self._attempting:
+            with contextlib.suppress(TokenError, TimeoutError):
+                async with asyncio.timeout(self._wait_limit):
+                    await asyncio.shield(self._next_outcome())
+        tokens = self.usable()
+        if tokens is None or tokens.holds(token):
+            return None
+        return tokens[token.kind]
+
+    def reload_credentials(self) -> bool:
+        """Re-read secret files (SIGHUP, a changed file); a change lifts any hold and retries at once if no valid
+        token is held."""
+        changed = self.grant.reload()
+        if changed:
+            self._not_before = 0.0
+            self._failures_in_row = 0
+            if self.usable() is None:
+                self._ask()
+            self._wake.set()
+        return changed
+
+    # The refresher ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the refresher; call from a running loop (the app's lifespan). It asks for a token at once."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="token-refresher")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[TokenProvider]:
+        """The provider with its refresher running, for one-shot users (``token``, ``check``)."""
+        self.start()
         try:
-            return await self._join_refresh()
-        except TokenError:
-            if tokens is not None and self._cache.get(self._KEY) is tokens:
-                log.warning("token refresh failed; still sending the cached token until it expires")
-                return tokens
-            raise
+            yield self
+        finally:
+            await self.aclose()
 
-    def invalidate(self, token: Token) -> None:
-        """Drop ``token`` (API Gateway refused it) so the next ``get`` refreshes."""
-        current = self._cache.get(self._KEY)
-        if current is not None and current.holds(token):
-            del self._cache[self._KEY]
-            self._hot = None
-            self._hold_until = 0.0
+    def _next_attempt_at(self) -> float:
+        tokens = self.current
+        now = self._clock.monotonic()
+        planned = now if self._asked or tokens is None or now >= tokens.expires_at else self._background_at
+        return max(planned, self._not_before, self._last_request_at + self._policy.min_interval)
 
-    def _join_refresh(self) -> asyncio.Future[TokenSet]:
-        if self._inflight is None:
-            future = asyncio.ensure_future(self._refresh())
-            future.add_done_callback(self._flight_done)
-            self._inflight = future
-        return asyncio.shield(self._inflight)
+    async def _run(self) -> None:
+        while True:
+            delay = self._next_attempt_at() - self._clock.monotonic()
+            if delay > 0:
+                await self._sleep(delay)
+                continue
+            await self._attempt()
 
-    def _flight_done(self, future: asyncio.Future[TokenSet]) -> None:
-        self._inflight = None
-        if not future.cancelled():
-            future.exception()  # mark retrieved: a flight nobody awaits any more must not warn
-
-    async def _refresh(self) -> TokenSet:
-        policy = self._retry
-        deadline = policy.deadline
-        current = self._cache.get(self._KEY)
-        if current is not None:
-            # Retrying past the current token's expiry would only delay the 503s that must follow it.
-            deadline = min(deadline, max(current.expires_at - self._clock(), MIN_RETRY_WINDOW))
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep on the clock until ``seconds`` pass or someone asks; the loop then plans again."""
+        self._wake.clear()
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
         try:
-            async with asyncio.timeout(deadline):
-                async for attempt in stamina.retry_context(
-                    on=TransientTokenError,
-                    attempts=policy.attempts,
-                    timeout=deadline,
-                    wait_initial=policy.wait_initial,
-                    wait_max=policy.wait_max,
-                    wait_jitter=policy.wait_jitter,
-                ):
-                    with attempt:
-                        # The grant stores a rotated refresh token before this returns.
-                        response = await self.grant.fetch()
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    async def _attempt(self) -> None:
+        self._asked = False
+        self._attempting = True
+        self._last_request_at = self._clock.monotonic()
+        try:
+            tokens = await self._fetch()
+        except TokenError as exc:
+            self._failed(exc)
+        else:
+            self._succeeded(tokens)
+        finally:
+            self._attempting = False
+
+    async def _fetch(self) -> TokenSet:
+        limit = 2 * self._wait_limit
+        try:
+            async with asyncio.timeout(limit):
+                # The grant stores a rotated refresh token before this returns.
+                response: TokenResponse = await self.grant.fetch()
         except TimeoutError:
-            error: TokenError = TransientTokenError(
+            raise TransientTokenError(
                 flow=self.grant.flow,
                 status=None,
                 error=None,
                 body="",
-                summary=f"No token could be had within {deadline:g} s of retrying.",
-                fix="check the token endpoint's health and network access; the sidecar keeps retrying.",
-            )
-            self._failed(error)
-            raise error from None
-        except TokenError as exc:
-            self._failed(exc)
-            raise
-        try:
-            tokens = make_token_set(response, kinds=self.kinds, margin=self._margin, now=self._clock())
-        except TokenError as exc:
-            self._failed(exc)
-            raise
-        self._cache[self._KEY] = tokens
-        self._hot = tokens
+                summary=f"The token endpoint did not finish answering within {limit:g} s.",
+                fix="check the token endpoint's health and network access; the sidecar keeps trying.",
+            ) from None
+        return make_token_set(
+            response,
+            kinds=self.kinds,
+            margin=self._margin,
+            received_at=self._clock.monotonic(),
+            wall_now=self._clock.time(),
+            flow=self.grant.flow,
+        )
+
+    def _succeeded(self, tokens: TokenSet) -> None:
+        self.current = tokens
+        usable = tokens.refresh_at - tokens.received_at
+        self._background_at = tokens.received_at + usable * self._rng.uniform(*BACKGROUND_WINDOW)
         self.refreshes += 1
         self.last_error = None
-        self._hold_until = 0.0
-        self._wake.set()
+        self._failures_in_row = 0
+        self._not_before = 0.0
+        now = self._clock.monotonic()
         log.info(
-            "token refreshed: %s valid for %.0f s (refresh due in %.0f s)",
+            "token refreshed: %s valid for %.0f s (background refresh in %.0f s)",
             "+".join(sorted(self.kinds)),
-            tokens.expires_at - self._clock(),
-            tokens.refresh_at - self._clock(),
+            tokens.expires_at - now,
+            self._background_at - now,
         )
-        return tokens
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None and not outcome.done():
+            outcome.set_result(tokens)
 
     def _failed(self, error: TokenError) -> None:
-        self.failures += 1
+        self._failures_in_row += 1
+        self.failures[error.failure_kind] += 1
         self.last_error = error
-        hold = PERMANENT_HOLD if isinstance(error, PermanentTokenError) else TRANSIENT_HOLD
-        self._hold_until = self._clock() + hold
-        log.error("token refresh failed: %s", error)
-
-    # Background refresh -------------------------------------------------------------------------
-
-    def reload_credentials(self) -> bool:
-        """Re-read secret files (SIGHUP); a change lifts any hold and refreshes now if no good token is held."""
-        changed = self.grant.reload()
-        if changed:
-            self._hold_until = 0.0
-            self._wake.set()
-        return changed
-
-    def start(self) -> None:
-        """Start the background refresher; call from a running loop (the app's lifespan)."""
-        if self._background is None:
-            self._background = asyncio.create_task(self._run_background(), name="token-background-refresh")
-
-    async def aclose(self) -> None:
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
-            self._background = None
-
-    def _next_background_at(self) -> float | None:
-        token = self._cache.get(self._KEY)
-        if token is None:
-            return None
-        usable = token.refresh_at - token.issued_at
-        return token.issued_at + usable * random.uniform(*BACKGROUND_WINDOW)  # noqa: S311 - jitter, not crypto
-
-    async def _run_background(self) -> None:
-        while True:
-            due = self._next_background_at()
-            # No token yet: fetch one now (readiness turns green without waiting for a request),
-            # unless a failure holds refreshes off for a while.
-            due = max(self._clock() if due is None else due, self._hold_until)
-            delay = due - self._clock()
-            if delay > 0:
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-                    continue  # a refresh happened meanwhile (a request, a 401): plan again from it
-                except TimeoutError:
-                    pass
-            with contextlib.suppress(TokenError):
-                await self._join_refresh()
+        wait = self._policy.backoff(self._failures_in_row, error, self._rng)
+        self._not_before = self._clock.monotonic() + wait
+        held = self.usable()
+        log.error(
+            "token request failed (%d in a row; next in %.1f s; %s): %s",
+            self._failures_in_row,
+            wait,
+            f"still sending the current token for {held.expires_at - self._clock.monotonic():.0f} s"
+            if held
+            else "no valid token: requests get 503",
+            error,
+        )
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None and not outcome.done():
+            outcome.set_exception(error)
+            outcome.exception()  # retrieved: waiters that gave up must not leave an unretrieved-exception warning
 
 
 class TokenView:
@@ -266,16 +387,21 @@ class TokenView:
 
     def __init__(self, provider: TokenProvider, kind: str) -> None:
         self._provider = provider
+        self._clock = provider._clock
         self.kind = kind
 
     def __repr__(self) -> str:
         return f"TokenView(kind={self.kind!r})"
 
     async def get(self) -> Token:
-        tokens = self._provider.fresh()
-        if tokens is None:
-            tokens = await self._provider.get_set()
+        tokens = self._provider.current
+        # The per-request check: a fresh set is used with one clock read.
+        if tokens is None or self._clock.monotonic() >= tokens.refresh_at:
+            tokens = await self._provider.get()
         return tokens[self.kind]
 
-    def invalidate(self, token: Token) -> None:
-        self._provider.invalidate(token)
+    async def replacement(self, token: Token) -> Token | None:
+        return await self._provider.replacement(token)
+
+    def refused(self, token: Token) -> None:
+        self._provider.refused(token)

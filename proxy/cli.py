@@ -265,8 +265,14 @@ async def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         endpoint = TokenEndpoint(
             http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
         )
-        provider = TokenProvider(grant_from_settings(settings, endpoint), kinds={kind}, margin=settings.refresh_margin)
-        token = await provider.get()
+        provider = TokenProvider(
+            grant_from_settings(settings, endpoint),
+            kinds={kind},
+            margin=settings.refresh_margin,
+            wait_limit=settings.token_timeout,
+        )
+        async with provider.running():
+            token = (await provider.get())[kind]
     print(token.value)
     return 0
 

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +49,47 @@ def write_secret_file(path: Path, value: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class FileUseLock:
+    """An advisory lock (``flock``) on a sibling of a refresh token file, held while a process serves with it.
+
+    Two processes refreshing with one refresh token invalidate each other once Cognito rotates it (the first
+    to refresh retires the token the other holds). The lock only detects that; sharing one credential safely
+    is the shared token store's job.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.parent / f".{path.name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; a warning naming the other process if it is held, ``None`` otherwise (also when the
+        directory cannot hold a lock file, e.g. a read-only Secret volume)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.debug("cannot create %s (%s); another process using the same file goes undetected", self.path, exc)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            return (
+                f"another process (pid {holder}) is serving with the refresh token in {self.path.parent}: when "
+                "Cognito rotates refresh tokens, each refresh retires the token the other holds and both end with "
+                "invalid_grant. Run one sidecar per refresh token file."
+            )
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays for the next start
+            self._fd = None
 
 
 class Secret:
@@ -100,6 +143,7 @@ class Grant(Protocol):
     rotations: int
     persist_failures: int
     persist_error: str | None
+    shared_warning: str | None
 
     @property
     def endpoint(self) -> TokenEndpoint: ...
@@ -107,6 +151,11 @@ class Grant(Protocol):
     async def fetch(self) -> TokenResponse: ...
 
     def reload(self) -> bool: ...
+
+    def claim(self) -> None:
+        """Note that this process serves with the credential (``serve``); sets ``shared_warning`` if another does."""
+
+    def release(self) -> None: ...
 
 
 class RefreshTokenGrant:
@@ -122,9 +171,23 @@ class RefreshTokenGrant:
         self.rotations = 0
         self.persist_failures = 0
         self.persist_error: str | None = None
+        # Seconds from the rotating answer's arrival to its refresh token being durably in the file: the
+        # window in which a crash loses the credential unless Cognito's grace period covers the restart.
+        self.last_persist_window: float | None = None
+        self.shared_warning: str | None = None
+        self._lock = FileUseLock(refresh_token.path) if refresh_token.path else None
 
     def __repr__(self) -> str:
         return f"RefreshTokenGrant(endpoint={self._endpoint!r}, file={self._token.path})"
+
+    def claim(self) -> None:
+        self.shared_warning = self._lock.acquire() if self._lock else None
+        if self.shared_warning:
+            log.warning("%s", self.shared_warning)
+
+    def release(self) -> None:
+        if self._lock:
+            self._lock.release()
 
     @property
     def endpoint(self) -> TokenEndpoint:
@@ -144,30 +207,42 @@ class RefreshTokenGrant:
 
     async def fetch(self) -> TokenResponse:
         self._persist_pending()
-        response = await _rereading_files_once(
-            lambda: self._endpoint.refresh(self._token.value, self._secret()),
+        return await _rereading_files_once(
+            lambda: self._endpoint.refresh(self._token.value, self._secret(), on_refresh_token=self._rotate),
             self.reload,
             ("invalid_client", "invalid_grant"),
         )
-        if response.refresh_token and response.refresh_token != self._token.value:
-            self._rotate(response.refresh_token)
-        return response
 
     def _secret(self) -> str | None:
         return self._client_secret.value if self._client_secret else None
 
     def _rotate(self, new: str) -> None:
+        """Called by the endpoint as soon as an answer's refresh token is read, before the rest is looked at."""
+        if new == self._token.value:
+            return
         # From here on only the new token works (after Cognito's grace period): memory must follow at once;
         # the file must follow before anything else, and a failed write is retried at every refresh.
         self._token = Secret(new, self._token.path)
         self.rotations += 1
         self._unsaved = new
-        self._persist_pending()
+        if self._persist_pending():
+            self.last_persist_window = time.perf_counter() - self._endpoint.last_answer_at
+            log.info(
+                "refresh token rotated; the new one is in %s (%.1f ms after the answer)",
+                self._token.path,
+                self.last_persist_window * 1000,
+            )
+        elif self._token.path is None:
+            log.warning(
+                "refresh token rotated, but it came from SIDECAR_REFRESH_TOKEN, not a file: the new one is kept in "
+                "memory only and a restart will fail with invalid_grant. Use SIDECAR_REFRESH_TOKEN_FILE."
+            )
 
-    def _persist_pending(self) -> None:
+    def _persist_pending(self) -> bool:
+        """Write a rotated refresh token that is not on disk yet; True when one was written now."""
         if self._unsaved is None or self._token.path is None:
             self._unsaved = None
-            return
+            return False
         try:
             write_secret_file(self._token.path, self._unsaved)
         except OSError as exc:
@@ -178,9 +253,10 @@ class RefreshTokenGrant:
                 "permissions or space; the write is retried at every refresh."
             )
             log.error("%s", self.persist_error)
-            return
+            return False
         self._unsaved = None
         self.persist_error = None
+        return True
 
 
 class ClientCredentialsGrant:
@@ -195,9 +271,16 @@ class ClientCredentialsGrant:
         self.rotations = 0
         self.persist_failures = 0
         self.persist_error: str | None = None
+        self.shared_warning: str | None = None
 
     def __repr__(self) -> str:
         return f"ClientCredentialsGrant(endpoint={self._endpoint!r}, scopes={self._scopes!r})"
+
+    def claim(self) -> None:
+        """Nothing to guard: client_credentials keeps no rotating state."""
+
+    def release(self) -> None:
+        """Nothing held."""
 
     @property
     def endpoint(self) -> TokenEndpoint:

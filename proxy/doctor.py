@@ -119,10 +119,14 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
             http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
         )
         provider = TokenProvider(
-            grant_from_settings(settings, endpoint), kinds={settings.token}, margin=settings.refresh_margin
+            grant_from_settings(settings, endpoint),
+            kinds={settings.token},
+            margin=settings.refresh_margin,
+            wait_limit=settings.token_timeout,
         )
         try:
-            token = await provider.get()
+            async with provider.running():
+                token = (await provider.get())[settings.token]
         except TokenEndpointError as exc:
             reached = exc.status is not None
             if reached:

@@ -9,12 +9,16 @@ happened, the likely causes, and what to do. None of them ever holds a secret or
         ├── TokenEndpointError           the token endpoint answered, or could not be reached
         │   ├── PermanentTokenError      invalid_grant, invalid_client, ...: a person must act
         │   └── TransientTokenError      network, 5xx, 429, malformed answers: worth retrying
-        └── TokenUnusableError           the answer lacked the configured token kind
+        │       └── TokenClockSkewError  a token arrived (nearly) expired by this machine's clock
+        └── TokenUnusableError           the answer lacked the configured token kind, or it is not a JWT
+
+``failure_kind`` names each class's kind of failure in metrics (``sidecar_token_refresh_failures_total{kind}``).
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 
 class SidecarError(Exception):
@@ -54,6 +58,8 @@ class TokenError(SidecarError):
     """No valid token is available for the upstream request."""
 
     code = "token_unavailable"
+    permanent = False
+    failure_kind = "unavailable"
 
 
 class TokenEndpointError(TokenError):
@@ -66,6 +72,7 @@ class TokenEndpointError(TokenError):
 
     code = "token_endpoint_error"
     permanent = False
+    failure_kind = "transient"
 
     def __init__(
         self,
@@ -103,18 +110,58 @@ class PermanentTokenError(TokenEndpointError):
 
     code = "token_rejected"
     permanent = True
+    failure_kind = "permanent"
 
 
 class TransientTokenError(TokenEndpointError):
-    """The token endpoint is unreachable, overloaded or answered nonsense; retrying may help."""
+    """The token endpoint is unreachable, overloaded or answered nonsense; retrying may help.
+
+    ``retry_after`` is the wait in seconds the endpoint asked for (``Retry-After``), ``throttled`` whether it
+    said it is throttling (HTTP 429 or Cognito's ``TooManyRequestsException``).
+    """
 
     code = "token_endpoint_unavailable"
 
+    def __init__(self, *, retry_after: float | None = None, throttled: bool = False, **fields: Any) -> None:
+        self.retry_after = retry_after
+        self.throttled = throttled
+        super().__init__(**fields)
+
+
+class TokenClockSkewError(TransientTokenError):
+    """A token arrived with less life left, by this machine's clock, than the refresh margin (or none at all).
+
+    ``remaining`` is the life left by this machine's clock, ``lifetime`` the life the endpoint announced, and
+    ``skew`` their difference: roughly how far the endpoint's clock is behind this machine's.
+    """
+
+    code = "token_clock_skew"
+    failure_kind = "clock_skew"
+
+    def __init__(self, *, flow: str, kind: str, remaining: float, lifetime: float, margin: float) -> None:
+        self.kind = kind
+        self.remaining = remaining
+        self.lifetime = lifetime
+        self.skew = lifetime - remaining
+        super().__init__(
+            flow=flow,
+            status=200,
+            error=None,
+            body="(body withheld: it holds tokens)",
+            summary=f"The token endpoint's {kind} arrived with {remaining:.0f} s of life left by this machine's clock, "
+            f"no more than the {margin:.0f} s refresh margin, although it was issued for {lifetime:.0f} s: the "
+            f"token endpoint's clock and this machine's differ by about {self.skew:.0f} s. Such a token is never sent.",
+            causes=("this machine's clock is ahead (check NTP or chrony)", "the token endpoint's clock is behind"),
+            fix="synchronise this machine's clock; the sidecar retries with backoff meanwhile.",
+        )
+
 
 class TokenUnusableError(TokenError):
-    """The token endpoint answered 200 but without the token kind the sidecar is configured to send."""
+    """The token endpoint answered 200 but without the token kind the sidecar is configured to send, or with a
+    value that is not a JWT."""
 
     code = "token_unusable"
+    failure_kind = "unusable"
 
 
 def error_body(code: str, detail: str) -> bytes:

@@ -1,17 +1,20 @@
 """The forwarding hot path: a forwarder per route, over that route's aiohttp ClientSession.
 
-Each request goes to the upstream base URL plus the raw path (less the route prefix, when stripped) and
-query, byte for byte, with the token
-header replaced, and the answer streams back untouched. This is the one place where failures become
-the sidecar's own answers: 503 no token, 502 upstream unreachable or broken, 504 upstream timed out.
+Each request is an ``Exchange``: it goes to the upstream base URL plus the raw path (less the route prefix,
+when stripped) and query, byte for byte, with the token header replaced, and the answer streams back
+untouched. Every failure is a ``ForwardError``, and ``Forwarder.forward`` is the one place where it becomes
+the sidecar's own answer: 503 no token, 502 upstream unreachable or broken, 504 upstream timed out, 503
+when shutdown cut the request off.
 
-A 401 from API Gateway's authorizer for a token the sidecar believed valid drops that token, refreshes
-once (shared with every other request) and replays the request once, when its body was small enough
-to keep; a second 401 goes back to the client as it is.
+A 401 from API Gateway's authorizer tells the token source, which refreshes at most once per 30 s however
+many such answers come (callers cannot make the sidecar buy tokens) and keeps the token in hand until a new
+one has arrived. An idempotent request whose body was small enough to keep is replayed once with the new
+token; any other gets the 401 as it came.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -38,20 +41,40 @@ REPLAY_BODY_LIMIT = 64 * 1024
 # 1 GiB downloads each): 256 KiB 1,312 MB/s and 3.1 MiB peak RSS growth, 512 KiB 1,361 and 5.0,
 # 1 MiB 1,417 and 8.9. Not worth 3x the memory per slow client.
 STREAM_BUFFER = 256 * 1024
-# An authorizer's 401 body is a few dozen bytes; it is kept to pass on if the replay cannot happen.
-MAX_401_BODY = 64 * 1024
 
 
 class TokenSource(Protocol):
-    """What a forwarder is handed: something that yields a valid token (and hears when one was refused)."""
+    """What a forwarder is handed: something that yields a valid token, and hears when one was refused."""
 
     async def get(self) -> Token: ...
 
-    def invalidate(self, token: Token) -> None: ...
+    async def replacement(self, token: Token) -> Token | None:
+        """A valid token other than the refused ``token`` (after at most one rate-limited refresh), or None."""
+        ...
+
+    def refused(self, token: Token) -> None:
+        """``token`` was refused for a request that cannot be replayed: refresh (rate-limited), do not wait."""
+        ...
 
 
 class ClientGone(Exception):
     """The client disconnected while its request body was being read."""
+
+
+class ForwardError(Exception):
+    """Why a request gets the sidecar's own answer instead of the upstream's; ``Forwarder.forward`` is the one
+    place that turns it into an answer (or, once the upstream's status line has been relayed, a closed
+    connection)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+# Methods that may be sent twice: RFC 9110 9.2.2. A POST refused with 401 goes back as it came.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 def _authorizer_refused(response: aiohttp.ClientResponse) -> bool:
@@ -64,7 +87,7 @@ def _authorizer_refused(response: aiohttp.ClientResponse) -> bool:
 
 class Forwarder:
     """Forwards requests (``forward``, called with the ASGI scope, receive and send) to ``upstream_url`` with a
-    token from ``tokens``."""
+    token from ``tokens``. Owns the route's session and counters; each request is an ``Exchange``."""
 
     def __init__(
         self,
@@ -82,10 +105,10 @@ class Forwarder:
     ) -> None:
         parts = urlsplit(upstream_url)
         self._scheme = parts.scheme
-        self._host = parts.hostname or ""
+        self.host = parts.hostname or ""
         self._port = parts.port
         self._base_path = parts.path.rstrip("/")
-        self._tokens = tokens
+        self.tokens = tokens
         self._header = header.lower()
         self._prefix = header_prefix
         self._strip = len(strip_prefix.rstrip("/"))
@@ -93,15 +116,17 @@ class Forwarder:
         self._extra = self._extra_headers()
         # Names a client may not set (the sidecar sets them), and the headers set for the current token:
         # built once per token, not per request.
-        self._replaced = frozenset(name.encode("latin-1") for name, _ in ((self._header, ""), *self._extra))
+        self.replaced = frozenset(name.encode("latin-1") for name, _ in ((self._header, ""), *self._extra))
         self._token_headers: tuple[Token, tuple[tuple[str, str], ...]] | None = None
-        # connect covers waiting for a pooled connection plus opening one; sock_read bounds every wait for
+        # connect bounds the whole wait for a connection, a free pooled one or a new one (whose handshake is
+        # bounded by sock_connect too), as SIDECAR_POOL_TIMEOUT documents; sock_read bounds every wait for
         # upstream bytes, the status line included.
+        self.pool_wait = pool_timeout
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=pool_timeout + connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+            total=None, connect=self.pool_wait, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None
         self.replays = 0
         # The sidecar's own error answers by code, for /-/metrics; counted off the success path only.
         self.errors: Counter[str] = Counter()
@@ -110,7 +135,7 @@ class Forwarder:
         # API Gateway usage plans: the configured key replaces any the client sent.
         return (("x-api-key", self._api_key.value),) if self._api_key else ()
 
-    def _headers_for(self, token: Token) -> tuple[tuple[str, str], ...]:
+    def headers_for(self, token: Token) -> tuple[tuple[str, str], ...]:
         cached = self._token_headers
         if cached is not None and cached[0] is token:
             return cached[1]
@@ -129,7 +154,7 @@ class Forwarder:
     async def open(self) -> None:
         """Create the client session (one per route); called from the app's lifespan, inside the running loop."""
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(
+        self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
@@ -142,156 +167,141 @@ class Forwarder:
         )
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
 
-    def _url(self, scope: Scope) -> URL:
+    def url(self, scope: Scope) -> URL:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        path = raw_path[self._strip :].decode("ascii") if self._strip else raw_path.decode("ascii")
+        try:
+            path = raw_path[self._strip :].decode("ascii") if self._strip else raw_path.decode("ascii")
+            query = scope["query_string"].decode("ascii")
+        except UnicodeDecodeError:
+            path = query = ""
         if self._strip and not path.startswith("/"):
             path = "/" + path
         if not path.startswith("/"):
-            raise ValueError("request target must be a path")
+            raise ForwardError(400, "bad_request", "the request target must be a plain ASCII path such as /items?id=1")
         # Built from parts: nothing in the request (absolute-form, //host, @, backslashes, %2F) can change
         # the host. encoded=True keeps the path and query byte for byte.
         return URL.build(
             scheme=self._scheme,
-            host=self._host,
+            host=self.host,
             port=self._port,
             path=self._base_path + path,
-            query_string=scope["query_string"].decode("ascii"),
+            query_string=query,
             encoded=True,
         )
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """Forward one request; returns the status sent to the client (0 if the client left before one was)."""
-        session = self._session
-        if session is None:
-            return await self._error(
-                send, 503, "not_ready", "the sidecar is starting or stopping; try again in a moment"
-            )
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str]:
+        """Forward one request. Returns the status sent to the client (0 if the client left before one was) and
+        the sidecar's error code ("" when the upstream's answer went through whole)."""
+        exchange = Exchange(self, scope, receive, send)
         try:
-            url = self._url(scope)
-        except (ValueError, UnicodeDecodeError):
-            return await self._error(
-                send, 400, "bad_request", "the request target must be a plain ASCII path such as /items?id=1"
-            )
+            return await exchange.run(), ""
+        except ClientGone:
+            return exchange.status, "client_gone"
+        except ForwardError as failure:
+            return await self._failed(exchange, failure)
+        except asyncio.CancelledError:
+            # The server's shutdown grace ran out (the only thing that cancels a request): answer for ourselves
+            # rather than leave uvicorn's bare 500 and traceback. The task ends here either way.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            cut = ForwardError(503, "shutting_down", "the sidecar stopped before the upstream answered; retry")
+            return await self._failed(exchange, cut)
 
-        headers_in = scope["headers"]
-        body: bytes | AsyncIterator[bytes] | None = None
-        replayable = True
-        length = request_body_length(headers_in)
+    async def _failed(self, exchange: Exchange, failure: ForwardError) -> tuple[int, str]:
+        self.errors[failure.code] += 1
+        if exchange.status:
+            # The upstream's status line is gone already: end the connection without the final chunk, so the
+            # client sees a broken response rather than a truncated one that looks complete.
+            log.warning("%s %s: %s; closing the client connection", exchange.method, self.host, failure.detail)
+            return exchange.status, failure.code
+        await send_error(exchange.send, failure.status, failure.code, failure.detail)
+        return failure.status, failure.code
+
+
+class Exchange:
+    """One request through a ``Forwarder``: read the body, send it upstream with the token, relay the answer.
+
+    Every failure is raised as ``ForwardError``; ``status`` is what was sent to the client so far (0: nothing).
+    """
+
+    __slots__ = ("body", "forwarder", "method", "receive", "replayable", "scope", "send", "status")
+
+    def __init__(self, forwarder: Forwarder, scope: Scope, receive: Receive, send: Send) -> None:
+        self.forwarder = forwarder
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.method: str = scope["method"]
+        self.body: bytes | AsyncIterator[bytes] | None = None
+        self.replayable = self.method in IDEMPOTENT_METHODS
+        self.status = 0
+
+    async def run(self) -> int:
+        forwarder = self.forwarder
+        session = forwarder.session
+        if session is None:
+            raise ForwardError(503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
+        url = forwarder.url(self.scope)
+        length = request_body_length(self.scope["headers"])
         if length != 0:
             if length is not None and length <= REPLAY_BODY_LIMIT:
-                try:
-                    body = await _read_body(receive, limit=length)
-                except ClientGone:
-                    return 0
+                self.body = await _read_body(self.receive, limit=length)
             else:
-                body = _stream_body(receive)
-                replayable = False
+                self.body = _stream_body(self.receive)
+                self.replayable = False  # a streamed body cannot be sent twice
 
+        tokens = forwarder.tokens
         try:
-            token = await self._tokens.get()
+            token = await tokens.get()
         except TokenError as exc:
-            return await self._error(send, 503, exc.code, f"no token could be had: {exc}")
-
-        response = await self._send_upstream(session, scope, url, headers_in, token, body, send)
-        if isinstance(response, int):
-            return response
+            raise ForwardError(503, exc.code, f"no token could be had: {exc}") from None
+        response = await self._send_upstream(session, url, token)
         try:
-            if response.status == 401 and replayable and _authorizer_refused(response):
-                replayed = await self._replay_after_401(session, scope, url, headers_in, token, body, response, send)
-                if isinstance(replayed, int):
-                    return replayed
-                response.release()
-                response = replayed
-            return await self._relay(response, send)
+            if response.status == 401 and _authorizer_refused(response):
+                if not self.replayable:
+                    tokens.refused(token)
+                elif (fresh := await tokens.replacement(token)) is not None:
+                    forwarder.replays += 1
+                    log.info("API Gateway refused the token; replaying %s once with a new one", self.method)
+                    response.release()
+                    response = await self._send_upstream(session, url, fresh)
+            return await self._relay(response)
         finally:
             response.release()
 
-    async def _send_upstream(
-        self,
-        session: aiohttp.ClientSession,
-        scope: Scope,
-        url: URL,
-        headers_in: list[tuple[bytes, bytes]],
-        token: Token,
-        body: bytes | AsyncIterator[bytes] | None,
-        send: Send,
-    ) -> aiohttp.ClientResponse | int:
-        """The upstream's response, or the status of the error already sent in its place (0: client gone)."""
+    async def _send_upstream(self, session: aiohttp.ClientSession, url: URL, token: Token) -> aiohttp.ClientResponse:
+        forwarder = self.forwarder
+        scope = self.scope
         client = scope.get("client")
         headers = upstream_request_headers(
-            headers_in,
-            replaced=self._replaced,
-            set_headers=self._headers_for(token),
+            scope["headers"],
+            replaced=forwarder.replaced,
+            set_headers=forwarder.headers_for(token),
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
         )
         try:
             return await session.request(
-                scope["method"], url, headers=headers, data=body, allow_redirects=False, compress=None
+                self.method, url, headers=headers, data=self.body, allow_redirects=False, compress=None
             )
-        except ClientGone:
-            return 0
-        except (aiohttp.ServerTimeoutError, TimeoutError):
-            return await self._error(
-                send, 504, "upstream_timeout", f"the upstream {self._host} did not answer in time; try again later"
-            )
-        except aiohttp.ClientConnectorError as exc:
-            return await self._error(
-                send,
-                502,
-                "upstream_unreachable",
-                f"could not connect to the upstream {self._host} ({_reason(exc)}); check SIDECAR_UPSTREAM_URL and "
-                "the network",
-            )
-        except aiohttp.ClientError as exc:
-            return await self._error(
-                send, 502, "upstream_error", f"the upstream {self._host} broke the connection ({_reason(exc)})"
-            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_failure(exc, forwarder) from None
 
-    async def _replay_after_401(
-        self,
-        session: aiohttp.ClientSession,
-        scope: Scope,
-        url: URL,
-        headers_in: list[tuple[bytes, bytes]],
-        token: Token,
-        body: bytes | AsyncIterator[bytes] | None,
-        refused: aiohttp.ClientResponse,
-        send: Send,
-    ) -> aiohttp.ClientResponse | int:
-        # Keep the 401 to hand back unchanged if no better token can be had.
-        refused_body = await refused.content.read(MAX_401_BODY)
-        self._tokens.invalidate(token)
-        try:
-            fresh = await self._tokens.get()
-        except TokenError:
-            fresh = token
-        if fresh is token or fresh.value == token.value:
-            await _send_buffered(refused, refused_body, send)
-            return refused.status
-        self.replays += 1
-        log.info("API Gateway refused the token; refreshed and replaying %s once", scope["method"])
-        return await self._send_upstream(session, scope, url, headers_in, fresh, body, send)
-
-    async def _error(self, send: Send, status: int, code: str, detail: str) -> int:
-        self.errors[code] += 1
-        await send_error(send, status, code, detail)
-        return status
-
-    async def _relay(self, response: aiohttp.ClientResponse, send: Send) -> int:
-        status = response.status
+    async def _relay(self, response: aiohttp.ClientResponse) -> int:
+        send = self.send
         await send(
             {
                 "type": "http.response.start",
-                "status": status,
+                "status": response.status,
                 "headers": downstream_response_headers(response.raw_headers),
             }
         )
+        self.status = response.status
         content = response.content
         try:
             while chunk := await content.readany():
@@ -299,16 +309,32 @@ class Forwarder:
                 last = content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if last:
-                    return status
+                    return self.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # The status line is gone already: end the connection without the final chunk, so the client sees
-            # a broken response rather than a truncated one that looks complete.
-            log.warning(
-                "upstream %s broke off the response body (%s); closing the client connection", self._host, _reason(exc)
-            )
-            return status
+            raise ForwardError(
+                502, "upstream_broke_off", f"the upstream broke off the response body ({_reason(exc)})"
+            ) from None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return status
+        return self.status
+
+
+def _upstream_failure(exc: BaseException, forwarder: Forwarder) -> ForwardError:
+    """The one mapping from an upstream client failure to the sidecar's answer."""
+    host = forwarder.host
+    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        return ForwardError(
+            504,
+            "upstream_timeout",
+            f"the upstream {host} did not answer in time (or no connection to it was free within "
+            f"{forwarder.pool_wait:g} s); try again later",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ForwardError(
+            502,
+            "upstream_unreachable",
+            f"could not connect to the upstream {host} ({_reason(exc)}); check SIDECAR_UPSTREAM_URL and the network",
+        )
+    return ForwardError(502, "upstream_error", f"the upstream {host} broke the connection ({_reason(exc)})")
 
 
 def _reason(exc: BaseException) -> str:
@@ -344,13 +370,6 @@ async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def _send_buffered(response: aiohttp.ClientResponse, body: bytes, send: Send) -> None:
-    headers = [(k, v) for k, v in downstream_response_headers(response.raw_headers) if k != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
 async def send_error(send: Send, status: int, code: str, detail: str) -> None:
     body = error_body(code, detail)
     await send(
@@ -368,4 +387,4 @@ async def send_error(send: Send, status: int, code: str, detail: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-__all__ = ["Forwarder", "TokenSource"]
+__all__ = ["Exchange", "ForwardError", "Forwarder", "TokenSource"]

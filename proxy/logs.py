@@ -26,6 +26,23 @@ ACCESS_FLUSH_INTERVAL = 1.0
 ACCESS_MAX_TARGET = 300
 
 
+class _AnsweredBySidecar(logging.Filter):
+    """Drops uvicorn's line for a response the app left unfinished on purpose: the forwarder does that when the
+    upstream broke off mid-body (so the client sees a broken answer, not a truncated one that looks whole),
+    and logs its own line saying so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "ASGI callable returned without completing response."
+
+
+_ANSWERED_BY_SIDECAR = _AnsweredBySidecar()
+
+
+def quiet_uvicorn() -> None:
+    """Install the filter above on uvicorn's error logger (idempotent)."""
+    logging.getLogger("uvicorn.error").addFilter(_ANSWERED_BY_SIDECAR)
+
+
 def configure_logging(level: str) -> None:
     """Log to stderr at ``level``. uvicorn's own access log stays off: ``AccessLog`` replaces it."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
@@ -40,7 +57,8 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
 
-    def record(self, scope: Scope, status: int, seconds: float) -> None:
+    def record(self, scope: Scope, status: int, seconds: float, code: str = "") -> None:
+        """Note one request; ``code`` is the sidecar's error code when it answered (or cut the answer) itself."""
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -55,7 +73,7 @@ class AccessLog:
             target = target[:ACCESS_MAX_TARGET] + "..."
         self._lines.append(
             f"{self._stamp},{int(now % 1 * 1000):03d} INFO access: {client[0] if client else '-'} "
-            f'"{scope["method"]} {target}" {status} {seconds * 1000:.1f}ms\n'
+            f'"{scope["method"]} {target}" {status}{" " + code if code else ""} {seconds * 1000:.1f}ms\n'
         )
         if len(self._lines) >= ACCESS_BUFFER_LINES:
             self.flush()

@@ -6,8 +6,7 @@ label or value ever holds a token, a secret or a URL with credentials.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from proxy.cache import TokenProvider
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.forward import Forwarder
 
 
@@ -27,7 +27,7 @@ class _Parts(Protocol):
 class SidecarCollector(Collector):
     """Sums over every route's provider and forwarder (one of each in the usual one-route form)."""
 
-    def __init__(self, parts: _Parts, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, parts: _Parts, clock: Clock = SYSTEM_CLOCK) -> None:
         self._parts = parts
         self._clock = clock
 
@@ -48,9 +48,13 @@ class SidecarCollector(Collector):
             "sidecar_token_refreshes", "Refreshes that produced a token", value=total(p.refreshes for p in providers)
         )
         failed = CounterMetricFamily(
-            "sidecar_token_refresh_failures", "Refreshes that ended without a token, by kind", labels=["kind"]
+            "sidecar_token_refresh_failures",
+            "Token requests that ended without a usable token, by kind: permanent (a person must act), transient, "
+            "clock_skew (the token arrived nearly expired by this machine's clock), unusable",
+            labels=["kind"],
         )
-        failed.add_metric(["all"], total(p.failures for p in providers))
+        for kind in ("permanent", "transient", "clock_skew", "unusable"):
+            failed.add_metric([kind], total(p.failures[kind] for p in providers))
         yield failed
         yield CounterMetricFamily(
             "sidecar_token_waits",
@@ -67,7 +71,8 @@ class SidecarCollector(Collector):
             "Failed writes of a rotated refresh token to its file",
             value=total(grant.persist_failures for grant in grants),
         )
-        remaining = [max(token.expires_at - self._clock(), 0.0) for p in providers if (token := p.cached())]
+        now = self._clock.monotonic()
+        remaining = [tokens.expires_at - now for p in providers if (tokens := p.usable()) is not None]
         yield GaugeMetricFamily(
             "sidecar_token_expires_in_seconds",
             "Seconds until the soonest cached token expires (0: a route has none cached)",
@@ -95,7 +100,7 @@ class SidecarCollector(Collector):
         yield GaugeMetricFamily("sidecar_draining", "1 while shutting down", value=1.0 if self._parts.draining else 0.0)
 
 
-def render(parts: _Parts, clock: Callable[[], float] = time.time) -> bytes:
+def render(parts: _Parts, clock: Clock = SYSTEM_CLOCK) -> bytes:
     """The Prometheus text exposition of ``parts``'s counters."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SidecarCollector(parts, clock))

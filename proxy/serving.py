@@ -20,6 +20,7 @@ import uvicorn
 
 from proxy.coalesce import CoalescingHttpToolsProtocol
 from proxy.errors import SidecarError
+from proxy.logs import quiet_uvicorn
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
 # How long in-flight requests may run on after a stop is asked for.
@@ -89,6 +90,7 @@ def bound_url(sock: socket.socket) -> str:
 def config_for(app: ASGIApp, *, grace: int = DEFAULT_GRACE) -> uvicorn.Config:
     """uvicorn settings shared by every server: no Server/Date headers of its own (the upstream's pass through),
     no access log of its own (the sidecar's ``AccessLog`` is cheaper)."""
+    quiet_uvicorn()
     return uvicorn.Config(
         app,
         lifespan="on",

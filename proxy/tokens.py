@@ -8,8 +8,11 @@ happened, the likely causes for the flow in progress, what to do, and the raw st
 
 from __future__ import annotations
 
+import email.utils
 import json
-from collections.abc import Mapping
+import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -17,7 +20,13 @@ from typing import Any
 import httpx2
 import jwt
 
-from proxy.errors import PermanentTokenError, TokenEndpointError, TokenUnusableError, TransientTokenError
+from proxy.errors import (
+    PermanentTokenError,
+    TokenClockSkewError,
+    TokenEndpointError,
+    TokenUnusableError,
+    TransientTokenError,
+)
 
 # Raw error bodies are quoted to the person; anything longer than this is an HTML page or worse.
 BODY_EXCERPT_CHARS = 300
@@ -119,24 +128,29 @@ class TokenResponse:
 class Token:
     """One token ready to inject: its value and when it stops being usable.
 
-    ``refresh_at`` is when a request should trigger a refresh (expiry minus the safety margin);
-    ``expires_at`` is when it must never be sent again (the real expiry, less a little clock skew).
+    Times are on the sidecar's monotonic clock, counted from the moment the answer arrived: the token
+    endpoint's clock never decides how long a token is used. ``refresh_at`` is when a refresh is due
+    (expiry minus the safety margin); ``expires_at`` is when it must never be sent again (the real expiry,
+    less a little for the request's own travel).
     """
 
     kind: str
     value: str = field(repr=False)
-    issued_at: float
+    received_at: float
     refresh_at: float
     expires_at: float
     claims: Mapping[str, Any] = field(repr=False, compare=False)
 
-    @property
-    def lifetime(self) -> float:
-        return self.expires_at - self.issued_at
 
-
-# A token is never sent this close to its real expiry: clocks drift and the request takes time.
+# A token is never sent this close to its real expiry: the request itself takes time to reach the authorizer.
 HARD_EXPIRY_SKEW = 5.0
+# exp and iat are whole seconds (the issuer truncates its clock): read against this machine's clock, a token
+# may look up to this much shorter-lived than it is. The clock-skew check allows for it.
+EXP_RESOLUTION = 1.0
+
+# What a header may carry as a token: a JWT's three base64url parts (the signature may be empty). Anything
+# else (a line break, an HTML page, a quoted string) would break the request or smuggle a header.
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 def read_claims(token: str) -> dict[str, Any]:
@@ -164,20 +178,39 @@ class TokenSet:
         return min(token.expires_at for token in self.tokens.values())
 
     @cached_property
-    def issued_at(self) -> float:
-        return max(token.issued_at for token in self.tokens.values())
+    def received_at(self) -> float:
+        return min(token.received_at for token in self.tokens.values())
 
     def holds(self, token: Token) -> bool:
         return any(mine is token for mine in self.tokens.values())
 
 
-def make_token_set(response: TokenResponse, *, kinds: frozenset[str], margin: float, now: float) -> TokenSet:
-    """The ``kinds`` of token the routes need, from one answer; ``TokenUnusableError`` if one is missing."""
-    return TokenSet({kind: make_token(response, kind=kind, margin=margin, now=now) for kind in sorted(kinds)})
+def make_token_set(
+    response: TokenResponse, *, kinds: frozenset[str], margin: float, received_at: float, wall_now: float, flow: str
+) -> TokenSet:
+    """The ``kinds`` of token the routes need, from one answer; ``TokenError`` if one cannot be used."""
+    return TokenSet(
+        {
+            kind: make_token(response, kind=kind, margin=margin, received_at=received_at, wall_now=wall_now, flow=flow)
+            for kind in sorted(kinds)
+        }
+    )
 
 
-def make_token(response: TokenResponse, *, kind: str, margin: float, now: float) -> Token:
-    """Turn a token response into the ``Token`` to inject, timed by the JWT's own ``exp`` claim."""
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def make_token(
+    response: TokenResponse, *, kind: str, margin: float, received_at: float, wall_now: float, flow: str = "refresh"
+) -> Token:
+    """Turn a token response into the ``Token`` to inject.
+
+    Its life is what the endpoint announced (``expires_in``, or the JWT's own ``exp - iat`` when shorter: id
+    and access tokens may live differently), counted from ``received_at`` on the monotonic clock, and bounded by
+    ``exp`` read against this machine's wall clock ``wall_now``. A token with no more life left than the margin
+    is refused with ``TokenClockSkewError`` (transient): it would be refreshed at once, again and again.
+    """
     value = response.id_token if kind == "id_token" else response.access_token
     if not value:
         present = [name for name in TOKEN_KINDS if getattr(response, name)]
@@ -189,35 +222,56 @@ def make_token(response: TokenResponse, *, kind: str, margin: float, now: float)
                 else "Check the app client's settings."
             )
         )
+    if not _JWT_SHAPE.fullmatch(value):
+        raise TokenUnusableError(
+            f"the token endpoint's {kind} is not a JWT (three base64url parts separated by dots), so it cannot be "
+            "sent in a header. Check that SIDECAR_TOKEN_URL is a Cognito token endpoint."
+        )
     try:
         claims = read_claims(value)
     except jwt.PyJWTError:
         claims = {}
-    exp = claims.get("exp")
-    if isinstance(exp, int | float):
-        expires = float(exp)
-    elif response.expires_in:
-        expires = now + response.expires_in
-    else:
+    exp, iat = _number(claims.get("exp")), _number(claims.get("iat"))
+    announced = [float(life) for life in (response.expires_in,) if life]
+    if exp is not None and iat is not None and exp > iat:
+        announced.append(exp - iat)
+    by_clock = exp - wall_now if exp is not None else None
+    if not announced and by_clock is None:
         raise TokenUnusableError(
             f"the {kind} has no exp claim and the answer no expires_in, so the sidecar cannot tell when it expires"
         )
-    iat = claims.get("iat")
-    issued = float(iat) if isinstance(iat, int | float) and iat <= now + 60 else now
-    life = max(expires - issued, 0.0)
+    lifetime = min(announced) if announced else max(by_clock or 0.0, 0.0)
+    left = lifetime if by_clock is None else min(lifetime, by_clock)
     # At most half the token's life, so short-lived test tokens are still used for a while.
-    effective_margin = min(margin, life / 2)
-    skew = min(HARD_EXPIRY_SKEW, life / 10)
-    if not value.isascii():
-        raise TokenUnusableError(f"the {kind} contains non-ASCII characters and cannot be sent in a header")
+    effective_margin = min(margin, lifetime / 2)
+    guard = min(HARD_EXPIRY_SKEW, lifetime / 10)
+    if left + EXP_RESOLUTION - guard <= effective_margin:
+        raise TokenClockSkewError(flow=flow, kind=kind, remaining=left, lifetime=lifetime, margin=effective_margin)
     return Token(
         kind=kind,
         value=value,
-        issued_at=issued,
-        refresh_at=expires - effective_margin,
-        expires_at=expires - skew,
+        received_at=received_at,
+        refresh_at=received_at + left - effective_margin,
+        expires_at=received_at + left - guard,
         claims=claims,
     )
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date, RFC 9110 10.2.3); ``None``
+    when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(when.timestamp() - now, 0.0)
 
 
 def _excerpt(text: str, secrets: tuple[str, ...]) -> str:
@@ -239,14 +293,20 @@ class TokenEndpoint:
         self.client_id = client_id
         self._timeout = timeout
         self.requests = 0
+        self.last_answer_at = 0.0
 
     def __repr__(self) -> str:
         return f"TokenEndpoint(token_url={self.token_url!r}, client_id={self.client_id!r})"
 
-    async def refresh(self, refresh_token: str, client_secret: str | None) -> TokenResponse:
-        """The refresh_token grant."""
+    async def refresh(
+        self, refresh_token: str, client_secret: str | None, *, on_refresh_token: Callable[[str], None] | None = None
+    ) -> TokenResponse:
+        """The refresh_token grant. ``on_refresh_token`` gets a refresh token in the answer (rotation) before
+        anything else is done with the answer, so that it can be stored at once."""
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": self.client_id}
-        return await self.request("refresh", form, client_secret, secrets=(refresh_token,))
+        return await self.request(
+            "refresh", form, client_secret, secrets=(refresh_token,), on_refresh_token=on_refresh_token
+        )
 
     async def client_credentials(self, scopes: str, client_secret: str) -> TokenResponse:
         """The client_credentials grant (machine to machine); ``scopes`` space-separated, may be empty."""
@@ -270,7 +330,13 @@ class TokenEndpoint:
         return await self.request("login", form, client_secret, secrets=(code, code_verifier or ""))
 
     async def request(
-        self, flow: str, form: dict[str, str], client_secret: str | None, *, secrets: tuple[str, ...] = ()
+        self,
+        flow: str,
+        form: dict[str, str],
+        client_secret: str | None,
+        *,
+        secrets: tuple[str, ...] = (),
+        on_refresh_token: Callable[[str], None] | None = None,
     ) -> TokenResponse:
         """POST ``form`` with client authentication; classify every failure."""
         secrets = (*secrets, client_secret or "")
@@ -305,16 +371,25 @@ class TokenEndpoint:
                 f"{_excerpt(str(exc), secrets) or 'no detail'}).",
                 fix="check DNS, proxy and firewall settings for the Cognito domain; the sidecar keeps retrying.",
             ) from None
+        # When the whole answer was in hand: the start of the window in which a rotated refresh token exists
+        # only in this process's memory.
+        self.last_answer_at = time.perf_counter()
         if response.status_code == 200:
-            return self._parse_success(flow, response)
+            return self._parse_success(flow, response, on_refresh_token)
         raise self._classify(flow, response, secrets)
 
-    def _parse_success(self, flow: str, response: httpx2.Response) -> TokenResponse:
+    def _parse_success(
+        self, flow: str, response: httpx2.Response, on_refresh_token: Callable[[str], None] | None
+    ) -> TokenResponse:
         # A 200 body holds tokens: it is never quoted, only described.
         try:
             data = json.loads(response.content)
         except ValueError:
             data = None
+        if on_refresh_token is not None and isinstance(data, dict):
+            rotated = data.get("refresh_token")
+            if isinstance(rotated, str) and rotated:
+                on_refresh_token(rotated)  # before anything else: until it is stored, a crash loses it
         if not isinstance(data, dict) or not (data.get("access_token") or data.get("id_token")):
             shape = (
                 f"keys {sorted(data)}"
@@ -377,7 +452,12 @@ class TokenEndpoint:
                 fix="use the user pool domain from Cognito (App integration > Domain); the token URL is it plus "
                 "/oauth2/token.",
             )
-        if status == 429 or (status == 400 and error is None):
+        # Cognito throttles with 429, or with TooManyRequestsException in a JSON or HTML body under another status.
+        throttled = status == 429 or b"TooManyRequestsException" in response.content
+        retry_after = (
+            parse_retry_after(response.headers.get("retry-after"), now=time.time()) if status in (429, 503) else None
+        )
+        if throttled or (status == 400 and error is None):
             summary = f"The token endpoint is throttling or answered an unknown error (HTTP {status})."
             causes = ("the account's UserAuthentication quota is exhausted",)
         elif status >= 500:
@@ -393,4 +473,6 @@ class TokenEndpoint:
             summary=summary,
             causes=causes,
             fix="the sidecar retries with backoff; if it persists, check the token endpoint's health.",
+            retry_after=retry_after,
+            throttled=throttled,
         )

@@ -17,26 +17,64 @@ import pytest
 from pydantic import SecretStr
 
 from proxy.app import Sidecar, create_app
-from proxy.cache import RetryPolicy
+from proxy.cache import RefreshPolicy
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.serving import running
 from proxy.settings import Settings
 
-# Retries in tests: the same code path, with waits of milliseconds instead of seconds.
-FAST_RETRY = RetryPolicy(attempts=3, wait_initial=0.01, wait_max=0.02, wait_jitter=0.0, deadline=5.0)
+# Retries in tests: the same code path, with waits of milliseconds instead of seconds. The refusal hold and
+# the 401 rate limit keep their real values: tests count on them.
+FAST_POLICY = RefreshPolicy(first_wait=0.01, max_wait=0.05, min_interval=0.01, throttled_wait=0.01)
 
 
 class FakeClock:
-    """A wall clock the test moves by hand; shared by the emulator and the sidecar."""
+    """A clock the test moves by hand, shared by the emulator (as its wall clock) and the sidecar (as its
+    monotonic and wall clock, and for the refresher's sleeps: ``advance`` wakes the sleepers it passes)."""
 
     def __init__(self) -> None:
-        self.now = time.time()
+        self.now = float(int(time.time()))  # whole seconds, as a JWT's iat and exp are
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self.sleeps = 0  # sleeps begun so far
+        self._slept = asyncio.Event()
 
     def __call__(self) -> float:
         return self.now
 
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        entry = (self.now + seconds, asyncio.get_running_loop().create_future())
+        self._sleepers.append(entry)
+        self.sleeps += 1
+        self._slept.set()
+        try:
+            await entry[1]
+        finally:
+            self._sleepers.remove(entry)
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
+        for due, future in self._sleepers:
+            if due <= self.now and not future.done():
+                future.set_result(None)
+
+    async def settle(self, seconds: float, *, limit: float = 30) -> None:
+        """``advance``, then wait (bounded, in real time) until every sleeper it woke sleeps again: whatever the
+        clock drives (the refresher) has done its work for the new time."""
+        woken = sum(1 for due, future in self._sleepers if due <= self.now + seconds and not future.done())
+        target = self.sleeps + woken
+        self.advance(seconds)
+        async with asyncio.timeout(limit):
+            while self.sleeps < target:
+                self._slept.clear()
+                await self._slept.wait()
 
 
 @dataclass
@@ -91,8 +129,10 @@ class RunningSidecar:
 
 
 @contextlib.asynccontextmanager
-async def run_sidecar(settings: Settings, *, clock: Callable[[], float] | None = None) -> AsyncIterator[RunningSidecar]:
-    kwargs: dict[str, Any] = {"retry": FAST_RETRY}
+async def run_sidecar(
+    settings: Settings, *, clock: FakeClock | None = None, policy: RefreshPolicy = FAST_POLICY
+) -> AsyncIterator[RunningSidecar]:
+    kwargs: dict[str, Any] = {"policy": policy}
     if clock is not None:
         kwargs["clock"] = clock
     app = create_app(settings, **kwargs)

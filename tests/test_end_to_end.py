@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 
 import httpx2
+import pytest
 
 from proxy.emulator import fingerprint
 from tests.conftest import FakeClock, RunningSidecar, Stack, raw_request, run_sidecar, run_stack
@@ -20,8 +21,9 @@ async def test_request_arrives_with_a_valid_id_token(stack: Stack, sidecar: Runn
     assert echo["query_string"] == "name=world"
     assert echo["claims"]["token_use"] == "id"
     assert echo["claims"]["aud"] == stack.emulator.client.client_id
-    token = sidecar.parts.tokens.cached()
-    assert token is not None
+    tokens = sidecar.parts.tokens.usable()
+    assert tokens is not None
+    token = tokens["id_token"]
     assert echo["token_sha256"] == fingerprint(token.value)
 
 
@@ -80,20 +82,26 @@ async def test_token_is_cached_across_requests(stack: Stack, sidecar: RunningSid
     assert stack.token_requests == 1
 
 
-async def test_expired_token_is_refreshed_and_never_sent(client: httpx2.AsyncClient):
+async def test_token_in_the_margin_is_still_sent_while_it_refreshes_and_never_after_expiry(
+    client: httpx2.AsyncClient,
+):
     clock = FakeClock()
     async with run_stack(token_lifetime=3600) as stack:
         stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             first = (await client.get(f"{sidecar.url}/a")).json()["token_sha256"]
-            # Inside the safety margin (5 minutes before exp): a request refreshes first.
+            # Inside the safety margin (5 minutes before exp): the token in hand is still sent, no request waits,
+            # and the refresher renews it meanwhile.
             clock.advance(3600 - 299)
-            second = (await client.get(f"{sidecar.url}/b")).json()["token_sha256"]
+            assert (await client.get(f"{sidecar.url}/b")).json()["token_sha256"] == first
+            clock.advance(299)  # the first token's real expiry has passed: never sent again
+            second = (await client.get(f"{sidecar.url}/c")).json()["token_sha256"]
             assert second != first
             assert stack.token_requests == 2
             clock.advance(10)
-            assert (await client.get(f"{sidecar.url}/c")).json()["token_sha256"] == second
+            assert (await client.get(f"{sidecar.url}/d")).json()["token_sha256"] == second
             assert stack.token_requests == 2
+    assert stack.emulator.apigw.authorized == 4
 
 
 async def test_short_lived_tokens_use_half_their_life_as_margin(client: httpx2.AsyncClient):
@@ -102,10 +110,15 @@ async def test_short_lived_tokens_use_half_their_life_as_margin(client: httpx2.A
         stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             await client.get(f"{sidecar.url}/a")
-            clock.advance(29)  # margin is min(300 s, 30 s): still fresh
+            tokens = sidecar.parts.tokens.current
+            assert tokens is not None
+            # margin min(300 s, 30 s); kept 6 s (a tenth, at most 5 s) from the real expiry.
+            assert tokens.refresh_at - tokens.received_at == pytest.approx(30, abs=1)
+            assert tokens.expires_at - tokens.received_at == pytest.approx(55, abs=1)
+            clock.advance(26)  # before 90% of the usable 30 s: nothing asks the token endpoint
             await client.get(f"{sidecar.url}/b")
             assert stack.token_requests == 1
-            clock.advance(2)
+            clock.advance(30)  # past the first token's life: the request carries a new one
             assert (await client.get(f"{sidecar.url}/c")).status_code == 200
             assert stack.token_requests == 2
 

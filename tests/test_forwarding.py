@@ -108,8 +108,9 @@ async def test_hop_by_hop_and_connection_listed_headers_are_stripped(stack: Stac
     names = [name for name, _ in echo["headers"]]
     for gone in ("connection", "x-drop-me", "keep-alive", "te", "proxy-authorization", "upgrade", "expect"):
         assert gone not in names, gone
-    token = sidecar.parts.tokens.cached()
-    assert token is not None
+    tokens = sidecar.parts.tokens.usable()
+    assert tokens is not None
+    token = tokens["id_token"]
     assert [h for h in echo["headers"] if h[0] == "authorization"] == [
         ["authorization", f"[token {fingerprint(token.value)}]"]
     ]
@@ -252,13 +253,28 @@ async def test_api_gateway_answers_pass_through_untouched(
 async def test_authorizer_401_refreshes_once_and_replays(
     stack: Stack, sidecar: RunningSidecar, client: httpx2.AsyncClient
 ):
-    assert (await client.post(f"{sidecar.url}/a", content=b"payload")).status_code == 200
+    assert (await client.put(f"{sidecar.url}/a", content=b"payload")).status_code == 200
     stack.emulator.cognito.rotate_key()  # the cached token no longer verifies
-    response = await client.post(f"{sidecar.url}/b", content=b"payload")
+    response = await client.put(f"{sidecar.url}/b", content=b"payload")
     assert response.status_code == 200
     assert response.json()["body_sha256"] == hashlib.sha256(b"payload").hexdigest()
     assert stack.token_requests == 2
     assert sidecar.parts.forwarder.replays == 1
+
+
+async def test_authorizer_401_for_a_post_refreshes_but_never_replays(
+    stack: Stack, sidecar: RunningSidecar, client: httpx2.AsyncClient
+):
+    assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+    stack.emulator.cognito.rotate_key()
+    seen_before = stack.emulator.apigw.requests
+    refused = await client.post(f"{sidecar.url}/b", content=b"payload")
+    assert refused.status_code == 401  # as API Gateway answered: a POST is never sent twice
+    assert stack.emulator.apigw.requests == seen_before + 1
+    # The refusal asked for one refresh: the next request carries the new token (or waits for it and replays).
+    assert (await client.get(f"{sidecar.url}/c")).status_code == 200
+    assert stack.token_requests == 2
+    assert stack.emulator.apigw.requests <= seen_before + 3
 
 
 async def test_second_401_goes_back_to_the_client(stack: Stack, sidecar: RunningSidecar, client: httpx2.AsyncClient):

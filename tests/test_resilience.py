@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx2
 import pytest
@@ -159,5 +161,98 @@ async def test_sigterm_lets_in_flight_requests_finish(stack: Stack):
             code, logged = await sidecar.stop()
     assert response.status_code == 200
     assert response.text == "finished"
+    assert code == 0
+    assert "Traceback" not in logged
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A TCP server on an ephemeral loopback port that answers every connection with ``answer``: for
+    upstreams that misbehave in ways a framework would not let them."""
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/s"
+        server.close()
+
+
+async def test_an_upstream_breaking_off_mid_body_is_logged_and_counted_without_a_traceback(
+    stack: Stack, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+):
+    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    caplog.set_level(logging.INFO)
+    async with raw_upstream(breaks_off) as url, run_sidecar(stack.settings(upstream_url=url, access_log=True)) as sc:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await client.get(f"{sc.url}/x")
+        metrics = (await client.get(f"{sc.url}/-/metrics")).text
+    assert 'sidecar_errors_total{code="upstream_broke_off"} 1.0' in metrics
+    assert "broke off the response body" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert "without completing" not in caplog.text
+    assert '"GET /x" 200 upstream_broke_off' in capsys.readouterr().err  # the access log line
+
+
+async def test_waiting_for_a_free_upstream_connection_is_bounded_by_the_pool_timeout(
+    stack: Stack, client: httpx2.AsyncClient
+):
+    accepted = asyncio.Event()
+    release = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await release.wait()
+        writer.close()
+
+    settings = {"max_connections": 1, "pool_timeout": 0.3, "connect_timeout": 5.0}
+    async with raw_upstream(never_answers) as url, run_sidecar(stack.settings(upstream_url=url, **settings)) as sc:
+        holder = asyncio.create_task(client.get(f"{sc.url}/holds-the-only-connection"))
+        async with asyncio.timeout(30):
+            await accepted.wait()
+        started = time.monotonic()
+        waiting = await client.get(f"{sc.url}/waits")
+        took = time.monotonic() - started
+        release.set()
+        with contextlib.suppress(httpx2.HTTPError):
+            await holder
+    assert waiting.status_code == 504
+    assert waiting.headers["x-sidecar-error"] == "upstream_timeout"
+    assert took < 3  # the pool timeout (0.3 s), not the pool plus the connect timeout (5.3 s)
+
+
+@pytest.mark.slow
+async def test_requests_cut_off_by_the_shutdown_grace_get_the_sidecars_own_answer(stack: Stack):
+    accepted = asyncio.Event()
+    release = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await release.wait()
+        writer.close()
+
+    async with raw_upstream(never_answers) as url:
+        env = stack_env(
+            stack,
+            SIDECAR_UPSTREAM_URL=url,
+            SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token,
+            SIDECAR_SHUTDOWN_GRACE="1",
+        )
+        async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            in_flight = asyncio.create_task(client.get(f"{sidecar.url}/slow"))
+            async with asyncio.timeout(30):
+                await accepted.wait()
+            sidecar.process.send_signal(signal.SIGTERM)
+            response = await in_flight
+            await asyncio.wait_for(sidecar.process.wait(), timeout=30)  # exits by itself; no second signal
+            code, logged = await sidecar.stop()
+            release.set()
+    assert response.status_code == 503
+    assert response.headers["x-sidecar-error"] == "shutting_down"
     assert code == 0
     assert "Traceback" not in logged

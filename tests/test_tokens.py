@@ -8,7 +8,8 @@ import logging
 import httpx2
 import pytest
 
-from tests.conftest import RunningSidecar, Stack, assert_hidden, run_sidecar, run_stack
+from proxy.cache import RefreshPolicy
+from tests.conftest import FakeClock, RunningSidecar, Stack, assert_hidden, run_sidecar, run_stack
 
 
 async def test_revoked_refresh_token_is_a_503_that_explains_itself(
@@ -63,19 +64,26 @@ async def test_wrong_client_secret_is_explained(stack: Stack, client: httpx2.Asy
     ],
 )
 async def test_transient_token_failures_are_retried(status: int, body: str, client: httpx2.AsyncClient):
+    clock = FakeClock()
     async with run_stack() as stack:
+        stack.use_clock(clock)
         # The sidecar fetches a token at start-up; fail the attempts it makes then and after.
         stack.emulator.cognito.fail_next(status, body, times=2)
-        async with run_sidecar(stack.settings()) as sidecar:
+        async with run_sidecar(stack.settings(), clock=clock, policy=RefreshPolicy()) as sidecar:
+            early = await client.get(f"{sidecar.url}/x")  # the failure, at once: the retry is not due yet
+            await clock.settle(10)  # enough for two backoff steps, throttling's 5 s included
+            await clock.settle(10)
             response = await client.get(f"{sidecar.url}/x")
+        assert early.status_code == 503
+        assert early.headers["x-sidecar-error"] == "token_endpoint_unavailable"
         assert response.status_code == 200
         assert stack.token_requests == 3
 
 
 async def test_token_endpoint_down_answers_503_with_the_reason(client: httpx2.AsyncClient):
     async with run_stack() as stack:
-        stack.emulator.cognito.fail_next(503, "Service Unavailable", times=100)
-        async with run_sidecar(stack.settings()) as sidecar:
+        stack.emulator.cognito.fail_next(503, "Service Unavailable", times=100_000)
+        async with run_sidecar(stack.settings(token_timeout=0.5)) as sidecar:
             response = await client.get(f"{sidecar.url}/x")
         assert response.status_code == 503
         assert response.headers["x-sidecar-error"] == "token_endpoint_unavailable"

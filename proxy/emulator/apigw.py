@@ -50,6 +50,8 @@ class ApiGatewayEmulator:
         self._clock = clock
         self.requests = 0
         self.authorized = 0
+        # Requests refused because their token had expired: a sidecar must keep this at 0.
+        self.expired = 0
         self.last_claims: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
@@ -90,6 +92,8 @@ class ApiGatewayEmulator:
             token = token[len("Bearer ") :]
         claims, problem = self._verify(token)
         if claims is None:
+            if problem == "The incoming token has expired":
+                self.expired += 1
             await _drain(receive)
             await _answer(send, 401, {"message": problem}, "UnauthorizedException")
             return

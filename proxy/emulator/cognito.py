@@ -3,7 +3,9 @@
 ``/oauth2/token`` (the three grants; client_secret_basic, client_secret_post and public clients; every
 error body and status), ``/oauth2/authorize`` (logs the configured test user in without a browser),
 ``/oauth2/revoke`` and the JWKS. Tokens are RS256 JWTs with Cognito's claims. Lifetimes go down to
-seconds, refresh token rotation has a grace period, and ``fail_next`` makes it answer any error.
+seconds, refresh token rotation has a grace period, ``fail_next`` makes it answer any error (with any
+headers, e.g. ``Retry-After``, and any delay), ``latency`` slows or hangs every answer, and ``skew`` sets its
+clock off from the sidecar's.
 It counts the token requests it served, for tests and the benchmark.
 """
 
@@ -69,12 +71,13 @@ class _CodeRecord:
 
 @dataclass
 class Fault:
-    """An answer to give instead of the real one: a status, a raw body and an optional delay."""
+    """An answer to give instead of the real one: a status, a raw body, extra headers and an optional delay."""
 
     status: int
     body: bytes
     content_type: str = JSON_TYPE
     delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class CognitoEmulator:
@@ -105,8 +108,10 @@ class CognitoEmulator:
         self._refresh: dict[str, _RefreshRecord] = {}
         self._codes: dict[str, _CodeRecord] = {}
         self.faults: deque[Fault] = deque()
-        # Seconds every token answer waits, to widen the window in which requests pile up.
+        # Seconds every token answer waits, to widen the window in which requests pile up (or, large, a hang).
         self.latency = 0.0
+        # Seconds this pool's clock is off from ``clock`` (negative: behind): tokens carry iat/exp from it.
+        self.skew = 0.0
         self.token_requests = 0
         self.grant_counts: Counter[str] = Counter()
         self.app = Starlette(
@@ -140,17 +145,29 @@ class CognitoEmulator:
 
         ``value`` fixes the token's text, for dev stacks whose config files name it.
         """
-        return self._new_refresh(client_id, username, scope, auth_time=int(self.clock()), value=value)
+        return self._new_refresh(client_id, username, scope, auth_time=int(self.now()), value=value)
 
     def revoke_all(self) -> None:
         self._refresh.clear()
 
     def fail_next(
-        self, status: int, body: bytes | str, *, times: int = 1, content_type: str = JSON_TYPE, delay: float = 0.0
+        self,
+        status: int,
+        body: bytes | str,
+        *,
+        times: int = 1,
+        content_type: str = JSON_TYPE,
+        delay: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        """Answer the next ``times`` token requests with this instead of the real answer."""
+        """Answer the next ``times`` token requests with this instead of the real answer (``headers`` e.g.
+        ``{"Retry-After": "30"}``)."""
         raw = body.encode() if isinstance(body, str) else body
-        self.faults.extend(Fault(status, raw, content_type, delay) for _ in range(times))
+        self.faults.extend(Fault(status, raw, content_type, delay, dict(headers or {})) for _ in range(times))
+
+    def now(self) -> float:
+        """This pool's clock: ``clock`` plus ``skew``."""
+        return self.clock() + self.skew
 
     def public_jwks(self) -> dict[str, Any]:
         jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
@@ -181,7 +198,7 @@ class CognitoEmulator:
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
 
     def _user_tokens(self, client_id: str, username: str, sub: str, scope: str, auth_time: int) -> dict[str, Any]:
-        now = int(self.clock())
+        now = int(self.now())
         exp = now + self.token_lifetime
         common = {"sub": sub, "iss": self.issuer, "auth_time": auth_time, "iat": now, "exp": exp}
         id_token = self._sign(
@@ -223,7 +240,7 @@ class CognitoEmulator:
             fault = self.faults.popleft()
             if fault.delay:
                 await asyncio.sleep(fault.delay)
-            return Response(fault.body, status_code=fault.status, media_type=fault.content_type)
+            return Response(fault.body, status_code=fault.status, media_type=fault.content_type, headers=fault.headers)
         if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
             return _error("invalid_request")
         form = await _form(request)
@@ -281,7 +298,7 @@ class CognitoEmulator:
         if not token:
             return _error("invalid_request")
         record = self._refresh.get(token)
-        now = self.clock()
+        now = self.now()
         if record is None or record.client_id != client.client_id or now >= record.expires_at:
             return _error("invalid_grant")
         if record.retired_at is not None and now >= record.retired_at + client.grace_period:
@@ -303,7 +320,7 @@ class CognitoEmulator:
         granted = [scope for scope in requested if scope in client.scopes] if requested else list(client.scopes)
         if requested and not granted:
             return _error("invalid_scope")
-        now = int(self.clock())
+        now = int(self.now())
         access = self._sign(
             {
                 "sub": client.client_id,
@@ -328,7 +345,7 @@ class CognitoEmulator:
         if not code or not redirect_uri:
             return _error("invalid_request")
         record = self._codes.pop(code, None)  # single use, whatever happens next
-        if record is None or record.client_id != client.client_id or self.clock() >= record.expires_at:
+        if record is None or record.client_id != client.client_id or self.now() >= record.expires_at:
             return _error("invalid_grant")
         if redirect_uri != record.redirect_uri:
             return _error("invalid_grant")
@@ -337,7 +354,7 @@ class CognitoEmulator:
             digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
             if not verifier or not secrets.compare_digest(digest, record.challenge):
                 return _error("invalid_grant")
-        auth_time = int(self.clock())
+        auth_time = int(self.now())
         sub = self.add_user(record.username)
         body = self._user_tokens(client.client_id, record.username, sub, record.scope, auth_time)
         body["refresh_token"] = self._new_refresh(client.client_id, record.username, record.scope, auth_time=auth_time)
@@ -370,7 +387,7 @@ class CognitoEmulator:
         scope = params.get("scope") or "openid"
         code = str(uuid.uuid4())
         self._codes[code] = _CodeRecord(
-            client.client_id, redirect_uri, challenge, scope, self.login_user, self.clock() + self.code_lifetime
+            client.client_id, redirect_uri, challenge, scope, self.login_user, self.now() + self.code_lifetime
         )
         return RedirectResponse(target + urlencode({"code": code, **extra}), 302)
 
