@@ -134,7 +134,7 @@ class TokenProvider:
         self._task: asyncio.Task[None] | None = None
         self.refreshes = 0
         self.failures: Counter[str] = Counter()  # by ``failure_kind``
-        # Requests that had to wait for a token because none was valid; flat at steady state.
+        # Requests that waited for a token request because no valid token was held; flat at steady state.
         self.waits = 0
 
     def __repr__(self) -> str:
@@ -162,7 +162,6 @@ class TokenProvider:
                 if now >= tokens.refresh_at:
                     self._ask()
                 return tokens
-        self.waits += 1
         return await self._wait_for_tokens()
 
     def state(self) -> tuple[str, str]:
@@ -178,6 +177,7 @@ class TokenProvider:
         # Wait for an attempt in flight, or one that may start now; never for one that backoff put later:
         # in an outage, requests get the last failure at once instead of piling up.
         deadline = asyncio.get_running_loop().time() + self._wait_limit
+        waited = False
         while True:
             tokens = self.usable()
             if tokens is not None:
@@ -186,6 +186,9 @@ class TokenProvider:
                 if self.last_error is not None and self._not_before > self._clock.monotonic():
                     raise self.last_error
                 self._ask()
+            if not waited:
+                waited = True
+                self.waits += 1
             try:
                 async with asyncio.timeout_at(deadline):
                     return await asyncio.shield(self._next_outcome())

@@ -73,6 +73,23 @@ def describe_token(token: Token) -> str:
     return ", ".join(parts)
 
 
+def rotation_advice(settings: Settings) -> Finding:
+    """Cognito rotated the refresh token during the check: say what rotation needs."""
+    where = (
+        f"the new one is in {settings.refresh_token_file}"
+        if settings.refresh_token_file
+        else "the new one was NOT saved (the old one came from SIDECAR_REFRESH_TOKEN, not a file): "
+        "use SIDECAR_REFRESH_TOKEN_FILE, or the next start fails with invalid_grant once the old one expires"
+    )
+    return Finding(
+        "WARN",
+        "Cognito rotates this app client's refresh tokens",
+        f"{where}. A crash between Cognito's answer and the file write loses the new token, so set the app "
+        "client's grace period (RetryGracePeriodSeconds) above the sidecar's restart time: the old token then "
+        "still works on restart. Run one sidecar per refresh token file.",
+    )
+
+
 def kind_advice(settings: Settings, token: Token) -> Finding:
     use = token.claims.get("token_use")
     if use == "id":
@@ -140,6 +157,8 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
             Finding("PASS", f"a real {provider.grant.flow} worked: {settings.token}", describe_token(token))
         )
         findings.append(kind_advice(settings, token))
+        if provider.grant.rotations:
+            findings.append(rotation_advice(settings))
         if path is not None and settings.upstream_url:
             findings.append(await _probe(http, settings, token, path))
     return findings

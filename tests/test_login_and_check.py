@@ -13,7 +13,8 @@ import httpx2
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import Stack, assert_hidden, cli_env, run_cli, run_sidecar, stack_env
+from proxy.settings import read_secret_file
+from tests.conftest import Stack, assert_hidden, cli_env, run_cli, run_sidecar, run_stack, stack_env
 
 
 def _free_port() -> int:
@@ -232,3 +233,16 @@ async def test_check_reports_bad_settings_and_unresolvable_hosts():
     status, out, _ = await run_cli("check", env=env)
     assert status == 1
     assert "does not resolve" in out
+
+
+async def test_check_says_what_rotation_needs(tmp_path: Path):
+    async with run_stack(rotate_refresh_tokens=True, grace_period=30) as stack:
+        token_file = tmp_path / "refresh-token"
+        token_file.write_text(stack.emulator.refresh_token + "\n")
+        env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file))
+        status, out, err = await run_cli("check", env=env)
+    assert status == 0, out + err
+    assert "WARN  Cognito rotates this app client's refresh tokens" in out
+    assert "RetryGracePeriodSeconds" in out
+    assert f"the new one is in {token_file}" in out
+    assert_hidden(out + err, stack.emulator.refresh_token, read_secret_file(token_file))
