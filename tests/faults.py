@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -122,6 +124,29 @@ async def run_fault(fault: Fault, *, clients: int, hours: float) -> str:
     )
 
 
+async def rotation_window(rotations: int = 30) -> str:
+    """How long a rotated refresh token lives only in memory: from the answer's arrival to the durable file."""
+    clock = FakeClock()
+    windows: list[float] = []
+    async with run_stack(rotate_refresh_tokens=True) as stack:
+        stack.use_clock(clock)
+        with tempfile.TemporaryDirectory(dir=Path.cwd()) as folder:
+            token_file = Path(folder) / "refresh-token"
+            token_file.write_text(stack.emulator.refresh_token + "\n")
+            async with (
+                run_sidecar(stack.settings(refresh_token_file=token_file), clock=clock) as sidecar,
+                httpx2.AsyncClient(trust_env=False) as client,
+            ):
+                for _ in range(rotations):
+                    await clock.settle(3600)  # the token has expired: the next request waits for a rotation
+                    assert (await client.get(f"{sidecar.url}/rotate")).status_code == 200
+                    windows.append((sidecar.parts.grant.last_persist_window or 0.0) * 1000)
+    return (
+        f"rotation: answer -> new refresh token durably in its file, {rotations} rotations in {Path.cwd()}: "
+        f"median {statistics.median(windows):.2f} ms, max {max(windows):.2f} ms"
+    )
+
+
 async def main(clients: int, hours: float, only: str | None) -> None:
     print(f"{hours:g} h of each fault, {clients} concurrent requests every {STEP:g} s of the moved clock")
     print(f"{'fault':<34} {'tokens':>6} {'waited':>7} {'max ms':>9} {'expired':>8}  answers (status x count)")
@@ -129,6 +154,7 @@ async def main(clients: int, hours: float, only: str | None) -> None:
         if only and only not in fault.name:
             continue
         print(await run_fault(fault, clients=clients, hours=hours), flush=True)
+    print(await rotation_window())
 
 
 if __name__ == "__main__":

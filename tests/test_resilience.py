@@ -199,26 +199,35 @@ async def test_an_upstream_breaking_off_mid_body_is_logged_and_counted_without_a
     assert '"GET /x" 200 upstream_broke_off' in capsys.readouterr().err  # the access log line
 
 
+class SilentUpstream:
+    """Accepts connections and never answers until ``release`` is set; ``accepted`` once one came in."""
+
+    def __init__(self) -> None:
+        self.accepted = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.set()
+        await self.release.wait()
+        writer.close()
+
+    async def first_connection(self) -> None:
+        async with asyncio.timeout(30):
+            await self.accepted.wait()
+
+
 async def test_waiting_for_a_free_upstream_connection_is_bounded_by_the_pool_timeout(
     stack: Stack, client: httpx2.AsyncClient
 ):
-    accepted = asyncio.Event()
-    release = asyncio.Event()
-
-    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set()
-        await release.wait()
-        writer.close()
-
+    upstream = SilentUpstream()
     settings = {"max_connections": 1, "pool_timeout": 0.3, "connect_timeout": 5.0}
-    async with raw_upstream(never_answers) as url, run_sidecar(stack.settings(upstream_url=url, **settings)) as sc:
+    async with raw_upstream(upstream) as url, run_sidecar(stack.settings(upstream_url=url, **settings)) as sc:
         holder = asyncio.create_task(client.get(f"{sc.url}/holds-the-only-connection"))
-        async with asyncio.timeout(30):
-            await accepted.wait()
+        await upstream.first_connection()
         started = time.monotonic()
         waiting = await client.get(f"{sc.url}/waits")
         took = time.monotonic() - started
-        release.set()
+        upstream.release.set()
         with contextlib.suppress(httpx2.HTTPError):
             await holder
     assert waiting.status_code == 504
@@ -228,15 +237,8 @@ async def test_waiting_for_a_free_upstream_connection_is_bounded_by_the_pool_tim
 
 @pytest.mark.slow
 async def test_requests_cut_off_by_the_shutdown_grace_get_the_sidecars_own_answer(stack: Stack):
-    accepted = asyncio.Event()
-    release = asyncio.Event()
-
-    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set()
-        await release.wait()
-        writer.close()
-
-    async with raw_upstream(never_answers) as url:
+    upstream = SilentUpstream()
+    async with raw_upstream(upstream) as url:
         env = stack_env(
             stack,
             SIDECAR_UPSTREAM_URL=url,
@@ -245,13 +247,12 @@ async def test_requests_cut_off_by_the_shutdown_grace_get_the_sidecars_own_answe
         )
         async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
             in_flight = asyncio.create_task(client.get(f"{sidecar.url}/slow"))
-            async with asyncio.timeout(30):
-                await accepted.wait()
+            await upstream.first_connection()
             sidecar.process.send_signal(signal.SIGTERM)
             response = await in_flight
             await asyncio.wait_for(sidecar.process.wait(), timeout=30)  # exits by itself; no second signal
             code, logged = await sidecar.stop()
-            release.set()
+            upstream.release.set()
     assert response.status_code == 503
     assert response.headers["x-sidecar-error"] == "shutting_down"
     assert code == 0
