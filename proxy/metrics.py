@@ -58,7 +58,7 @@ class SidecarCollector(Collector):
         yield failed
         yield CounterMetricFamily(
             "sidecar_token_waits",
-            "Requests that had to wait for a token refresh",
+            "Requests that waited for a token request because no valid token was held",
             value=total(p.waits for p in providers),
         )
         yield CounterMetricFamily(
