@@ -73,6 +73,8 @@ class ForwardError(Exception):
         self.detail = detail
 
 
+_PLAIN_PATH = "the request target must be a plain ASCII path such as /items?id=1"
+
 # Methods that may be sent twice: RFC 9110 9.2.2. A POST refused with 401 goes back as it came.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
@@ -177,11 +179,11 @@ class Forwarder:
             path = raw_path[self._strip :].decode("ascii") if self._strip else raw_path.decode("ascii")
             query = scope["query_string"].decode("ascii")
         except UnicodeDecodeError:
-            path = query = ""
+            raise ForwardError(400, "bad_request", _PLAIN_PATH) from None
         if self._strip and not path.startswith("/"):
             path = "/" + path
         if not path.startswith("/"):
-            raise ForwardError(400, "bad_request", "the request target must be a plain ASCII path such as /items?id=1")
+            raise ForwardError(400, "bad_request", _PLAIN_PATH)
         # Built from parts: nothing in the request (absolute-form, //host, @, backslashes, %2F) can change
         # the host. encoded=True keeps the path and query byte for byte.
         return URL.build(
