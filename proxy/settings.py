@@ -1,10 +1,16 @@
 """Settings: read once from the environment, *_FILE files and an optional TOML file; validated once.
 
 ``load_settings(env)`` takes the environment as a mapping (tests pass a dict) and returns frozen
-``Settings`` or raises ``ConfigError`` listing every problem at once, each naming its variable.
-Precedence: ``SIDECAR_X`` (or ``SIDECAR_X_FILE``) in the environment, then key ``x`` (or ``x_file``)
-in the TOML file named by ``SIDECAR_CONFIG``, then the default. Secret values never appear in a repr
-or an error message.
+``Settings`` or raises ``ConfigError`` listing every problem at once, each naming its variable (or its
+place in the TOML file). Two steps:
+
+1. ``_merge`` reads the sources into one plain dict: ``SIDECAR_X`` (or ``SIDECAR_X_FILE``) in the
+   environment, then key ``x`` (or ``x_file``) in the TOML file named by ``SIDECAR_CONFIG``; each route
+   table over what it inherits from the top level (``_inherit``). Reading a file is done here, once.
+2. The models validate that dict: every rule (a token URL from the domain, what each grant needs, the
+   defaults that depend on other values) is a validator on the field it concerns.
+
+Secret values never appear in a repr or an error message.
 """
 
 from __future__ import annotations
@@ -13,19 +19,27 @@ import hashlib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from proxy.errors import ConfigError
 
 ENV_PREFIX = "SIDECAR_"
 
 # Keys whose value may come from a file (`SIDECAR_X_FILE` / `x_file`): the secrets.
-FILE_KEYS = ("client_secret", "refresh_token", "api_key")
+FILE_KEYS = ("client_secret", "refresh_token", "api_key", "caller_token")
 
 # Default safety margin before expiry: AWS's own SDKs refresh when less than 5 minutes remain.
 DEFAULT_REFRESH_MARGIN = 300.0
@@ -42,15 +56,33 @@ DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_POOL_TIMEOUT = 5.0
 # On SIGTERM, in-flight requests get this long to finish (Kubernetes waits 30 s before SIGKILL).
 DEFAULT_SHUTDOWN_GRACE = 20
+# A request head (request line and headers) larger than this gets 431. API Gateway's own limit is 10 KiB,
+# so a larger head could never be served anyway; 16 KiB leaves room for the headers the sidecar removes.
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+# A request body larger than this gets 413: API Gateway's payload limit is 10 MB.
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+# Client connections open at once; beyond it new ones are refused at once. Enough for any one legacy host
+# (each holds ~10 KiB), few enough that a flood cannot exhaust file descriptors or memory.
+DEFAULT_MAX_CLIENTS = 1000
+# Who may call when the sidecar listens on a non-loopback address: loopback and the private ranges
+# (a compose or Kubernetes network), never the internet.
+DEFAULT_ALLOW_FROM = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+# Who may use a Unix socket: its owner and group (docker and kubernetes share a group between containers).
+DEFAULT_SOCKET_MODE = "0660"
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_METHOD = re.compile(r"^[A-Z]+$")
+# Requests the sidecar never forwards: TRACE echoes the request (token included) back to the client, and
+# CONNECT would turn the sidecar into a tunnel.
+FORBIDDEN_METHODS = frozenset({"TRACE", "CONNECT"})
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and the name ``localhost``: nothing else (``x.localhost`` may go to DNS)."""
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -67,7 +99,7 @@ def _check_url(value: str, *, allow_insecure: bool, path_allowed: bool = True) -
         raise ValueError("must not have a query string or fragment")
     if not path_allowed and parts.path not in ("", "/"):
         raise ValueError("must be the domain only, without a path")
-    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_insecure and not is_loopback(parts.hostname):
         raise ValueError(
             "plain http:// is accepted only for loopback hosts; use https:// "
             "(or set SIDECAR_ALLOW_INSECURE=1 for a trusted private network such as a compose dev stack)"
@@ -79,7 +111,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     """Split ``host:port`` (``[::1]:8080`` for IPv6) and check both parts."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
     if not match:
-        raise ValueError("must be host:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080")
+        raise ValueError(
+            "must be host:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080, or unix:/path/to/sidecar.sock"
+        )
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4))
     if port > 65535:
@@ -87,17 +121,10 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-def _valid_header(value: str) -> str:
-    if not _HEADER_NAME.match(value):
-        raise ValueError("must be a valid HTTP header name, e.g. Authorization")
-    if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-        raise ValueError(f"{value} is managed by the sidecar and cannot carry the token")
-    return value
-
-
-def _valid_prefix(value: str) -> str:
-    if any(ch in value for ch in "\r\n\0"):
-        raise ValueError("must not contain line breaks")
+def _words(value: Any) -> Any:
+    """A list setting from the environment: comma- or space-separated words."""
+    if isinstance(value, str):
+        return tuple(word for word in re.split(r"[,\s]+", value) if word)
     return value
 
 
@@ -106,38 +133,102 @@ class _Credentialed(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    # First, so the URL validators can see it.
+    # Fields are validated in this order: a validator sees the ones above it in ``info.data``.
     allow_insecure: bool = False
-    token_url: str
+    cognito_domain: str | None = None
+    # None: the domain's /oauth2/token (see _token_url).
+    token_url: str = Field(default=None, validate_default=True)
     client_id: str = Field(min_length=1)
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
     grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
+    client_secret: SecretStr | None = Field(default=None, validate_default=True)
+    client_secret_file: Path | None = None
     scopes: str = ""
-    refresh_token: SecretStr | None = None
+    refresh_token: SecretStr | None = Field(default=None, validate_default=True)
     refresh_token_file: Path | None = None
-    token: Literal["id_token", "access_token"] = "id_token"
+    # None: what the grant gives (see _token).
+    token: Literal["id_token", "access_token"] = Field(default=None, validate_default=True)
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     header: str = "Authorization"
     header_prefix: str = ""
 
-    @field_validator("token_url", "upstream_url", check_fields=False)
+    @field_validator("cognito_domain")
+    @classmethod
+    def _domain(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        allow = bool(info.data.get("allow_insecure", False))
+        return _check_url(value, allow_insecure=allow, path_allowed=False)
+
+    @field_validator("token_url", mode="before")
+    @classmethod
+    def _token_url(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            if "cognito_domain" not in info.data:
+                return ""  # the domain itself was wrong, and said so: the model fails on that
+            domain = info.data["cognito_domain"]
+            if domain is None:
+                raise ValueError(
+                    "is required: set SIDECAR_COGNITO_DOMAIN (e.g. https://my-app.auth.us-east-1.amazoncognito.com) "
+                    "or SIDECAR_TOKEN_URL"
+                )
+            return f"{domain}/oauth2/token"
+        if not isinstance(value, str):
+            raise ValueError("must be a URL")
+        return _check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
+
+    @field_validator("upstream_url", check_fields=False)
     @classmethod
     def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         return _check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
 
+    @field_validator("client_secret", mode="before")
+    @classmethod
+    def _secret(cls, value: Any, info: ValidationInfo) -> Any:
+        if value == "":
+            value = None  # an empty secret: a public client
+        if value is None and info.data.get("grant") == "client_credentials":
+            raise ValueError("is required for client_credentials (or its _FILE variant)")
+        return value
+
+    @field_validator("refresh_token")
+    @classmethod
+    def _refresh_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        purpose = (info.context or {}).get("purpose", "serve")
+        if value is None and info.data.get("grant", "refresh_token") == "refresh_token" and purpose != "login":
+            raise ValueError(
+                "is required (or its _FILE variant); get one with `cognito-sidecar login`, or use "
+                "grant client_credentials for a machine-to-machine app client"
+            )
+        return value
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token(cls, value: Any, info: ValidationInfo) -> Any:
+        machine = info.data.get("grant") == "client_credentials"
+        if value is None:
+            return "access_token" if machine else "id_token"  # no user, no id token
+        if machine and value == "id_token":
+            raise ValueError("client_credentials gives no id token; use access_token (the default)")
+        return value
+
     @field_validator("header")
     @classmethod
     def _header(cls, value: str) -> str:
-        return _valid_header(value)
+        if not _HEADER_NAME.match(value):
+            raise ValueError("must be a valid HTTP header name, e.g. Authorization")
+        if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            raise ValueError(f"{value} is managed by the sidecar and cannot carry the token")
+        return value
 
     @field_validator("header_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        return _valid_prefix(value)
+        if any(ch in value for ch in "\r\n\0"):
+            raise ValueError("must not contain line breaks")
+        return value
 
     def credential_key(self) -> tuple[str, ...]:
         """Routes with the same key share one token cache and one refresh."""
@@ -151,12 +242,15 @@ class _Credentialed(BaseModel):
 class RouteSettings(_Credentialed):
     """One route of a multi-API sidecar: a path prefix, its upstream, and its credential and header options.
 
-    Anything a route leaves out is taken from the top-level settings.
+    Anything a route leaves out is taken from the top-level settings (see ``_inherit``). ``methods`` and
+    ``paths``, when given, are allowlists: any other method gets 405, any other path 403.
     """
 
     prefix: str
     upstream_url: str
     strip_prefix: bool = True
+    methods: tuple[str, ...] | None = None
+    paths: tuple[str, ...] | None = None
 
     @field_validator("prefix")
     @classmethod
@@ -165,14 +259,39 @@ class RouteSettings(_Credentialed):
             raise ValueError("must be a plain path starting with /, e.g. /orders")
         if value == "/-" or value.startswith("/-/"):
             raise ValueError("/-/ is reserved for the sidecar's own routes")
+        if any(segment in (".", "..") for segment in value.split("/")):
+            raise ValueError("must not contain . or .. segments")
         return value.rstrip("/") or "/"
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        methods = tuple(method.upper() for method in value)
+        for method in methods:
+            if not _METHOD.match(method):
+                raise ValueError(f"{method!r} is not an HTTP method")
+            if method in FORBIDDEN_METHODS:
+                raise ValueError(f"{method} is never forwarded")
+        return methods
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for pattern in value or ():
+            if not pattern.startswith("/"):
+                raise ValueError(f"{pattern!r} must start with / (a path as the client sends it, * matches anything)")
+        return value
 
 
 class Settings(_Credentialed):
     """Validated, immutable settings. Build with ``load_settings``; tests may construct it directly."""
 
+    # Before upstream_url, whose validator looks at them.
+    routes: tuple[RouteSettings, ...] = ()
     # Required to serve; `login` and `token` work without it (load_settings(purpose=...)).
-    upstream_url: str | None = None
+    upstream_url: str | None = Field(default=None, validate_default=True)
     listen: str = "127.0.0.1:8080"
     refresh_margin: float = Field(default=DEFAULT_REFRESH_MARGIN, ge=0)
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
@@ -183,17 +302,91 @@ class Settings(_Credentialed):
     shutdown_grace: int = Field(default=DEFAULT_SHUTDOWN_GRACE, ge=0)
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    routes: tuple[RouteSettings, ...] = ()
+    # Who may use the credential (see the README's Security section).
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        default=tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM)
+    )
+    caller_token: SecretStr | None = None
+    caller_token_file: Path | None = None
+    socket_mode: str = DEFAULT_SOCKET_MODE
+    max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=0)
+    max_clients: int = Field(default=DEFAULT_MAX_CLIENTS, ge=1)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream(cls, value: str | None, info: ValidationInfo) -> str | None:
+        purpose = (info.context or {}).get("purpose", "serve")
+        if value is None:
+            if purpose == "serve" and "routes" in info.data and not info.data["routes"]:
+                raise ValueError("is required, e.g. https://abc123.execute-api.us-east-1.amazonaws.com/prod")
+            return None
+        return _check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:").startswith("/"):
+                raise ValueError("a Unix socket needs an absolute path, e.g. unix:/run/sidecar/sidecar.sock")
+            return value
         parse_listen(value)
+        return value
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return tuple(word.lower() for word in _words(value))
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            name = host.removeprefix("*.")
+            if not name or "*" in name or "/" in name or ":" in name.strip("[]").replace("::", ""):
+                raise ValueError(f"{host!r} must be a host name without port (exact, or *.suffix)")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} must be an origin: scheme://host[:port], no path")
+        return value
+
+    @field_validator("allow_from", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        try:
+            return tuple(ipaddress.ip_network(str(net), strict=False) for net in _words(value))
+        except ValueError as exc:
+            raise ValueError(f"must be CIDRs such as 10.0.0.0/8, fc00::/7 ({exc})") from None
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value.strip()):
+            raise ValueError("must be an octal file mode such as 0660")
+        if int(value, 8) & 0o007:
+            raise ValueError("must give others no access (e.g. 0660): anyone who can connect uses the credential")
         return value.strip()
+
+    @property
+    def unix_socket(self) -> str | None:
+        return self.listen.removeprefix("unix:") if self.listen.startswith("unix:") else None
 
     @property
     def listen_address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        """A Unix socket, or a loopback address: only this machine can reach it."""
+        return self.unix_socket is not None or is_loopback(self.listen_address[0])
 
     def effective_routes(self) -> tuple[RouteSettings, ...]:
         """Every route, longest prefix first; the top-level upstream (the one-route shorthand) is the ``/`` route."""
@@ -205,9 +398,12 @@ class Settings(_Credentialed):
 
 
 # What a route takes from the top level when it does not say.
-_INHERITED = tuple(name for name in _Credentialed.model_fields)
-_ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {"cognito_domain"} | {f"{k}_file" for k in FILE_KEYS}
-_KNOWN_KEYS = frozenset(Settings.model_fields) | {"cognito_domain", "config"} | {f"{k}_file" for k in FILE_KEYS}
+_INHERITED = tuple(_Credentialed.model_fields)
+# What a route does not take when it talks to another token endpoint or app client: its secrets are not
+# the top level's to send there.
+_CREDENTIALS = ("client_secret", "client_secret_file", "refresh_token", "refresh_token_file")
+_ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {f"{k}_file" for k in FILE_KEYS if k != "caller_token"}
+_KNOWN_KEYS = frozenset(Settings.model_fields) | {"config"}
 
 
 def _env_name(key: str) -> str:
@@ -234,7 +430,75 @@ def _load_toml(path: str, problems: list[str]) -> dict[str, Any]:
         return {}
     for key in sorted(set(data) - _KNOWN_KEYS):
         problems.append(f"SIDECAR_CONFIG: unknown key {key!r} in {path}")
-    return {key: value for key, value in data.items() if key in _KNOWN_KEYS}
+    return {key: value for key, value in data.items() if key in _KNOWN_KEYS and key != "config"}
+
+
+class _Layer:
+    """One source of values (the environment, the TOML file, a route table) and how it names a key."""
+
+    def __init__(self, values: Mapping[str, Any], name: Any) -> None:
+        self.values = values
+        self.name = name
+
+
+def _merge(layers: Sequence[_Layer], keys: Sequence[str], problems: list[str], failed: set[str]) -> dict[str, Any]:
+    """One dict from ``layers`` (first wins), with every ``*_file`` read; a failed read is a problem and its
+    key goes into ``failed`` (so that no "is required" follows for it)."""
+    raw: dict[str, Any] = {}
+    for key in keys:
+        for layer in layers:
+            if key in layer.values:
+                raw[key] = layer.values[key]
+                break
+    for key in FILE_KEYS:
+        if key not in keys:
+            continue
+        found = next((layer for layer in layers if layer.values.get(f"{key}_file")), None)
+        if found is None:
+            continue
+        path, label = found.values[f"{key}_file"], found.name(f"{key}_file")
+        if key in raw:
+            holder = next(layer for layer in layers if key in layer.values)
+            problems.append(f"{holder.name(key)}: set either {holder.name(key)} or {label}, not both")
+            failed.add(key)
+            continue
+        try:
+            value = read_secret_file(path)
+        except FileNotFoundError:
+            problems.append(f"{label}: file {path} does not exist")
+        except OSError as exc:
+            problems.append(f"{label}: cannot read {path}: {exc.strerror}")
+        else:
+            if value:
+                raw[key] = value
+                raw[f"{key}_file"] = str(path)
+                continue
+            problems.append(f"{label}: file {path} is empty")
+        failed.add(key)
+    return raw
+
+
+def _token_url_of(values: Mapping[str, Any]) -> str | None:
+    if values.get("token_url"):
+        return str(values["token_url"]).rstrip("/")
+    domain = values.get("cognito_domain")
+    return f"{str(domain).rstrip('/')}/oauth2/token" if domain else None
+
+
+def _inherit(base: Mapping[str, Any], table: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """What a route table starts from: the top level's values, less the secrets that belong to another token
+    endpoint or app client when the route names its own. Also says whether the token endpoint is another."""
+    inherited = {key: base[key] for key in _INHERITED if base.get(key) is not None}
+    own_url = _token_url_of(table)
+    other_endpoint = own_url is not None and own_url != _token_url_of(base)
+    if other_endpoint or table.get("client_id", base.get("client_id")) != base.get("client_id"):
+        for key in _CREDENTIALS:
+            inherited.pop(key, None)
+    if own_url is not None:
+        inherited.pop("token_url", None)
+    if "grant" in table and "token" not in table:
+        inherited.pop("token", None)  # the kind follows the route's own grant
+    return inherited, other_endpoint
 
 
 Purpose = Literal["serve", "token", "login"]
@@ -251,163 +515,79 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
     config_path = env.get(_env_name("config"))
     if config_path:
         file_data = _load_toml(config_path, problems)
-
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        if name[len(ENV_PREFIX) :].lower() not in _KNOWN_KEYS:
+        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() not in _KNOWN_KEYS - {"routes"}:
             problems.append(f"{name}: unknown setting (check the spelling; see config/example.env)")
 
-    raw: dict[str, Any] = {}
-    reported: set[str] = set()  # keys with a problem already listed, so pydantic's "missing" is not repeated
-    for key in [*Settings.model_fields, "cognito_domain"]:
-        env_name = _env_name(key)
-        if env_name in env:
-            raw[key] = env[env_name]
-        elif key in file_data:
-            raw[key] = file_data[key]
-        if key not in FILE_KEYS:
-            continue
-        file_env = _env_name(f"{key}_file")
-        file_path = env.get(file_env) or file_data.get(f"{key}_file")
-        source = file_env if file_env in env else f"{key}_file in SIDECAR_CONFIG"
-        if not file_path:
-            continue
-        if key in raw:
-            problems.append(f"{env_name}: set either {env_name} or {file_env}, not both")
-            reported.add(key)
-            continue
-        try:
-            raw[key] = read_secret_file(file_path)
-        except FileNotFoundError:
-            problems.append(f"{source}: file {file_path} does not exist")
-            reported.add(key)
-            continue
-        except OSError as exc:
-            problems.append(f"{source}: cannot read {file_path}: {exc.strerror}")
-            reported.add(key)
-            continue
-        if key in FILE_KEYS:
-            raw[f"{key}_file"] = str(file_path)
-        if not raw[key]:
-            problems.append(f"{source}: file {file_path} is empty")
-            reported.add(key)
-            del raw[key]
+    environment = {key[len(ENV_PREFIX) :].lower(): value for key, value in env.items() if key.startswith(ENV_PREFIX)}
+    layers = [_Layer(environment, _env_name), _Layer(file_data, lambda key: f"{key} in SIDECAR_CONFIG")]
+    failed: set[str] = set()
+    keys = [key for key in Settings.model_fields if key != "routes" and not key.endswith("_file")]
+    raw = _merge(layers, keys, problems, failed)
 
-    domain = raw.pop("cognito_domain", None)
-    if not raw.get("token_url"):
-        if domain:
-            allow = str(raw.get("allow_insecure", "")).lower() in ("1", "true", "yes", "on")
-            try:
-                raw["token_url"] = _check_url(str(domain), allow_insecure=allow, path_allowed=False) + "/oauth2/token"
-            except ValueError as exc:
-                reported.add("token_url")
-                problems.append(f"SIDECAR_COGNITO_DOMAIN: {exc}")
-        else:
-            reported.add("token_url")
+    tables = file_data.get("routes", [])
+    labels: list[str] = []
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        problems.append("SIDECAR_CONFIG: routes must be an array of tables ([[routes]]) with prefix and upstream_url")
+        tables = []
+    route_dicts: list[dict[str, Any]] = []
+    for index, table in enumerate(tables):
+        label = f"SIDECAR_CONFIG routes[{index}] ({table.get('prefix', 'no prefix')})"
+        labels.append(label)
+        for key in sorted(set(table) - _ROUTE_KEYS):
+            problems.append(f"{label}: unknown key {key!r}")
+        known = {key: value for key, value in table.items() if key in _ROUTE_KEYS}
+        route_failed: set[str] = set()
+        layer = _Layer(known, lambda key, label=label: f"{label}: {key}")
+        inherited, other_endpoint = _inherit(raw, known)
+        route = {**inherited, **_merge([layer], [*_ROUTE_KEYS], problems, route_failed)}
+        if other_endpoint and raw.get("client_secret") and "client_secret" not in route:
             problems.append(
-                "SIDECAR_COGNITO_DOMAIN or SIDECAR_TOKEN_URL: one is required, e.g. "
-                "SIDECAR_COGNITO_DOMAIN=https://my-app.auth.us-east-1.amazoncognito.com"
+                f"{label}: client_secret: this route's token endpoint is not the top level's, so the top-level "
+                'client secret is not sent there; set client_secret_file for this route (client_secret = "" for a '
+                "public client)"
             )
-    if raw.get("client_secret") == "":
-        raw["client_secret"] = None
-    grant = raw.get("grant", "refresh_token")
-    if grant == "client_credentials":
-        # No user, no id token: the access token is what this grant gives.
-        raw.setdefault("token", "access_token")
-        if raw.get("token") == "id_token":
-            problems.append("SIDECAR_TOKEN: client_credentials gives no id token; use access_token (the default)")
-            reported.add("token")
-        if not raw.get("client_secret") and "client_secret" not in reported:
-            problems.append("SIDECAR_CLIENT_SECRET: required for client_credentials (or SIDECAR_CLIENT_SECRET_FILE)")
-            reported.add("client_secret")
-    elif (
-        grant == "refresh_token"
-        and purpose != "login"
-        and not raw.get("refresh_token")
-        and "refresh_token" not in reported
-    ):
-        problems.append(
-            "SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE); get one with "
-            "`cognito-sidecar login`, or use SIDECAR_GRANT=client_credentials for a machine-to-machine app client"
-        )
-        reported.add("refresh_token")
-
-    if isinstance(file_data.get("routes"), list):
-        raw["routes"] = _load_routes(file_data["routes"], raw, problems)
-    elif "routes" in file_data:
-        problems.append("SIDECAR_CONFIG: routes must be an array of tables ([[routes]])")
-    if purpose == "serve" and not raw.get("upstream_url") and not raw.get("routes") and "upstream_url" not in reported:
-        problems.append(
-            "SIDECAR_UPSTREAM_URL: is required, e.g. https://abc123.execute-api.us-east-1.amazonaws.com/prod"
-        )
-        reported.add("upstream_url")
+            route_failed.add("client_secret")
+        if route_failed:
+            failed.update(f"routes.{index}.{key}" for key in route_failed)
+        route_dicts.append(route)
+    if route_dicts:
+        raw["routes"] = route_dicts
     try:
-        settings = Settings.model_validate(raw)
+        settings = Settings.model_validate(raw, context={"purpose": purpose})
     except ValidationError as exc:
         for error in exc.errors(include_input=False, include_url=False):
-            key = str(error["loc"][0]) if error["loc"] else "?"
-            if key in reported:
+            place = _place(error["loc"], labels)
+            if place[1] in failed:
                 continue
-            missing = error["type"] == "missing"
-            message = "is required" if missing else str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{_env_name(key)}: {message}")
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "missing":
+                message = "is required"
+            elif error["type"] == "extra_forbidden":
+                message = "unknown setting"
+            problems.append(f"{place[0]}: {message}")
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return settings
 
 
-def _load_routes(tables: list[Any], base: Mapping[str, Any], problems: list[str]) -> list[RouteSettings]:
-    """Validate ``[[routes]]`` tables from the TOML file; each inherits what it leaves out from ``base``."""
-    routes: list[RouteSettings] = []
-    seen: set[str] = set()
-    for index, table in enumerate(tables):
-        label = f"SIDECAR_CONFIG routes[{index}]"
-        if not isinstance(table, dict):
-            problems.append(f"{label}: must be a table with prefix and upstream_url")
-            continue
-        label += f" ({table.get('prefix', 'no prefix')})"
-        unknown = sorted(set(table) - _ROUTE_KEYS)
-        if unknown:
-            problems.append(f"{label}: unknown key(s) {', '.join(unknown)}")
-            continue
-        raw: dict[str, Any] = {key: base[key] for key in _INHERITED if key in base and base[key] is not None}
-        if "client_id" in table and "refresh_token" not in table and "refresh_token_file" not in table:
-            # Another app client cannot use the top-level client's refresh token.
-            raw.pop("refresh_token", None)
-            raw.pop("refresh_token_file", None)
-        if table.get("grant") == "client_credentials" and "token" not in table:
-            raw["token"] = "access_token"
-        raw.update(
-            {key: value for key, value in table.items() if not key.endswith("_file") and key != "cognito_domain"}
-        )
-        for key in FILE_KEYS:
-            path = table.get(f"{key}_file")
-            if path:
-                try:
-                    raw[key] = read_secret_file(path)
-                except OSError as exc:
-                    problems.append(f"{label}: {key}_file {path}: {exc.strerror}")
-                    continue
-                if key in FILE_KEYS:
-                    raw[f"{key}_file"] = str(path)
-        if table.get("cognito_domain") and "token_url" not in table:
-            raw["token_url"] = str(table["cognito_domain"]).rstrip("/") + "/oauth2/token"
-        if raw.get("grant", "refresh_token") == "refresh_token" and not raw.get("refresh_token"):
-            problems.append(f"{label}: refresh_token (or refresh_token_file) is required for the refresh_token grant")
-            continue
-        try:
-            route = RouteSettings.model_validate(raw)
-        except ValidationError as exc:
-            for error in exc.errors(include_input=False, include_url=False):
-                key = str(error["loc"][0]) if error["loc"] else "?"
-                missing = error["type"] == "missing"
-                message = "is required" if missing else str(error["msg"]).removeprefix("Value error, ")
-                problems.append(f"{label}: {key}: {message}")
-            continue
-        if route.prefix in seen:
-            problems.append(f"{label}: prefix {route.prefix} is declared twice")
-        seen.add(route.prefix)
-        routes.append(route)
-    return routes
+def _place(loc: tuple[int | str, ...], labels: Sequence[str]) -> tuple[str, str]:
+    """How an error location reads in a message, and the key used to skip problems already reported."""
+    if len(loc) >= 3 and loc[0] == "routes" and isinstance(loc[1], int) and loc[1] < len(labels):
+        return f"{labels[loc[1]]}: {loc[2]}", f"routes.{loc[1]}.{loc[2]}"
+    key = str(loc[0]) if loc else "?"
+    return _env_name(key), key
+
+
+__all__ = [
+    "FILE_KEYS",
+    "FORBIDDEN_METHODS",
+    "ConfigError",
+    "RouteSettings",
+    "Settings",
+    "is_loopback",
+    "load_settings",
+    "parse_listen",
+    "read_secret_file",
+]

@@ -50,7 +50,7 @@ def test_every_problem_is_reported_at_once():
     text = str(info.value)
     for name in (
         "SIDECAR_UPSTREAM_URL",
-        "SIDECAR_COGNITO_DOMAIN or SIDECAR_TOKEN_URL",
+        "SIDECAR_TOKEN_URL: is required: set SIDECAR_COGNITO_DOMAIN",
         "SIDECAR_CLIENT_ID",
         "SIDECAR_REFRESH_TOKEN",
         "SIDECAR_TOKEN",
