@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import httpx2
 from starlette.applications import Starlette
@@ -23,11 +25,14 @@ from starlette.routing import Route
 
 from proxy.cache import RefreshPolicy, TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.credentials import Grant, Secret, grant_from_settings
+from proxy.connection import ConnectionLimits
+from proxy.credentials import Grant, Secret, grant_from_settings, secret_file_warnings
 from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
+from proxy.guard import CallerGuard, Refusal
 from proxy.logs import AccessLog
 from proxy.metrics import render
+from proxy.paths import BadPath, pick_route
 from proxy.settings import Settings
 from proxy.tokens import TokenEndpoint
 from proxy.types import Message, Receive, Scope, Send
@@ -42,10 +47,6 @@ class UpstreamRoute:
     prefix: bytes
     forwarder: Forwarder
 
-    def matches(self, raw_path: bytes) -> bool:
-        prefix = self.prefix
-        return prefix == b"/" or raw_path == prefix or raw_path.startswith(prefix + b"/")
-
 
 @dataclass
 class Sidecar:
@@ -55,8 +56,17 @@ class Sidecar:
     http: httpx2.AsyncClient
     providers: list[TokenProvider]
     routes: list[UpstreamRoute]  # longest prefix first
+    guard: CallerGuard = field(default_factory=CallerGuard)
+    # Secret files other users could read or replace (proxy.credentials.exposure): logged, shown by readyz.
+    file_warnings: list[str] = field(default_factory=list)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     draining: bool = False
     forwarders: list[Forwarder] = field(init=False)
+
+    @property
+    def errors(self) -> Counter[str]:
+        """The sidecar's own refusals outside any forwarder (callers, paths, connections), by code."""
+        return self.limits.errors
 
     def __post_init__(self) -> None:
         self.forwarders = [route.forwarder for route in self.routes]
@@ -82,52 +92,74 @@ class SidecarApp(Starlette):
     ``send`` and a regex match per route; the forwarder answers its own errors.
     """
 
-    def __init__(self, *, routes_by_prefix: list[UpstreamRoute], access_log: AccessLog | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        routes_by_prefix: list[UpstreamRoute],
+        access_log: AccessLog | None,
+        guard: CallerGuard,
+        errors: Counter[str],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.upstream_routes = routes_by_prefix
-        # The one-route form needs no matching at all.
-        self.only: Forwarder | None = (
-            routes_by_prefix[0].forwarder if len(routes_by_prefix) == 1 and routes_by_prefix[0].prefix == b"/" else None
-        )
+        self.prefixes = [route.prefix for route in routes_by_prefix]
         self.access_log = access_log
+        self.guard = guard
+        self.errors = errors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        if scope["type"] != "http" or path == "/-" or path.startswith("/-/"):
-            await self._own_route(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)  # lifespan
             return
-        forwarder = self.only or self._route(scope)
         status, code = 0, ""
         start = time.perf_counter()
         try:
-            # The forwarder says which status it sent: no wrapper around every send on the hot path.
-            if forwarder is None:
-                status, code = await self._no_route(scope, send), "no_route"
-            else:
-                status, code = await forwarder.forward(scope, receive, send)
+            # Who is asking, then which route: nothing is done for a caller the sidecar does not serve.
+            refusal = self.guard.check(scope)
+            index = None
+            if refusal is None:
+                try:
+                    index = self._route(scope)
+                except BadPath as exc:
+                    refusal = Refusal(400, exc.code, str(exc))
+            if refusal is None:
+                path: str = scope["path"]
+                if path == "/-" or path.startswith("/-/"):
+                    status = await self._own_route(scope, receive, send)
+                    return
+                refusal = self.guard.check_caller(scope)
+            if refusal is None:
+                if index is None:
+                    refusal = self._no_route(scope)
+                else:
+                    # The forwarder says which status it sent: no wrapper around every send on the hot path.
+                    status, code = await self.upstream_routes[index].forwarder.forward(scope, receive, send)
+                    return
+            status, code = refusal.status, refusal.code
+            self.errors[code] += 1
+            await send_error(send, refusal.status, refusal.code, refusal.detail, refusal.headers)
         finally:
             if self.access_log is not None:
                 self.access_log.record(scope, status, time.perf_counter() - start, code)
 
-    def _route(self, scope: Scope) -> Forwarder | None:
+    def _route(self, scope: Scope) -> int | None:
+        """The index of the route for the request's path, once its dot segments are resolved (the scope then
+        holds the resolved path: it is what is matched, logged and forwarded)."""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        for route in self.upstream_routes:
-            if route.matches(raw_path):
-                return route.forwarder
-        return None
+        index, path = pick_route(self.prefixes, raw_path)
+        if path is not raw_path:
+            scope["raw_path"] = path
+            scope["path"] = unquote(path.decode("latin-1"))
+        return index
 
-    async def _no_route(self, scope: Scope, send: Send) -> int:
-        prefixes = ", ".join(route.prefix.decode() for route in self.upstream_routes)
-        await send_error(send, 404, "no_route", f"no route matches {scope['path']}; routes: {prefixes}")
-        return 404
+    def _no_route(self, scope: Scope) -> Refusal:
+        prefixes = ", ".join(prefix.decode() for prefix in self.prefixes)
+        return Refusal(404, "no_route", f"no route matches {scope['path']}; routes: {prefixes}")
 
-    async def _own_route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Lifespan and the reserved ``/-/`` routes, through Starlette (logged like any other request)."""
-        if scope["type"] != "http" or self.access_log is None:
-            await super().__call__(scope, receive, send)
-            return
+    async def _own_route(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """The reserved ``/-/`` routes, through Starlette; returns the status sent."""
         status = 0
-        start = time.perf_counter()
 
         async def send_and_note_status(message: Message) -> None:
             nonlocal status
@@ -135,10 +167,8 @@ class SidecarApp(Starlette):
                 status = message["status"]
             await send(message)
 
-        try:
-            await super().__call__(scope, receive, send_and_note_status)
-        finally:
-            self.access_log.record(scope, status, time.perf_counter() - start)
+        await super().__call__(scope, receive, send_and_note_status)
+        return status
 
 
 def _error(status: int, code: str, detail: str) -> Response:
@@ -190,11 +220,30 @@ def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, cl
                 pool_timeout=settings.pool_timeout,
                 max_connections=settings.max_connections,
                 api_key=Secret(route.api_key.get_secret_value(), route.api_key_file) if route.api_key else None,
+                max_body_bytes=settings.max_body_bytes,
+                methods=route.methods,
+                paths=route.paths,
             ),
         )
         for route in routes
     ]
-    return Sidecar(settings, http, list(providers.values()), upstream_routes)
+    caller_token = settings.caller_token
+    guard = CallerGuard(
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+        allow_from=None if settings.listens_on_loopback else settings.allow_from,
+        caller_token=Secret(caller_token.get_secret_value(), settings.caller_token_file) if caller_token else None,
+    )
+    limits = ConnectionLimits(max_clients=settings.max_clients, max_header_bytes=settings.max_header_bytes)
+    return Sidecar(
+        settings,
+        http,
+        list(providers.values()),
+        upstream_routes,
+        guard=guard,
+        limits=limits,
+        file_warnings=secret_file_warnings(settings),
+    )
 
 
 def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock: Clock = SYSTEM_CLOCK) -> SidecarApp:
@@ -216,7 +265,7 @@ def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock
         body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
         warnings = [
             warning for p in sidecar.providers for warning in (p.grant.persist_error, p.grant.shared_warning) if warning
-        ]
+        ] + sidecar.file_warnings
         if warnings:
             body["warning"] = " ".join(warnings)  # serving, but a restart (or a rotation) could lose a credential
         return JSONResponse(body)
@@ -231,6 +280,8 @@ def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for warning in sidecar.file_warnings:
+            log.warning("%s", warning)
         for forwarder in sidecar.forwarders:
             await forwarder.open()
         for provider in sidecar.providers:
@@ -256,6 +307,8 @@ def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock
     app = SidecarApp(
         routes_by_prefix=sidecar.routes,
         access_log=access_log,
+        guard=sidecar.guard,
+        errors=sidecar.errors,
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -40,8 +41,8 @@ from proxy.login import (
     write_refresh_token,
 )
 from proxy.logs import configure_logging
-from proxy.serving import GracefulServer, bind, bound_url, config_for, running, tune_gc
-from proxy.settings import Settings, load_settings
+from proxy.serving import GracefulServer, bind_listen, bound_url, config_for, running, tune_gc
+from proxy.settings import Settings, load_settings, read_secret_file
 from proxy.tokens import TokenEndpoint
 
 log = logging.getLogger("proxy")
@@ -54,7 +55,7 @@ def _serve(env: Mapping[str, str]) -> int:
     settings = load_settings(env)
     configure_logging(settings.log_level)
     app = create_app(settings)
-    sock = bind(*settings.listen_address)
+    sock = bind_listen(settings.listen, socket_mode=int(settings.socket_mode, 8))
     log.info(
         "cognito-sidecar listening on %s, forwarding to %s with the %s in the %s header",
         bound_url(sock),
@@ -71,14 +72,23 @@ def _serve(env: Mapping[str, str]) -> int:
         # Every file is re-read (a list, not any(): no short-circuit).
         results = [provider.reload_credentials() for provider in sidecar.providers]
         results += [forwarder.reload_secrets() for forwarder in sidecar.forwarders]
+        if sidecar.guard.caller_token is not None:
+            results.append(sidecar.guard.caller_token.reload())
         changed = any(results)
         log.info("SIGHUP: secret files re-read (%s)", "a value changed" if changed else "nothing changed")
 
     server = GracefulServer(
-        config_for(app, grace=settings.shutdown_grace), on_stop=start_draining, on_reload=reload_secrets
+        config_for(app, grace=settings.shutdown_grace, limits=sidecar.limits),
+        on_stop=start_draining,
+        on_reload=reload_secrets,
     )
     tune_gc()
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if settings.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(settings.unix_socket)
     return 0
 
 
@@ -146,12 +156,24 @@ async def _demo(listen: str) -> int:
     return 0
 
 
+def _emulator_secret(name: str) -> str | None:
+    """An emulator secret from ``NAME`` or the file ``NAME_FILE``: never from the command line, which any user of
+    the machine can read in ``ps``."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return read_secret_file(path) or None
+        except OSError as exc:
+            raise SidecarError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return os.environ.get(name) or None
+
+
 async def _emulator(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     stack = make_stack(
         client_id=args.client_id,
-        client_secret=args.client_secret or os.environ.get("EMULATOR_CLIENT_SECRET"),
-        refresh_token=args.refresh_token or os.environ.get("EMULATOR_REFRESH_TOKEN"),
+        client_secret=_emulator_secret("EMULATOR_CLIENT_SECRET"),
+        refresh_token=_emulator_secret("EMULATOR_REFRESH_TOKEN"),
         token_lifetime=args.token_lifetime,
         stage=args.stage,
         rotate_refresh_tokens=args.rotate,
@@ -164,7 +186,10 @@ async def _emulator(args: argparse.Namespace) -> int:
         print(f"SIDECAR_TOKEN_URL={cognito_url}/oauth2/token")
         print(f"SIDECAR_UPSTREAM_URL={api_url}/{stack.apigw.stage}")
         print(f"SIDECAR_CLIENT_ID={stack.client.client_id}")
-        print("(the client secret and refresh token are the ones given with --client-secret / --refresh-token)")
+        print(
+            "(the client secret and refresh token are EMULATOR_CLIENT_SECRET and EMULATOR_REFRESH_TOKEN, or their "
+            "_FILE variants; random ones, never shown, when unset)"
+        )
         sys.stdout.flush()
         await stop.wait()
     return 0
@@ -184,8 +209,6 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument("--cognito-port", type=int, default=9000)
     emu.add_argument("--api-port", type=int, default=9001)
     emu.add_argument("--client-id", default="emulator-client")
-    emu.add_argument("--client-secret", default=None, help="default: $EMULATOR_CLIENT_SECRET or a random one")
-    emu.add_argument("--refresh-token", default=None, help="default: $EMULATOR_REFRESH_TOKEN or a random one")
     emu.add_argument("--token-lifetime", type=int, default=3600, help="id/access token lifetime in seconds")
     emu.add_argument("--stage", default="prod")
     emu.add_argument("--rotate", action="store_true", help="rotate refresh tokens on every refresh")

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -90,6 +91,41 @@ class FileUseLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock; the file stays for the next start
             self._fd = None
+
+
+def exposure(path: Path) -> str | None:
+    """Why ``path`` (a secret file) is open to other users, or None: the file readable or writable by group or
+    others, or its directory writable by them (they could swap the file). A directory that others may only
+    list is fine: /run/secrets is 0755 under Docker and Kubernetes, and names reveal nothing."""
+    try:
+        mode = os.stat(path).st_mode
+        directory = os.stat(path.parent).st_mode
+    except OSError:
+        return None
+    problems = []
+    if mode & 0o077:
+        problems.append(f"{path} has mode {stat.S_IMODE(mode):04o} (group/others may read or write it)")
+    if directory & 0o022 and not directory & stat.S_ISVTX:
+        problems.append(f"its directory {path.parent} is writable by group/others")
+    if not problems:
+        return None
+    return (
+        "; ".join(problems)
+        + ": other users of this machine could take or replace the credential. chmod 600 the file (compose: "
+        "secrets with mode: 0400; Kubernetes: defaultMode: 0400) and 700 its directory."
+    )
+
+
+def secret_file_warnings(settings: Settings) -> list[str]:
+    """``exposure`` of every secret file the settings name (top level and routes), each file once."""
+    paths: dict[Path, None] = {}
+    for holder in (settings, *settings.routes):
+        for path in (holder.client_secret_file, holder.refresh_token_file, holder.api_key_file):
+            if path is not None:
+                paths[Path(path)] = None
+    if settings.caller_token_file is not None:
+        paths[Path(settings.caller_token_file)] = None
+    return [warning for path in paths if (warning := exposure(path)) is not None]
 
 
 class Secret:
@@ -233,10 +269,12 @@ class RefreshTokenGrant:
                 self.last_persist_window * 1000,
             )
         elif self._token.path is None:
-            log.warning(
-                "refresh token rotated, but it came from SIDECAR_REFRESH_TOKEN, not a file: the new one is kept in "
-                "memory only and a restart will fail with invalid_grant. Use SIDECAR_REFRESH_TOKEN_FILE."
+            # Said at every rotation, and shown by /-/readyz: each one makes the configured value older.
+            self.persist_error = (
+                "Cognito rotated the refresh token, which came from SIDECAR_REFRESH_TOKEN, not a file: the new one "
+                "is kept in memory only and a restart will fail with invalid_grant. Use SIDECAR_REFRESH_TOKEN_FILE."
             )
+            log.warning("%s", self.persist_error)
 
     def _persist_pending(self) -> bool:
         """Write a rotated refresh token that is not on disk yet; True when one was written now."""

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx2
 
 from proxy.cache import TokenProvider
-from proxy.credentials import grant_from_settings
+from proxy.credentials import grant_from_settings, secret_file_warnings
 from proxy.errors import ConfigError, TokenEndpointError, TokenError
 from proxy.settings import Settings, load_settings
 from proxy.tokens import Token, TokenEndpoint
@@ -128,6 +128,7 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
         findings.extend(Finding("FAIL", "setting", problem) for problem in exc.problems)
         return findings
     findings.append(Finding("PASS", "settings are valid", f"token endpoint {settings.token_url}"))
+    findings.extend(Finding("WARN", "a secret file is open to other users", w) for w in secret_file_warnings(settings))
     findings.append(await _reachable(settings.token_url))
     if findings[-1].status == "FAIL":
         return findings

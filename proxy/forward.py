@@ -15,9 +15,10 @@ token; any other gets the 401 as it came.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from yarl import URL
 
 from proxy.credentials import Secret
 from proxy.errors import TokenError, error_body
+from proxy.guard import CALLER_HEADER
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
 from proxy.tokens import Token
 from proxy.types import Receive, Scope, Send
@@ -66,11 +68,14 @@ class ForwardError(Exception):
     place that turns it into an answer (or, once the upstream's status line has been relayed, a closed
     connection)."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, *, close: bool = False) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        # The client stopped sending mid-body: the connection is not worth keeping (a body that is too large
+        # is read and dropped by the parser, so that connection stays usable).
+        self.close = close
 
 
 _PLAIN_PATH = "the request target must be a plain ASCII path such as /items?id=1"
@@ -104,6 +109,9 @@ class Forwarder:
         pool_timeout: float,
         max_connections: int,
         api_key: Secret | None = None,
+        max_body_bytes: int = 0,
+        methods: Iterable[str] | None = None,
+        paths: Iterable[str] | None = None,
     ) -> None:
         parts = urlsplit(upstream_url)
         self._scheme = parts.scheme
@@ -118,7 +126,10 @@ class Forwarder:
         self._extra = self._extra_headers()
         # Names a client may not set (the sidecar sets them), and the headers set for the current token:
         # built once per token, not per request.
-        self.replaced = frozenset(name.encode("latin-1") for name, _ in ((self._header, ""), *self._extra))
+        # The caller token is the sidecar's business alone: never forwarded, whatever the settings.
+        self.replaced = frozenset(
+            {CALLER_HEADER, *(name.encode("latin-1") for name, _ in ((self._header, ""), *self._extra))}
+        )
         self._token_headers: tuple[Token, tuple[tuple[str, str], ...]] | None = None
         # connect bounds the whole wait for a connection, a free pooled one or a new one (whose handshake is
         # bounded by sock_connect too), as SIDECAR_POOL_TIMEOUT documents; sock_read bounds every wait for
@@ -128,6 +139,14 @@ class Forwarder:
             total=None, connect=self.pool_wait, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.max_body_bytes = max_body_bytes
+        self.methods = frozenset(methods) if methods is not None else None
+        self.paths = tuple(paths) if paths is not None else None
+        # Streamed uploads may hold at most half the upstream connections, however slowly their clients send:
+        # the other half stays free for everyone else. A streamed upload that finds no slot within the pool
+        # wait gets 503 at once.
+        self.upload_slots = asyncio.Semaphore(max(1, max_connections // 2))
         self.session: aiohttp.ClientSession | None = None
         self.replays = 0
         # The sidecar's own error answers by code, for /-/metrics; counted off the success path only.
@@ -152,6 +171,17 @@ class Forwarder:
         self._extra = self._extra_headers()
         self._token_headers = None
         return True
+
+    def refusal(self, method: str, raw_path: bytes) -> ForwardError | None:
+        """The route's method and path allowlists (``methods``, ``paths`` in its TOML table), if it has them."""
+        if self.methods is not None and method not in self.methods:
+            allowed = ", ".join(sorted(self.methods))
+            return ForwardError(405, "method_not_allowed", f"this route accepts {allowed} only")
+        if self.paths is not None:
+            path = raw_path.decode("latin-1")
+            if not any(fnmatch.fnmatchcase(path, pattern) for pattern in self.paths):
+                return ForwardError(403, "path_not_allowed", "this path is not in the route's paths allowlist")
+        return None
 
     async def open(self) -> None:
         """Create the client session (one per route); called from the app's lifespan, inside the running loop."""
@@ -221,7 +251,8 @@ class Forwarder:
             # client sees a broken response rather than a truncated one that looks complete.
             log.warning("%s %s: %s; closing the client connection", exchange.method, self.host, failure.detail)
             return exchange.status, failure.code
-        await send_error(exchange.send, failure.status, failure.code, failure.detail)
+        headers = ((b"connection", b"close"),) if failure.close else ()
+        await send_error(exchange.send, failure.status, failure.code, failure.detail, headers)
         return failure.status, failure.code
 
 
@@ -231,7 +262,18 @@ class Exchange:
     Every failure is raised as ``ForwardError``; ``status`` is what was sent to the client so far (0: nothing).
     """
 
-    __slots__ = ("body", "forwarder", "method", "receive", "replayable", "scope", "send", "status")
+    __slots__ = (
+        "body",
+        "body_failure",
+        "forwarder",
+        "method",
+        "receive",
+        "replayable",
+        "scope",
+        "send",
+        "slot",
+        "status",
+    )
 
     def __init__(self, forwarder: Forwarder, scope: Scope, receive: Receive, send: Send) -> None:
         self.forwarder = forwarder
@@ -242,21 +284,79 @@ class Exchange:
         self.body: bytes | AsyncIterator[bytes] | None = None
         self.replayable = self.method in IDEMPOTENT_METHODS
         self.status = 0
+        self.slot = False
+        self.body_failure: ForwardError | ClientGone | None = None
 
     async def run(self) -> int:
         forwarder = self.forwarder
         session = forwarder.session
         if session is None:
             raise ForwardError(503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
+        if forwarder.methods is not None or forwarder.paths is not None:
+            refused = forwarder.refusal(self.method, self.scope.get("raw_path") or b"")
+            if refused is not None:
+                raise refused
         url = forwarder.url(self.scope)
         length = request_body_length(self.scope["headers"])
+        limit = forwarder.max_body_bytes
+        if length and limit and length > limit:
+            raise _too_large(limit)
         if length != 0:
             if length is not None and length <= REPLAY_BODY_LIMIT:
-                self.body = await _read_body(self.receive, limit=length)
+                self.body = await _read_body(self.receive, limit=length, stall=forwarder.read_timeout)
             else:
-                self.body = _stream_body(self.receive)
+                await self._upload_slot()
+                self.body = self._stream_body(limit)
                 self.replayable = False  # a streamed body cannot be sent twice
 
+        try:
+            await self._exchange(session, url)
+        finally:
+            if self.slot:
+                forwarder.upload_slots.release()
+        return self.status
+
+    async def _upload_slot(self) -> None:
+        slots = self.forwarder.upload_slots
+        try:
+            await asyncio.wait_for(slots.acquire(), self.forwarder.pool_wait)
+        except TimeoutError:
+            raise ForwardError(
+                503,
+                "too_many_uploads",
+                "half the upstream connections carry streamed uploads already (the other half stay free for other "
+                "requests); retry shortly",
+            ) from None
+        self.slot = True
+
+    async def _stream_body(self, limit: int) -> AsyncIterator[bytes]:
+        """The request body as it arrives, cut off (and the upstream request aborted) past ``limit`` bytes or
+        when the client stalls for longer than the read timeout."""
+        stall = self.forwarder.read_timeout
+        size = 0
+        receive = self.receive
+        while True:
+            try:
+                async with asyncio.timeout(stall):
+                    message = await receive()
+            except TimeoutError:
+                self.body_failure = _stalled(stall)
+                raise self.body_failure from None
+            if message["type"] == "http.disconnect":
+                self.body_failure = ClientGone()
+                raise self.body_failure
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if limit and size > limit:
+                    self.body_failure = _too_large(limit)
+                    raise self.body_failure
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def _exchange(self, session: aiohttp.ClientSession, url: URL) -> None:
+        forwarder = self.forwarder
         tokens = forwarder.tokens
         try:
             token = await tokens.get()
@@ -272,7 +372,7 @@ class Exchange:
                     log.info("API Gateway refused the token; replaying %s once with a new one", self.method)
                     response.release()
                     response = await self._send_upstream(session, url, fresh)
-            return await self._relay(response)
+            await self._relay(response)
         finally:
             response.release()
 
@@ -291,7 +391,13 @@ class Exchange:
             return await session.request(
                 self.method, url, headers=headers, data=self.body, allow_redirects=False, compress=None
             )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ForwardError, ClientGone) as exc:
+            # A failure of the request body (too large, stalled, client gone) is what the client hears about,
+            # however the client library wrapped it.
+            if self.body_failure is not None:
+                raise self.body_failure from None
+            if isinstance(exc, ForwardError | ClientGone):
+                raise
             raise _upstream_failure(exc, forwarder) from None
 
     async def _relay(self, response: aiohttp.ClientResponse) -> int:
@@ -344,11 +450,28 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-async def _read_body(receive: Receive, *, limit: int) -> bytes:
+def _too_large(limit: int) -> ForwardError:
+    return ForwardError(
+        413,
+        "body_too_large",
+        f"the request body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES; API Gateway's own payload limit "
+        "is 10 MB)",
+    )
+
+
+def _stalled(seconds: float) -> ForwardError:
+    return ForwardError(408, "body_timeout", f"the request body stalled for more than {seconds:g} s", close=True)
+
+
+async def _read_body(receive: Receive, *, limit: int, stall: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(stall):
+                message = await receive()
+        except TimeoutError:
+            raise _stalled(stall) from None
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -360,19 +483,9 @@ async def _read_body(receive: Receive, *, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
-
-
-async def send_error(send: Send, status: int, code: str, detail: str) -> None:
+async def send_error(
+    send: Send, status: int, code: str, detail: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
     body = error_body(code, detail)
     await send(
         {
@@ -383,6 +496,7 @@ async def send_error(send: Send, status: int, code: str, detail: str) -> None:
                 (b"content-length", str(len(body)).encode()),
                 (b"x-sidecar-error", code.encode()),
                 (b"cache-control", b"no-store"),
+                *headers,
             ],
         }
     )

@@ -26,8 +26,11 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request headers the sidecar sets itself or must not pass: Host is the upstream's; Expect would make the
-# client library wait for a 100 Continue that API Gateway may never send; X-Forwarded-* are rebuilt.
-_REQUEST_OWN = frozenset({b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# client library wait for a 100 Continue that API Gateway may never send; X-Forwarded-* are rebuilt, and
+# Forwarded and X-Real-IP (which would contradict them, and which some backends believe) are dropped.
+_REQUEST_OWN = frozenset(
+    {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
 
 
 def _listed(value: bytes) -> set[bytes]:

@@ -6,6 +6,7 @@ label or value ever holds a token, a secret or a URL with credentials.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -22,6 +23,9 @@ class _Parts(Protocol):
     providers: list[TokenProvider]
     forwarders: list[Forwarder]
     draining: bool
+
+    @property
+    def errors(self) -> Counter[str]: ...
 
 
 class SidecarCollector(Collector):
@@ -90,7 +94,7 @@ class SidecarCollector(Collector):
             value=total(f.replays for f in forwarders),
         )
         errors = CounterMetricFamily("sidecar_errors", "The sidecar's own error answers, by code", labels=["code"])
-        codes: dict[str, int] = {}
+        codes: dict[str, int] = dict(self._parts.errors)
         for forwarder in forwarders:
             for code, count in forwarder.errors.items():
                 codes[code] = codes.get(code, 0) + count

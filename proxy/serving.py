@@ -11,16 +11,20 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
+import stat
 from collections.abc import AsyncIterator, Callable, Generator
 from types import FrameType
 
 import uvicorn
 
 from proxy.coalesce import CoalescingHttpToolsProtocol
+from proxy.connection import KEEP_ALIVE_TIMEOUT, ConnectionLimits, protocol_for
 from proxy.errors import SidecarError
 from proxy.logs import quiet_uvicorn
+from proxy.settings import parse_listen
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
 # How long in-flight requests may run on after a stop is asked for.
@@ -82,19 +86,59 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_unix(path: str, mode: int) -> socket.socket:
+    """A listening Unix socket at ``path`` with file mode ``mode`` (who may connect is who may use the credential).
+
+    A stale socket left by a killed sidecar is replaced; any other file at ``path`` is an error.
+    """
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ListenError("unix:" + path, 0, (exc.strerror or str(exc)).lower()) from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Created with no access for anyone but the owner, then opened up to ``mode``: never briefly wider.
+    previous = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ListenError("unix:" + path, 0, (exc.strerror or str(exc)).lower()) from None
+    finally:
+        os.umask(previous)
+    os.chmod(path, mode)
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_listen(listen: str, *, socket_mode: int = 0o660) -> socket.socket:
+    """``bind`` or ``bind_unix`` for a ``SIDECAR_LISTEN`` value (``host:port`` or ``unix:/path``)."""
+    if listen.startswith("unix:"):
+        return bind_unix(listen.removeprefix("unix:"), socket_mode)
+    return bind(*parse_listen(listen))
+
+
 def bound_url(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
     host, port = sock.getsockname()[:2]
     return f"http://{format_address(host, port)}"
 
 
-def config_for(app: ASGIApp, *, grace: int = DEFAULT_GRACE) -> uvicorn.Config:
+def config_for(app: ASGIApp, *, grace: int = DEFAULT_GRACE, limits: ConnectionLimits | None = None) -> uvicorn.Config:
     """uvicorn settings shared by every server: no Server/Date headers of its own (the upstream's pass through),
-    no access log of its own (the sidecar's ``AccessLog`` is cheaper)."""
+    no access log of its own (the sidecar's ``AccessLog`` is cheaper). ``limits``: the sidecar's connection
+    limits (``proxy.connection``); the emulator's servers run without."""
     quiet_uvicorn()
     return uvicorn.Config(
         app,
         lifespan="on",
-        http=CoalescingHttpToolsProtocol,
+        http=protocol_for(limits) if limits is not None else CoalescingHttpToolsProtocol,
+        # No WebSocket: an Upgrade request is an ordinary request whose Upgrade header is dropped.
+        ws="none",
         loop="uvloop",
         server_header=False,
         # The peer address is the truth: X-Forwarded-For from a client is passed on, never believed.
@@ -103,7 +147,7 @@ def config_for(app: ASGIApp, *, grace: int = DEFAULT_GRACE) -> uvicorn.Config:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=grace,
-        timeout_keep_alive=75,
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
     )
 
 
@@ -169,12 +213,21 @@ def _notify_startup(app: ASGIApp, started: asyncio.Event) -> ASGIApp:
 
 
 @contextlib.asynccontextmanager
-async def running(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, grace: int = 5) -> AsyncIterator[str]:
-    """Serve ``app`` in this loop; yields its base URL once its lifespan startup is done."""
-    sock = bind(host, port)
+async def running(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    grace: int = 5,
+    limits: ConnectionLimits | None = None,
+    sock: socket.socket | None = None,
+) -> AsyncIterator[str]:
+    """Serve ``app`` in this loop (on ``sock``, or a new socket on ``host:port``); yields its base URL
+    (``unix:/path`` for a Unix socket) once its lifespan startup is done."""
+    sock = sock or bind(host, port)
     url = bound_url(sock)
     started = asyncio.Event()
-    server = _EmbeddedServer(config_for(_notify_startup(app, started), grace=grace))
+    server = _EmbeddedServer(config_for(_notify_startup(app, started), grace=grace, limits=limits))
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn {url}")
     waiter = asyncio.create_task(started.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)

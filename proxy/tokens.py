@@ -8,10 +8,12 @@ happened, the likely causes for the flow in progress, what to do, and the raw st
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -274,10 +276,23 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     return max(when.timestamp() - now, 0.0)
 
 
+def _secret_forms(client_id: str, client_secret: str | None) -> tuple[str, ...]:
+    """Every form in which the client secret leaves this process, so that an endpoint echoing the request
+    cannot make the sidecar show it: raw (and form-encoded, see ``_excerpt``), and as the Basic credentials
+    ``base64(id:secret)``, with or without padding."""
+    if not client_secret:
+        return ()
+    basic = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode("ascii")
+    return (client_secret, basic, basic.rstrip("="))
+
+
 def _excerpt(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
+            encoded = urllib.parse.quote_plus(secret)
+            if encoded != secret:
+                text = text.replace(encoded, "[redacted]")
     text = " ".join(text.split())
     if len(text) > BODY_EXCERPT_CHARS:
         text = text[:BODY_EXCERPT_CHARS] + "..."
@@ -339,7 +354,7 @@ class TokenEndpoint:
         on_refresh_token: Callable[[str], None] | None = None,
     ) -> TokenResponse:
         """POST ``form`` with client authentication; classify every failure."""
-        secrets = (*secrets, client_secret or "")
+        secrets = (*secrets, *_secret_forms(self.client_id, client_secret))
         # A public client authenticates with client_id in the body alone: no Authorization header at all.
         auth = httpx2.BasicAuth(self.client_id, client_secret) if client_secret else httpx2.USE_CLIENT_DEFAULT
         self.requests += 1

@@ -173,9 +173,10 @@ def emulator_token(procs: list[subprocess.Popen[bytes]]) -> str:
     """A real token answer (JSON) from the emulator for client ``bench``, valid 24 h; the emulator joins ``procs``."""
     cognito_port, api_port = free_port(), free_port()
     command = [sys.executable, "-m", "proxy", "emulator", "--cognito-port", str(cognito_port), "--api-port"]
-    command += [str(api_port), "--client-id", "bench", "--client-secret", "bench-secret"]
-    command += ["--refresh-token", "bench-rt", "--token-lifetime", "86400"]
-    procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=ROOT))
+    command += [str(api_port), "--client-id", "bench", "--token-lifetime", "86400"]
+    # Secrets by environment, never argv (ps shows argv to every user).
+    env = {**os.environ, "EMULATOR_CLIENT_SECRET": "bench-secret", "EMULATOR_REFRESH_TOKEN": "bench-rt"}
+    procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=ROOT, env=env))
     wait_port(cognito_port)
     answer = httpx2.post(
         f"http://127.0.0.1:{cognito_port}/oauth2/token",

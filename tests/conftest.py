@@ -136,7 +136,7 @@ async def run_sidecar(
     if clock is not None:
         kwargs["clock"] = clock
     app = create_app(settings, **kwargs)
-    async with running(app) as url:
+    async with running(app, limits=app.state.sidecar.limits) as url:
         yield RunningSidecar(url, app.state.sidecar)
 
 

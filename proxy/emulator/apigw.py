@@ -8,6 +8,7 @@ a fingerprint), body size and digest, and the token's verified claims, never the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -52,6 +53,8 @@ class ApiGatewayEmulator:
         self.authorized = 0
         # Requests refused because their token had expired: a sidecar must keep this at 0.
         self.expired = 0
+        self.cut_off = 0  # requests whose body the client (the sidecar) aborted
+        self.seen = asyncio.Event()  # set by every request: tests wait on it instead of polling
         self.last_claims: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
@@ -69,6 +72,7 @@ class ApiGatewayEmulator:
         if scope["type"] != "http":
             return
         self.requests += 1
+        self.seen.set()
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         prefix = f"/{self.stage}".encode()
         if not (raw_path == prefix or raw_path.startswith(prefix + b"/")):
@@ -104,14 +108,23 @@ class ApiGatewayEmulator:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                self.cut_off += 1  # the body never arrived whole: the client aborted the request
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             digest.update(chunk)
             if not message.get("more_body", False):
                 break
+        # Secrets are shown by fingerprint only: the token, and the API key.
         shown = [
-            [k.decode("latin-1"), f"[token {fingerprint(token)}]" if k == self._header else v.decode("latin-1")]
+            [
+                k.decode("latin-1"),
+                f"[token {fingerprint(token)}]"
+                if k == self._header
+                else f"[api key {fingerprint(v.decode('latin-1'))}]"
+                if k == b"x-api-key"
+                else v.decode("latin-1"),
+            ]
             for k, v in headers
         ]
         echo = {

@@ -1,0 +1,251 @@
+"""What a client connection may cost: the limits enforced below the app, in uvicorn's httptools protocol.
+
+uvicorn sets none of these itself (measured: 2,000 idle sockets all open after 85 s, a slowloris sending a
+header line every 10 s connected for 100 s, a 64 MiB header block taking 240 MiB of memory):
+
+- at most ``max_clients`` connections: one more gets 503 ``too_many_clients`` and is closed at once,
+  rather than queued behind the others;
+- a request head (request line and headers) must arrive whole within ``HEAD_TIMEOUT`` of the connection
+  opening or of its first byte (408 ``request_timeout``, or a plain close when nothing was sent);
+- a head larger than ``max_header_bytes`` gets 431 ``headers_too_large`` as soon as it crosses the limit;
+- chunked trailers are dropped: httptools reports them like headers, and uvicorn would append them to
+  the request's headers, which the forwarder may still be reading;
+- a request httptools cannot parse, or one asking to upgrade the connection (WebSocket, h2c), gets the
+  sidecar's JSON 400 instead of uvicorn's plain text (or, for an upgrade, a forwarded request whose body
+  the parser would never read).
+
+Idle keep-alive connections close after ``KEEP_ALIVE_TIMEOUT`` (uvicorn's own timer). Every refusal is
+counted in ``ConnectionLimits.errors`` (shown as ``sidecar_errors_total{code}``) and logged, at most one
+line per code per ``LOG_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httptools
+
+from proxy.coalesce import CoalescingHttpToolsProtocol
+from proxy.errors import error_body
+from proxy.settings import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER_BYTES
+
+log = logging.getLogger("proxy.connection")
+
+# A legacy client sends its whole request head in one write; 10 s is generous for any real network and
+# short enough that a slowloris holds a socket for seconds, not minutes.
+HEAD_TIMEOUT = 10.0
+# An idle keep-alive connection is closed after this. Longer than the 60 s idle timeout of common clients
+# and load balancers, so the client closes first and never reuses a connection the sidecar is closing.
+KEEP_ALIVE_TIMEOUT = 75
+# After a refusal, what the client still sends is read and dropped for up to this long before the connection
+# closes: closing with unread data makes the kernel send a reset, and the client would lose the answer.
+LINGER_TIMEOUT = 2.0
+# Refusals log one line per code per this many seconds, with the count since: a flood must not flood the log.
+LOG_INTERVAL = 10.0
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS[503] = b"Service Unavailable"
+
+
+@dataclass
+class ConnectionLimits:
+    """The limits above, and the counters their refusals go to (shared with the app's metrics)."""
+
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    head_timeout: float = HEAD_TIMEOUT
+    errors: Counter[str] = field(default_factory=Counter)
+    _logged: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
+
+    def refused(self, code: str, detail: str) -> None:
+        """Count a refusal and log it, at most one line per code per ``LOG_INTERVAL``."""
+        self.errors[code] += 1
+        now = time.monotonic()
+        last, count = self._logged.get(code, (0.0, 0))
+        if now - last >= LOG_INTERVAL:
+            more = f" ({count} more since the last line)" if count else ""
+            log.warning("%s: %s%s", code, detail, more)
+            self._logged[code] = (now, 0)
+        else:
+            self._logged[code] = (last, count + 1)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def refusal_bytes(status: int, code: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 answer in the sidecar's JSON error format, closing the connection."""
+    body = error_body(code, detail)
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nx-sidecar-error: %s\r\n"
+        b"cache-control: no-store\r\nconnection: close\r\n\r\n"
+        % (status, _REASONS.get(status, b"Error"), len(body), code.encode())
+    )
+    return head + body
+
+
+class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
+    """uvicorn's httptools protocol (with coalesced writes) enforcing ``limits``; see the module docstring.
+
+    Build a subclass bound to one ``ConnectionLimits`` with ``protocol_for``.
+    """
+
+    limits: ConnectionLimits = ConnectionLimits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._in_head = True
+        self._began = False
+        self._head_bytes = 0
+        self._head_started = False
+        self._lingering = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        limits = self.limits
+        if len(self.connections) > limits.max_clients:
+            self._refuse(
+                503,
+                "too_many_clients",
+                f"the sidecar already serves {limits.max_clients} connections (SIDECAR_MAX_CLIENTS); retry shortly",
+            )
+            return
+        self._head_timer = self.loop.call_later(limits.head_timeout, self._head_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # refused already: dropped, see LINGER_TIMEOUT
+        self._unset_keepalive_if_required()
+        # A read that starts inside a head and ends inside the same head is all head. (A head that begins
+        # within a read is counted by the parser callbacks, and what httptools holds of it is one read at most.)
+        counted = self._in_head
+        self._began = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            refusal = exc.__context__
+            if isinstance(refusal, _Refused):
+                self._refuse(refusal.status, refusal.code, refusal.detail)
+            else:
+                self._refuse(400, "bad_request", "the request is not valid HTTP/1.1")
+            return
+        if counted and self._in_head and not self._began:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(*self._too_large())
+
+    # Parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._began = True
+        self._head_started = True
+        self._head_bytes = 0
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_expired)
+
+    def on_url(self, url: bytes) -> None:
+        self._add_head_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked trailer: never part of the request's headers
+        self._add_head_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_started = False
+        self._cancel_head_timer()
+        if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
+            # WebSocket or h2c: the parser stops at the head, so no body or later request could be read safely.
+            # (CONNECT goes on to the app, which refuses it with 405.)
+            raise _Refused(
+                400,
+                "upgrade_not_supported",
+                "the sidecar speaks HTTP/1.1 only: no WebSocket or h2c upgrade (API Gateway's Cognito authorizer "
+                "cannot guard WebSockets either); send the request without Upgrade",
+            )
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._in_head = True
+        self._head_bytes = 0
+
+    # Helpers
+    def _add_head_bytes(self, count: int) -> None:
+        self._head_bytes += count
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise _Refused(*self._too_large())
+
+    def _too_large(self) -> tuple[int, str, str]:
+        limit = self.limits.max_header_bytes
+        return (
+            431,
+            "headers_too_large",
+            f"the request head is larger than {limit} bytes (SIDECAR_MAX_HEADER_BYTES; API Gateway itself "
+            "refuses more than 10 KiB)",
+        )
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_started:
+            limit = self.limits.head_timeout
+            self._refuse(408, "request_timeout", f"the request head did not arrive within {limit:g} s")
+        else:
+            self.transport.close()  # a connection that sent nothing at all: closed without a word
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, status: int, code: str, detail: str) -> None:
+        self._cancel_head_timer()
+        self.limits.refused(code, detail)
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A response is under way on this connection: the refusal cannot be told apart from it.
+            self.transport.close()
+            return
+        self.transport.write(refusal_bytes(status, code, detail))
+        transport = self.transport
+        if transport.can_write_eof():
+            # The answer, then end-of-stream, then read and drop until the client closes or LINGER_TIMEOUT ends.
+            self._lingering = True
+            transport.write_eof()
+            self.loop.call_later(LINGER_TIMEOUT, transport.close)
+        else:
+            transport.close()
+
+    def eof_received(self) -> None:
+        if self._lingering:
+            self.transport.close()
+
+
+def protocol_for(limits: ConnectionLimits) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class bound to ``limits``, for ``uvicorn.Config(http=...)``."""
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits})
+
+
+__all__ = ["HEAD_TIMEOUT", "KEEP_ALIVE_TIMEOUT", "ConnectionLimits", "LimitedHttpToolsProtocol", "protocol_for"]

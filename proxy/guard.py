@@ -1,0 +1,189 @@
+"""Who may use the credential: the checks a request passes before the sidecar does anything for it.
+
+The sidecar turns any request that reaches it into one carrying a credential, so it answers only callers it
+is meant for (``CallerGuard.check``, first thing for every HTTP request):
+
+- ``Host`` must name the sidecar: an IP literal, ``localhost``, a single-label name (``sidecar``, a compose
+  service), or a name in ``SIDECAR_ALLOWED_HOSTS``. A DNS-rebinding page reaches the sidecar under the
+  attacker's dotted domain, so that Host is refused with 421.
+- A browser says where a request comes from: an ``Origin`` not in ``SIDECAR_ALLOWED_ORIGINS``, or
+  ``Sec-Fetch-Site: cross-site``/``same-site`` without a listed Origin, is refused with 403. curl and
+  services send neither header.
+- On a non-loopback listener, the peer address must be in ``SIDECAR_ALLOW_FROM`` (403).
+- TRACE (echoes the token back) and CONNECT (a tunnel) are refused with 405.
+- With ``SIDECAR_CALLER_TOKEN`` set, a forwarded request must carry it in ``X-Sidecar-Caller`` (compared in
+  constant time, never forwarded), else 401.
+
+Pure over the ASGI scope; no I/O. Answers of the same Host or address are cached (bounded).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.credentials import Secret
+from proxy.settings import FORBIDDEN_METHODS
+from proxy.types import Scope
+
+CALLER_HEADER = b"x-sidecar-caller"
+# Distinct Host values and peer addresses remembered with their answer; a client cycling through more only
+# costs the check again.
+_CACHE_LIMIT = 512
+_LABEL = re.compile(rb"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The sidecar's answer to a caller it does not serve."""
+
+    status: int
+    code: str
+    detail: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+_METHOD_REFUSED = Refusal(
+    405,
+    "method_not_allowed",
+    "TRACE and CONNECT are never forwarded (TRACE would echo the token back, CONNECT would open a tunnel)",
+    # After a CONNECT head the parser reads nothing more from the connection.
+    ((b"connection", b"close"),),
+)
+_NO_CALLER = Refusal(
+    401,
+    "caller_unauthenticated",
+    "this sidecar wants the caller token in the X-Sidecar-Caller header (SIDECAR_CALLER_TOKEN)",
+)
+
+
+def host_name(value: bytes) -> bytes:
+    """The name in a Host header value, lower-cased, without the port (``[::1]:8080`` -> ``::1``)."""
+    value = value.strip().lower()
+    if value.startswith(b"["):
+        return value[1 : value.find(b"]")] if b"]" in value else value
+    name, _, _ = value.partition(b":")
+    return name
+
+
+def _is_ip(name: bytes) -> bool:
+    try:
+        ipaddress.ip_address(name.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def host_allowed(name: bytes, allowed: Sequence[str]) -> bool:
+    """IP literals, ``localhost``, single-label names, and the ``allowed`` names (exact, or ``*.suffix``)."""
+    if _is_ip(name) or name == b"localhost" or _LABEL.fullmatch(name):
+        return True
+    text = name.decode("ascii", "replace")
+    return any(text == entry or (entry.startswith("*.") and text.endswith(entry[1:])) for entry in allowed)
+
+
+class CallerGuard:
+    """The checks above, configured once. ``allow_from`` is None when the listener is loopback-only or a Unix
+    socket (the address then says nothing more). ``caller_token`` is what callers must present (re-read on SIGHUP)."""
+
+    def __init__(
+        self,
+        *,
+        allowed_hosts: Sequence[str] = (),
+        allowed_origins: Sequence[str] = (),
+        allow_from: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+        caller_token: Secret | None = None,
+    ) -> None:
+        self._allowed_hosts = tuple(allowed_hosts)
+        self._origins = frozenset(origin.encode() for origin in allowed_origins)
+        self._allow_from = tuple(allow_from) if allow_from is not None else None
+        self.caller_token = caller_token
+        self._hosts: dict[bytes, bool] = {}
+        self._peers: dict[str, bool] = {}
+
+    def check(self, scope: Scope) -> Refusal | None:
+        """Host, browser origin, peer address and method: None when the request may go on."""
+        if scope["method"] in FORBIDDEN_METHODS:
+            return _METHOD_REFUSED
+        host = origin = fetch_site = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"sec-fetch-site":
+                fetch_site = value
+        if host is not None and not self._host_ok(host):
+            shown = host_name(host).decode("ascii", "replace")[:100]
+            return Refusal(
+                421,
+                "host_not_allowed",
+                f"Host {shown!r} is not this sidecar's name; a browser page may be trying to reach it through DNS "
+                "rebinding. Call it by IP, localhost or a single-label name, or list the name in "
+                "SIDECAR_ALLOWED_HOSTS",
+            )
+        if origin is not None and origin.strip().lower() not in self._origins:
+            shown = origin.decode("ascii", "replace")[:100]
+            return Refusal(
+                403,
+                "origin_not_allowed",
+                f"requests from web pages are refused (Origin {shown!r}); list trusted origins in "
+                "SIDECAR_ALLOWED_ORIGINS",
+            )
+        if fetch_site in (b"cross-site", b"same-site") and origin is None:
+            return Refusal(
+                403,
+                "origin_not_allowed",
+                "a browser sent this request from another site (Sec-Fetch-Site); list trusted origins in "
+                "SIDECAR_ALLOWED_ORIGINS",
+            )
+        if self._allow_from is not None:
+            client = scope.get("client")
+            if client and not self._peer_ok(client[0]):
+                return Refusal(
+                    403,
+                    "client_not_allowed",
+                    f"{client[0]} is not in SIDECAR_ALLOW_FROM; add its network there to let it use the sidecar",
+                )
+        return None
+
+    def check_caller(self, scope: Scope) -> Refusal | None:
+        """The caller token, for a request about to be forwarded: None when it is not required or is right."""
+        expected = self.caller_token
+        if expected is None:
+            return None
+        given = next((value for name, value in scope["headers"] if name == CALLER_HEADER), None)
+        if given is None or not hmac.compare_digest(given, expected.value.encode()):
+            return _NO_CALLER
+        return None
+
+    def _host_ok(self, host: bytes) -> bool:
+        known = self._hosts.get(host)
+        if known is None:
+            known = host_allowed(host_name(host), self._allowed_hosts)
+            if len(self._hosts) >= _CACHE_LIMIT:
+                self._hosts.clear()
+            self._hosts[host] = known
+        return known
+
+    def _peer_ok(self, address: str) -> bool:
+        known = self._peers.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
+                known = any(ip in network for network in self._allow_from or ())
+            if len(self._peers) >= _CACHE_LIMIT:
+                self._peers.clear()
+            self._peers[address] = known
+        return known
+
+
+__all__ = ["CALLER_HEADER", "CallerGuard", "Refusal", "host_allowed", "host_name"]

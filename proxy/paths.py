@@ -1,0 +1,78 @@
+"""Request paths: dot-segment removal and route matching, as pure functions over raw (still encoded) paths.
+
+A path is normalised before any route is chosen, so ``/b/../stageA/admin`` can never be matched by route
+``/b`` and then climb out of its upstream's base path: RFC 3986 5.2.4 removes the dot segments, and a path
+whose dot segments would change the route its own first segments name, or climb above ``/``, is refused.
+Encoded dot segments (``%2e``, ``.%2E``) are refused outright: some upstreams decode them and some do not,
+so no single reading of them is safe. No ``..`` segment is ever forwarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.errors import SidecarError
+
+
+class BadPath(SidecarError):
+    """A path the sidecar will not forward; ``str`` says why."""
+
+    code = "bad_request"
+
+
+def _has_dot_segment(raw_path: bytes) -> bool:
+    """Fast check: can ``raw_path`` hold a dot segment, plain or encoded? (False for nearly every request.)"""
+    return b"/." in raw_path or b"%2" in raw_path
+
+
+def _is_encoded_dot(segment: bytes) -> bool:
+    lowered = segment.lower()
+    return b"%2e" in lowered and lowered.replace(b"%2e", b".") in (b".", b"..")
+
+
+def remove_dot_segments(raw_path: bytes) -> bytes:
+    """``raw_path`` with ``.`` and ``..`` segments resolved (RFC 3986 5.2.4). Raises ``BadPath`` for an encoded
+    dot segment or a ``..`` that would climb above the root."""
+    if not _has_dot_segment(raw_path):
+        return raw_path
+    segments = raw_path.split(b"/")[1:]
+    out: list[bytes] = []
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if _is_encoded_dot(segment):
+            raise BadPath("the path has an encoded dot segment (%2e); send the path without it")
+        if segment == b".":
+            if last:
+                out.append(b"")
+        elif segment == b"..":
+            if not out:
+                raise BadPath("the path climbs above / with ..; send the path the upstream should see")
+            out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+def prefix_matches(prefix: bytes, raw_path: bytes) -> bool:
+    """Whether route ``prefix`` (no trailing slash; ``/`` matches everything) takes ``raw_path``."""
+    return prefix == b"/" or raw_path == prefix or raw_path.startswith(prefix + b"/")
+
+
+def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, bytes]:
+    """The index of the route (``prefixes`` longest first) that takes ``raw_path``, and the path to forward.
+
+    The path is normalised first; when that changes which route takes it, the request is refused
+    (``BadPath``): a path's dot segments never reach another route.
+    """
+    path = remove_dot_segments(raw_path)
+    chosen = next((index for index, prefix in enumerate(prefixes) if prefix_matches(prefix, path)), None)
+    if path != raw_path:
+        literal = next((index for index, prefix in enumerate(prefixes) if prefix_matches(prefix, raw_path)), None)
+        if literal != chosen:
+            raise BadPath("the path's dot segments lead out of the route it names; send the path without them")
+    return chosen, path
+
+
+__all__ = ["BadPath", "pick_route", "prefix_matches", "remove_dot_segments"]
