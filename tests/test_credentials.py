@@ -14,7 +14,7 @@ import httpx2
 import pytest
 from pydantic import SecretStr
 
-from proxy.credentials import write_secret_file
+from proxy.credentials import exposure, write_secret_file
 from proxy.emulator import fingerprint
 from proxy.settings import read_secret_file
 from tests.conftest import FakeClock, Stack, run_sidecar, run_stack, sidecar_process, stack_env
@@ -188,6 +188,7 @@ async def test_a_second_sidecar_on_the_same_refresh_token_file_is_warned_about(
     async with run_stack() as stack:
         token_file = tmp_path / "refresh-token"
         token_file.write_text(stack.emulator.refresh_token + "\n")
+        token_file.chmod(0o600)  # (a group-readable file is warned about too; not the subject here)
         settings = stack.settings(refresh_token_file=token_file)
         async with run_sidecar(settings) as first, run_sidecar(settings) as second:
             assert (await client.get(f"{first.url}/a")).status_code == 200
@@ -202,3 +203,37 @@ async def test_a_second_sidecar_on_the_same_refresh_token_file_is_warned_about(
     assert "rotat" in shared.json()["warning"]
     assert "another process" in caplog.text
     assert "warning" not in after.json()
+
+
+async def test_a_rotation_that_cannot_be_persisted_is_warned_about_every_time(
+    client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+):
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, token_lifetime=600) as stack:
+        stack.use_clock(clock)
+        # The refresh token from the environment: nowhere to write the rotated one.
+        async with run_sidecar(stack.settings(), clock=clock) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+            clock.advance(600)
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+            ready = (await client.get(f"{sidecar.url}/-/readyz")).json()
+    assert "kept in memory only" in ready["warning"] and "SIDECAR_REFRESH_TOKEN_FILE" in ready["warning"]
+    assert caplog.text.count("kept in memory only") == 2  # the first token and the refresh both rotated it
+
+
+def test_secret_files_open_to_other_users_are_warned_about(tmp_path: Path):
+    folder = tmp_path / "secrets"
+    folder.mkdir(mode=0o700)
+    secret = folder / "client_secret"
+    secret.write_text("s\n")
+    secret.chmod(0o600)
+    assert exposure(secret) is None
+    secret.chmod(0o644)
+    assert "has mode 0644" in (exposure(secret) or "")
+    secret.chmod(0o600)
+    folder.chmod(0o777)
+    assert "directory" in (exposure(secret) or "")
+    folder.chmod(0o1777)  # sticky, like /tmp: others cannot replace the file
+    assert exposure(secret) is None
+    folder.chmod(0o755)  # others may list names only: fine
+    assert exposure(secret) is None

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 from proxy.app import create_app
 from proxy.serving import bind_unix, running
+from proxy.settings import RouteSettings
 from tests.conftest import FAST_POLICY, RunningSidecar, Stack, raw_request, run_sidecar
 
 
@@ -125,8 +126,6 @@ async def test_trace_and_connect_are_refused(stack: Stack, sidecar: RunningSidec
 
 
 async def test_route_method_and_path_allowlists(stack: Stack, client: httpx2.AsyncClient, tmp_path: Path):
-    from proxy.settings import RouteSettings
-
     route = RouteSettings(
         prefix="/ro",
         upstream_url=stack.upstream_url,
@@ -253,8 +252,6 @@ async def test_slow_uploads_cannot_take_the_whole_upstream_pool(stack: Stack, cl
 
 
 async def test_dot_segments_never_cross_routes(stack: Stack, client: httpx2.AsyncClient, tmp_path: Path):
-    from proxy.settings import RouteSettings
-
     base = stack.settings()
     common = {
         "token_url": base.token_url,
