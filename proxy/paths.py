@@ -60,6 +60,13 @@ def prefix_matches(prefix: bytes, raw_path: bytes) -> bool:
     return prefix == b"/" or raw_path == prefix or raw_path.startswith(prefix + b"/")
 
 
+def _first_match(prefixes: Sequence[bytes], raw_path: bytes) -> int | None:
+    for index, prefix in enumerate(prefixes):  # a plain loop: this runs for every request
+        if prefix == b"/" or raw_path == prefix or raw_path.startswith(prefix + b"/"):
+            return index
+    return None
+
+
 def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, bytes]:
     """The index of the route (``prefixes`` longest first) that takes ``raw_path``, and the path to forward.
 
@@ -67,10 +74,9 @@ def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, 
     (``BadPath``): a path's dot segments never reach another route.
     """
     path = remove_dot_segments(raw_path)
-    chosen = next((index for index, prefix in enumerate(prefixes) if prefix_matches(prefix, path)), None)
-    if path != raw_path:
-        literal = next((index for index, prefix in enumerate(prefixes) if prefix_matches(prefix, raw_path)), None)
-        if literal != chosen:
+    chosen = _first_match(prefixes, path)
+    if path is not raw_path:
+        if _first_match(prefixes, raw_path) != chosen:
             raise BadPath("the path's dot segments lead out of the route it names; send the path without them")
     return chosen, path
 
