@@ -107,7 +107,9 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._head_bytes = 0
         self._head_started = False
         self._lingering = False
+        self._served = False  # a request head has arrived on this connection
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_deadline = 0.0
         super().connection_made(transport)
         limits = self.limits
         if len(self.connections) > limits.max_clients:
@@ -117,7 +119,8 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 f"the sidecar already serves {limits.max_clients} connections (SIDECAR_MAX_CLIENTS); retry shortly",
             )
             return
-        self._head_timer = self.loop.call_later(limits.head_timeout, self._head_expired)
+        self._head_deadline = self.loop.time() + limits.head_timeout
+        self._head_timer = self.loop.call_at(self._head_deadline, self._head_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -158,8 +161,10 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._began = True
         self._head_started = True
         self._head_bytes = 0
+        # One timer per connection, not per request: it checks the deadline when it fires and re-arms.
+        self._head_deadline = self.loop.time() + self.limits.head_timeout
         if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_expired)
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_expired)
 
     def on_url(self, url: bytes) -> None:
         self._add_head_bytes(len(url))
@@ -174,7 +179,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_started = False
-        self._cancel_head_timer()
+        self._served = True
         if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
             # WebSocket or h2c: the parser stops at the head, so no body or later request could be read safely.
             # (CONNECT goes on to the app, which refuses it with 405.)
@@ -210,6 +215,11 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
+        if self._head_started and self.loop.time() < self._head_deadline:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_expired)  # a later head
+            return
+        if not self._head_started and self._served:
+            return  # between requests: the keep-alive timer's business
         if self._head_started:
             limit = self.limits.head_timeout
             self._refuse(408, "request_timeout", f"the request head did not arrive within {limit:g} s")

@@ -75,9 +75,8 @@ def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, 
     """
     path = remove_dot_segments(raw_path)
     chosen = _first_match(prefixes, path)
-    if path is not raw_path:
-        if _first_match(prefixes, raw_path) != chosen:
-            raise BadPath("the path's dot segments lead out of the route it names; send the path without them")
+    if path is not raw_path and _first_match(prefixes, raw_path) != chosen:
+        raise BadPath("the path's dot segments lead out of the route it names; send the path without them")
     return chosen, path
 
 

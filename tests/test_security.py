@@ -18,6 +18,10 @@ from pathlib import Path
 import httpx2
 import pytest
 from pydantic import SecretStr
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from proxy.app import create_app
 from proxy.serving import bind_unix, running
@@ -315,3 +319,20 @@ def _stale_sockets_are_replaced_and_nothing_else(path: str) -> None:
     Path(path).write_text("not a socket")
     with pytest.raises(OSError, match="cannot listen"):
         bind_unix(path, 0o600)
+
+
+async def _crlf_token_endpoint(request: Request) -> JSONResponse:
+    return JSONResponse({"id_token": "aaa.bbb.ccc\r\nX-Injected: yes", "token_type": "Bearer", "expires_in": 3600})
+
+
+async def test_a_token_with_line_breaks_is_refused_never_sent(
+    stack: Stack, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+):
+    endpoint = Starlette(routes=[Route("/oauth2/token", _crlf_token_endpoint, methods=["POST"])])
+    async with running(endpoint) as url, run_sidecar(stack.settings(token_url=f"{url}/oauth2/token")) as sidecar:
+        for _ in range(3):
+            response = await client.get(f"{sidecar.url}/x")
+            assert (response.status_code, _error(response)) == (503, "token_unusable")
+            assert "not a JWT" in response.json()["detail"]
+    assert stack.emulator.apigw.requests == 0
+    assert "Traceback" not in caplog.text

@@ -68,6 +68,11 @@ def test_plain_http_only_for_loopback_unless_allowed():
         load_settings(env)
     assert load_settings({**env, "SIDECAR_ALLOW_INSECURE": "1"}).upstream_url == "http://api.internal/prod"
     assert load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://127.0.0.1:9/prod"})
+    # Loopback is 127.0.0.0/8, ::1 and localhost: a *.localhost name may be resolved by DNS.
+    assert load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://localhost:9/prod"})
+    assert load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://[::1]:9/prod"})
+    with pytest.raises(ConfigError, match="SIDECAR_UPSTREAM_URL: plain http"):
+        load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://api.localhost/prod"})
 
 
 def test_secret_files_toml_and_precedence(tmp_path: Path):
