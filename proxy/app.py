@@ -98,7 +98,7 @@ class SidecarApp(Starlette):
         routes_by_prefix: list[UpstreamRoute],
         access_log: AccessLog | None,
         guard: CallerGuard,
-        errors: Counter[str],
+        limits: ConnectionLimits,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -106,7 +106,7 @@ class SidecarApp(Starlette):
         self.prefixes = [route.prefix for route in routes_by_prefix]
         self.access_log = access_log
         self.guard = guard
-        self.errors = errors
+        self.limits = limits  # counts and logs refusals (at most one line per code per 10 s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -137,7 +137,10 @@ class SidecarApp(Starlette):
                     status, code = await self.upstream_routes[index].forwarder.forward(scope, receive, send)
                     return
             status, code = refusal.status, refusal.code
-            self.errors[code] += 1
+            if code != "no_route":
+                self.limits.refused(code, refusal.detail)
+            else:
+                self.limits.errors[code] += 1
             await send_error(send, refusal.status, refusal.code, refusal.detail, refusal.headers)
         finally:
             if self.access_log is not None:
@@ -308,7 +311,7 @@ def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock
         routes_by_prefix=sidecar.routes,
         access_log=access_log,
         guard=sidecar.guard,
-        errors=sidecar.errors,
+        limits=sidecar.limits,
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),

@@ -33,7 +33,7 @@ from proxy.coalesce import CoalescingHttpToolsProtocol
 from proxy.errors import error_body
 from proxy.settings import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER_BYTES
 
-log = logging.getLogger("proxy.connection")
+log = logging.getLogger("proxy.refused")
 
 # A legacy client sends its whole request head in one write; 10 s is generous for any real network and
 # short enough that a slowloris holds a socket for seconds, not minutes.
