@@ -1,6 +1,6 @@
 """The fault matrix: one line per token-endpoint fault, with what it cost and what the clients saw.
 
-    python tests/faults.py [--clients 20] [--hours 1]
+    python bench/faults.py [--clients 20] [--hours 1]
 
 Each fault runs the emulator and the sidecar in this process on ephemeral loopback ports, with the real
 refresh policy, on a clock this script moves (an hour of fault takes seconds): every 10 s of that clock,

@@ -1,13 +1,13 @@
 """A/B: sidecars built from several source trees, measured in alternating wrk runs in one go.
 
     git worktree add /tmp/before HEAD~1
-    python tests/ab.py /tmp/before . [bare] [--rounds 10] [--duration 2] [--connections 32]
+    python bench/ab.py /tmp/before . [bare] [--rounds 10] [--duration 2] [--connections 32]
 
-Each tree (a checkout of this repository; ``bare`` is the prototype from ``tests/bench.py``) runs as its
+Each tree (a checkout of this repository; ``bare`` is the prototype from ``bench/bench.py``) runs as its
 own sidecar on CPU 0, against one nginx upstream on CPU 1 that answers 401 unless the token was injected.
 wrk (CPU 1) alternates between them, in rotating order, so a noisy machine hits every tree alike; the
 medians and best values are printed, with write/read system calls per request from ``/proc/PID/io``.
-Not a test (pytest does not collect it); needs wrk, nginx and taskset, like ``tests/bench.py``.
+Not a test (pytest does not collect it); needs wrk, nginx and taskset, like ``bench/bench.py``.
 """
 
 from __future__ import annotations

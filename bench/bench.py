@@ -1,6 +1,6 @@
 """Benchmark: the sidecar against direct requests and nginx doing the same job, in one run.
 
-    python tests/bench.py [--duration 10] [--rounds 2] [--gib 1] [--stream-rounds 3] [--streaming-only]
+    python bench/bench.py [--duration 10] [--rounds 2] [--gib 1] [--stream-rounds 3] [--streaming-only]
 
 Not a test (pytest does not collect it) and CI does not run it. Needs Linux with 2 cores, and wrk and
 nginx (installed with apt-get when missing and running as root). It starts, on loopback:
