@@ -22,6 +22,7 @@ import httpx2
 import uvloop
 from pydantic import SecretStr
 
+from proxy import __version__
 from proxy.app import create_app
 from proxy.cache import TokenProvider
 from proxy.credentials import grant_from_settings
@@ -42,7 +43,7 @@ from proxy.login import (
 )
 from proxy.logs import configure_logging
 from proxy.serving import GracefulServer, bind_listen, bound_url, config_for, running, tune_gc
-from proxy.settings import Settings, load_settings, read_secret_file
+from proxy.settings import Settings, load_settings, read_secret_file, settings_help
 from proxy.tokens import TokenEndpoint
 
 log = logging.getLogger("proxy")
@@ -81,6 +82,7 @@ def _serve(env: Mapping[str, str]) -> int:
         config_for(app, grace=settings.shutdown_grace, limits=sidecar.limits),
         on_stop=start_draining,
         on_reload=reload_secrets,
+        delay=settings.shutdown_delay,
     )
     tune_gc()
     try:
@@ -200,8 +202,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="cognito-sidecar",
         description="Adds an Amazon Cognito token to every request a legacy service sends to API Gateway.",
     )
+    parser.add_argument("-V", "--version", action="version", version=f"cognito-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="run the sidecar (settings from SIDECAR_* variables; see README)")
+    commands.add_parser(
+        "serve",
+        help="run the sidecar (settings from SIDECAR_* variables; see README)",
+        description="Run the sidecar. Settings come from the environment (and SIDECAR_CONFIG).",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands.add_parser("healthcheck", help="exit 0 when the running sidecar is ready (for container healthchecks)")
     demo = commands.add_parser("demo", help="run the local emulator and the sidecar, and show one request end to end")
     demo.add_argument("--listen", default=None, help="sidecar address (default: SIDECAR_LISTEN or 127.0.0.1:8080)")
     emu = commands.add_parser("emulator", help="run the local Cognito and API Gateway emulator (dev stacks)")
@@ -315,7 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in (None, "serve"):
             return _serve(env)
-        configure_logging(env.get("SIDECAR_LOG_LEVEL", "warning"))
+        # One-shot commands say what went wrong once, in their own words: the token cache's log lines would
+        # repeat it (unless a log level is asked for).
+        quiet = args.command in ("token", "check", "login")
+        configure_logging(env.get("SIDECAR_LOG_LEVEL", "critical" if quiet else "warning"))
         if args.command == "demo":
             listen = args.listen or env.get("SIDECAR_LISTEN", "127.0.0.1:8080")
             return uvloop.run(_demo(listen))

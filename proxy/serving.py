@@ -172,14 +172,28 @@ class GracefulServer(uvicorn.Server):
         *,
         on_stop: Callable[[], None] | None = None,
         on_reload: Callable[[], None] | None = None,
+        delay: float = 0.0,
     ) -> None:
         super().__init__(config)
         self._on_stop = on_stop
         self._on_reload = on_reload
+        self._delay = delay
+        self._stopping: asyncio.TimerHandle | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._on_stop is not None:
             self._on_stop()
+        if sig == signal.SIGTERM and self._delay > 0 and self._stopping is None and not self.should_exit:
+            # Orchestrators send SIGTERM while traffic may still be on its way: keep serving for the delay
+            # (readiness already says draining), then stop. SIGINT, or a second signal, stops at once.
+            log.info("SIGTERM: draining; new requests are still served for %g s", self._delay)
+            loop = asyncio.get_event_loop()
+            stop = super().handle_exit
+            self._stopping = loop.call_later(self._delay, stop, sig, frame)
+            loop.call_soon_threadsafe(lambda: None)  # wake the loop: the timer was set from a signal handler
+            return
+        if self._stopping is not None:
+            self._stopping.cancel()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

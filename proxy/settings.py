@@ -54,7 +54,11 @@ DEFAULT_MAX_CONNECTIONS = 100
 # How long a request may wait for a free upstream connection: a slow upstream then turns into quick 504s
 # instead of an ever-growing queue.
 DEFAULT_POOL_TIMEOUT = 5.0
-# On SIGTERM, in-flight requests get this long to finish (Kubernetes waits 30 s before SIGKILL).
+# On SIGTERM, new requests are still served this long while /-/readyz says draining: Kubernetes takes a few
+# seconds to remove a terminating pod from its Service's endpoints (and a service shutting down beside the
+# sidecar may still call it), so closing the listener at once would refuse requests that are on their way.
+DEFAULT_SHUTDOWN_DELAY = 5.0
+# Then in-flight requests get this long to finish (Kubernetes waits 30 s in all before SIGKILL: 5 + 20 < 30).
 DEFAULT_SHUTDOWN_GRACE = 20
 # A request head (request line and headers) larger than this gets 431. API Gateway's own limit is 10 KiB,
 # so a larger head could never be served anyway; 16 KiB leaves room for the headers the sidecar removes.
@@ -299,6 +303,7 @@ class Settings(_Credentialed):
     token_timeout: float = Field(default=DEFAULT_TOKEN_TIMEOUT, gt=0)
     pool_timeout: float = Field(default=DEFAULT_POOL_TIMEOUT, gt=0)
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
+    shutdown_delay: float = Field(default=DEFAULT_SHUTDOWN_DELAY, ge=0)
     shutdown_grace: int = Field(default=DEFAULT_SHUTDOWN_GRACE, ge=0)
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -404,6 +409,58 @@ _INHERITED = tuple(_Credentialed.model_fields)
 _CREDENTIALS = ("client_secret", "client_secret_file", "refresh_token", "refresh_token_file")
 _ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {f"{k}_file" for k in FILE_KEYS if k != "caller_token"}
 _KNOWN_KEYS = frozenset(Settings.model_fields) | {"config"}
+
+
+# One line per setting, for `serve --help` (the README's table says more).
+SETTING_HELP = {
+    "upstream_url": "API Gateway base URL, stage included",
+    "cognito_domain": "user pool domain; the token URL is this plus /oauth2/token",
+    "token_url": "full token endpoint URL (instead of the domain)",
+    "client_id": "app client id",
+    "client_secret": "app client secret (absent for a public client)",
+    "refresh_token": "the machine credential's refresh token",
+    "grant": "refresh_token, or client_credentials (machine to machine)",
+    "scopes": "scopes for client_credentials, space-separated",
+    "token": "id_token or access_token (default: what the grant gives)",
+    "api_key": "sent as x-api-key (usage plans)",
+    "header": "header that carries the token",
+    "header_prefix": "text before the token, e.g. 'Bearer '",
+    "listen": "host:port, or unix:/path/to.sock",
+    "config": "TOML file with these settings (lower-case keys; the environment wins)",
+    "allow_insecure": "1: accept plain http:// for non-loopback hosts",
+    "refresh_margin": "seconds before expiry at which a token is refreshed",
+    "connect_timeout": "upstream connect timeout, seconds",
+    "read_timeout": "upstream read timeout (and request body stall limit), seconds",
+    "token_timeout": "token endpoint timeout per attempt, seconds",
+    "pool_timeout": "wait for a free upstream connection, seconds",
+    "max_connections": "upstream connection pool size",
+    "shutdown_delay": "after SIGTERM: seconds new requests are still served while readiness says draining",
+    "shutdown_grace": "then: seconds in-flight requests may take to finish",
+    "access_log": "access log on (1) or off (0)",
+    "log_level": "debug, info, warning or error",
+    "allowed_hosts": "more Host names it answers to (exact or *.suffix), comma-separated",
+    "allowed_origins": "browser origins allowed to call it, comma-separated",
+    "allow_from": "CIDRs that may call a non-loopback listener, comma-separated",
+    "caller_token": "a value every forwarded request must carry in X-Sidecar-Caller",
+    "socket_mode": "file mode of the Unix socket",
+    "max_header_bytes": "largest request head, bytes",
+    "max_body_bytes": "largest request body, bytes (0: no limit)",
+    "max_clients": "client connections open at once",
+}
+
+
+def settings_help() -> str:
+    """Every setting, its variable and its default: the epilog of ``serve --help``."""
+    lines = ["settings (environment variables; *_FILE variants read secrets from files):"]
+    for key, meaning in SETTING_HELP.items():
+        field = Settings.model_fields.get(key)
+        default = "" if field is None or field.default is None or field.is_required() else field.default
+        if isinstance(default, tuple):
+            default = ",".join(str(item) for item in default)
+        name = _env_name(key) + (f" / {_env_name(key)}_FILE" if key in FILE_KEYS else "")
+        shown = f" (default: {default})" if default not in ("", ()) else ""
+        lines.append(f"  {name}\n      {meaning}{shown}")
+    return "\n".join(lines)
 
 
 def _env_name(key: str) -> str:

@@ -203,6 +203,8 @@ def stack_env(stack: Stack, **extra: str) -> dict[str, str]:
         "SIDECAR_CLIENT_ID": stack.emulator.client.client_id,
         "SIDECAR_CLIENT_SECRET": stack.emulator.client.secret or "",
         "SIDECAR_LISTEN": "127.0.0.1:0",
+        # SIGTERM stops at once unless a test is about the delay.
+        "SIDECAR_SHUTDOWN_DELAY": "0",
     }
     return cli_env(**(values | extra))
 
@@ -226,10 +228,11 @@ class SidecarProcess:
                 if text in line:
                     return line
 
-    async def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        """Send ``sig``, read the rest of stderr, wait; the exit status and everything it logged."""
+    async def stop(self, sig: int | None = signal.SIGTERM) -> tuple[int, str]:
+        """Send ``sig`` (None: none, it is stopping already), read the rest of stderr, wait; the exit status
+        and everything it logged."""
         assert self.process.stderr is not None
-        if self.process.returncode is None:
+        if self.process.returncode is None and sig is not None:
             self.process.send_signal(sig)
         rest = await asyncio.wait_for(self.process.stderr.read(), timeout=30)
         code = await asyncio.wait_for(self.process.wait(), timeout=30)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx2
 import pytest
 
+from proxy import __version__
 from proxy.errors import ConfigError
-from proxy.settings import load_settings
+from proxy.settings import SETTING_HELP, Settings, load_settings
 from tests.conftest import Stack, assert_hidden, cli_env, run_cli, sidecar_process, stack_env
 
 SECRET = "s3cr3t-client-secret"
@@ -154,6 +157,46 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     assert own == [200, 404]
     assert '"GET /from-a-process?x=1" 200' in text
     assert '"GET /-/healthz" 200' in text and '"GET /-/nope" 404' in text
+
+
+async def test_sigterm_keeps_serving_for_the_shutdown_delay_while_readiness_says_draining(stack: Stack):
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_SHUTDOWN_DELAY="1.5")
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        assert (await client.get(f"{sidecar.url}/before")).status_code == 200
+        start = time.monotonic()
+        sidecar.process.send_signal(signal.SIGTERM)
+        await sidecar.read_until("draining")
+        ready = await client.get(f"{sidecar.url}/-/readyz")
+        assert (ready.status_code, ready.headers["x-sidecar-error"]) == (503, "draining")
+        served = await client.get(f"{sidecar.url}/during-the-delay")
+        assert served.status_code == 200  # a request on its way while endpoints update is still served
+        code, text = await sidecar.stop(None)
+        elapsed = time.monotonic() - start
+    assert code == 0 and "Traceback" not in text
+    assert elapsed >= 1.5  # the listener stayed open for the delay (a bound, not a timing measurement)
+
+
+async def test_sigint_skips_the_shutdown_delay(stack: Stack):
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_SHUTDOWN_DELAY="60")
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        assert (await client.get(f"{sidecar.url}/-/healthz")).status_code == 200  # serving: signals are handled
+        code, text = await sidecar.stop(signal.SIGINT)  # within the test's own timeout, far below 60 s
+    assert code == 0 and "draining; new requests" not in text
+
+
+def test_version_and_serve_help_list_every_setting():
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == f"cognito-sidecar {__version__}"
+    text = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    keys = {key for key in Settings.model_fields if key != "routes" and not key.endswith("_file")}
+    assert keys <= set(SETTING_HELP), keys - set(SETTING_HELP)
+    for key in keys:
+        assert f"SIDECAR_{key.upper()}" in text
+    assert "SIDECAR_MAX_BODY_BYTES\n      largest request body, bytes (0: no limit) (default: 10485760)" in text
 
 
 @pytest.mark.slow
