@@ -156,7 +156,8 @@ async def exchange(
 
 def write_refresh_token(path: Path, token: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # A directory made here is the owner's alone (0700): it holds nothing but secrets.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_secret_file(path, token)
     except OSError as exc:
         raise LoginError(f"cannot write the refresh token to {path}: {exc.strerror}") from None

@@ -498,9 +498,16 @@ class _Layer:
         self.name = name
 
 
-def _merge(layers: Sequence[_Layer], keys: Sequence[str], problems: list[str], failed: set[str]) -> dict[str, Any]:
+def _merge(
+    layers: Sequence[_Layer],
+    keys: Sequence[str],
+    problems: list[str],
+    failed: set[str],
+    unread: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
     """One dict from ``layers`` (first wins), with every ``*_file`` read; a failed read is a problem and its
-    key goes into ``failed`` (so that no "is required" follows for it)."""
+    key goes into ``failed`` (so that no "is required" follows for it). Files of ``unread`` keys are only
+    named, not read (``login`` writes the refresh token file; it need not exist yet)."""
     raw: dict[str, Any] = {}
     for key in keys:
         for layer in layers:
@@ -514,6 +521,9 @@ def _merge(layers: Sequence[_Layer], keys: Sequence[str], problems: list[str], f
         if found is None:
             continue
         path, label = found.values[f"{key}_file"], found.name(f"{key}_file")
+        if key in unread:
+            raw[f"{key}_file"] = str(path)
+            continue
         if key in raw:
             holder = next(layer for layer in layers if key in layer.values)
             problems.append(f"{holder.name(key)}: set either {holder.name(key)} or {label}, not both")
@@ -580,7 +590,7 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
     layers = [_Layer(environment, _env_name), _Layer(file_data, lambda key: f"{key} in SIDECAR_CONFIG")]
     failed: set[str] = set()
     keys = [key for key in Settings.model_fields if key != "routes" and not key.endswith("_file")]
-    raw = _merge(layers, keys, problems, failed)
+    raw = _merge(layers, keys, problems, failed, frozenset({"refresh_token"} if purpose == "login" else ()))
 
     tables = file_data.get("routes", [])
     labels: list[str] = []

@@ -98,6 +98,26 @@ async def test_login_with_a_copied_code(stack: Stack, client: httpx2.AsyncClient
     assert "eyJ" not in out  # the refresh token only, no JWT
 
 
+async def test_first_run_login_writes_the_file_the_settings_name(
+    stack: Stack, client: httpx2.AsyncClient, tmp_path: Path
+):
+    # As config/example.env has it: SIDECAR_REFRESH_TOKEN_FILE names the file login is about to create, in a
+    # directory that does not exist yet either.
+    target = tmp_path / "new" / "secrets" / "refresh-token"
+    redirect_uri = "https://myapp.example/callback"
+    _register(stack, redirect_uri)
+    for args in ((), ("--out", str(target))):
+        code = await _code_for(stack, client, redirect_uri)
+        env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(target))
+        status, out, err = await run_cli("login", "--code", code, "--redirect-uri", redirect_uri, *args, env=env)
+        assert status == 0, err
+        assert out == "" and f"Saved the refresh token to {target}" in err
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600
+        assert stat.S_IMODE(target.parent.stat().st_mode) == 0o700
+        target.unlink()
+        target.parent.rmdir()
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
