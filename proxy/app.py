@@ -26,7 +26,7 @@ from starlette.routing import Route
 from proxy.cache import RefreshPolicy, TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.connection import ConnectionLimits
-from proxy.credentials import Grant, Secret, grant_from_settings, secret_file_warnings
+from proxy.credentials import Grant, Secret, grant_from_settings, secret_file_warnings, secret_files
 from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.guard import CallerGuard, Refusal
@@ -36,6 +36,7 @@ from proxy.paths import BadPath, pick_route
 from proxy.settings import Settings
 from proxy.tokens import TokenEndpoint
 from proxy.types import Message, Receive, Scope, Send
+from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
 log = logging.getLogger("proxy.app")
 
@@ -62,6 +63,21 @@ class Sidecar:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     draining: bool = False
     forwarders: list[Forwarder] = field(init=False)
+    # Set whenever a re-read brought a new value (tests wait on it).
+    secrets_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def reload_secrets(self) -> bool:
+        """Re-read every secret file (SIGHUP, or the watcher saw one change); True when a value changed."""
+        # Every file is re-read (a list, not any(): no short-circuit).
+        results = [provider.reload_credentials() for provider in self.providers]
+        results += [forwarder.reload_secrets() for forwarder in self.forwarders]
+        if self.guard.caller_token is not None:
+            results.append(self.guard.caller_token.reload())
+        changed = any(results)
+        log.info("secret files re-read (%s)", "a value changed" if changed else "nothing changed")
+        if changed:
+            self.secrets_changed.set()
+        return changed
 
     @property
     def errors(self) -> Counter[str]:
@@ -249,8 +265,14 @@ def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, cl
     )
 
 
-def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock: Clock = SYSTEM_CLOCK) -> SidecarApp:
-    """The sidecar as an ASGI app. ``policy`` and ``clock`` are for tests."""
+def create_app(
+    settings: Settings,
+    *,
+    policy: RefreshPolicy | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    watch_interval: float = SECRET_POLL_INTERVAL,
+) -> SidecarApp:
+    """The sidecar as an ASGI app. ``policy``, ``clock`` and ``watch_interval`` are for tests."""
     sidecar = build_sidecar(settings, policy=policy, clock=clock)
 
     async def healthz(request: Request) -> Response:
@@ -291,10 +313,18 @@ def create_app(settings: Settings, *, policy: RefreshPolicy | None = None, clock
             provider.grant.claim()
             provider.start()
         flusher = asyncio.create_task(access_log.run()) if access_log else None
+        files = secret_files(settings)
+        watcher = (
+            asyncio.create_task(watch_files(files, sidecar.reload_secrets, interval=watch_interval)) if files else None
+        )
         try:
             yield
         finally:
             sidecar.draining = True
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             if flusher is not None:
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

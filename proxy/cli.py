@@ -70,13 +70,8 @@ def _serve(env: Mapping[str, str]) -> int:
         sidecar.draining = True
 
     def reload_secrets() -> None:
-        # Every file is re-read (a list, not any(): no short-circuit).
-        results = [provider.reload_credentials() for provider in sidecar.providers]
-        results += [forwarder.reload_secrets() for forwarder in sidecar.forwarders]
-        if sidecar.guard.caller_token is not None:
-            results.append(sidecar.guard.caller_token.reload())
-        changed = any(results)
-        log.info("SIGHUP: secret files re-read (%s)", "a value changed" if changed else "nothing changed")
+        log.info("SIGHUP: re-reading the secret files")
+        sidecar.reload_secrets()
 
     server = GracefulServer(
         config_for(app, grace=settings.shutdown_grace, limits=sidecar.limits),

@@ -116,8 +116,8 @@ def exposure(path: Path) -> str | None:
     )
 
 
-def secret_file_warnings(settings: Settings) -> list[str]:
-    """``exposure`` of every secret file the settings name (top level and routes), each file once."""
+def secret_files(settings: Settings) -> list[Path]:
+    """Every secret file the settings name (top level and routes), each once."""
     paths: dict[Path, None] = {}
     for holder in (settings, *settings.routes):
         for path in (holder.client_secret_file, holder.refresh_token_file, holder.api_key_file):
@@ -125,7 +125,12 @@ def secret_file_warnings(settings: Settings) -> list[str]:
                 paths[Path(path)] = None
     if settings.caller_token_file is not None:
         paths[Path(settings.caller_token_file)] = None
-    return [warning for path in paths if (warning := exposure(path)) is not None]
+    return list(paths)
+
+
+def secret_file_warnings(settings: Settings) -> list[str]:
+    """``exposure`` of every secret file the settings name."""
+    return [warning for path in secret_files(settings) if (warning := exposure(path)) is not None]
 
 
 class Secret:

@@ -130,9 +130,13 @@ class RunningSidecar:
 
 @contextlib.asynccontextmanager
 async def run_sidecar(
-    settings: Settings, *, clock: FakeClock | None = None, policy: RefreshPolicy = FAST_POLICY
+    settings: Settings,
+    *,
+    clock: FakeClock | None = None,
+    policy: RefreshPolicy = FAST_POLICY,
+    watch_interval: float = 0.05,
 ) -> AsyncIterator[RunningSidecar]:
-    kwargs: dict[str, Any] = {"policy": policy}
+    kwargs: dict[str, Any] = {"policy": policy, "watch_interval": watch_interval}
     if clock is not None:
         kwargs["clock"] = clock
     app = create_app(settings, **kwargs)

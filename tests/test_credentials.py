@@ -237,3 +237,33 @@ def test_secret_files_open_to_other_users_are_warned_about(tmp_path: Path):
     assert exposure(secret) is None
     folder.chmod(0o755)  # others may list names only: fine
     assert exposure(secret) is None
+
+
+def _kubernetes_secret_volume(folder: Path, files: dict[str, str], version: str) -> None:
+    """Write ``files`` the way the kubelet updates a mounted Secret: a new timestamped directory, then an
+    atomic swap of the ``..data`` symlink; each name is a symlink through ``..data``."""
+    target = folder / f"..{version}"
+    target.mkdir()
+    for name, value in files.items():
+        (target / name).write_text(value + "\n")
+        (target / name).chmod(0o400)
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..data") / name)
+    swap = folder / "..data_tmp"
+    swap.symlink_to(target.name)
+    swap.replace(folder / "..data")
+
+
+async def test_secret_files_are_reread_when_kubernetes_swaps_them(client: httpx2.AsyncClient, tmp_path: Path):
+    volume = tmp_path / "secret-volume"
+    volume.mkdir(mode=0o700)
+    _kubernetes_secret_volume(volume, {"api_key": "old-key"}, "2026_12_02_10_00_00.1")
+    async with run_stack(api_key="new-key") as stack:
+        settings = stack.settings(api_key=SecretStr("old-key"), api_key_file=volume / "api_key")
+        async with run_sidecar(settings) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 403  # API Gateway: wrong key
+            # No signal: the kubelet swaps the volume, and the sidecar notices by itself.
+            _kubernetes_secret_volume(volume, {"api_key": "new-key"}, "2026_12_02_10_05_00.2")
+            await asyncio.wait_for(sidecar.parts.secrets_changed.wait(), 10)
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
