@@ -1,15 +1,44 @@
+# cognito-sidecar: a container beside a legacy service; see README "Deploy".
+#   docker build -t cognito-sidecar .
+# Stage 1 installs the locked dependencies (hashes checked) and the package into a virtual environment and
+# strips it; stage 2 is the base image plus that environment, nothing else.
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# binutils for strip: the extension modules ship with debug symbols (uvloop's is 13.6 MB, 1.6 MB stripped).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends binutils \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/sidecar
+# Dependencies first, in their own layer: a change to the source does not reinstall them.
+COPY requirements.lock /tmp/requirements.lock
+RUN /opt/sidecar/bin/pip install --require-hashes --no-deps -r /tmp/requirements.lock
+COPY pyproject.toml README.md LICENSE /tmp/src/
+COPY proxy /tmp/src/proxy
+RUN /opt/sidecar/bin/pip install --no-deps /tmp/src \
+ && /opt/sidecar/bin/pip uninstall -y -q pip setuptools \
+ && find /opt/sidecar -name '*.so' -exec strip --strip-unneeded {} + \
+ && find /opt/sidecar \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pyi' -o -name '*.c' -o -name '*.h' \) -delete \
+ && find /opt/sidecar -depth -type d -name __pycache__ -exec rm -rf {} + \
+ && python3 -m compileall -q -j 0 /opt/sidecar/lib
+
 FROM python:3.11-slim
-
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-RUN pip install . && useradd --system --uid 10001 sidecar
-
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="cognito-sidecar" \
+      org.opencontainers.image.description="Adds an Amazon Cognito token to every request a legacy service sends to API Gateway" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/cognito-sidecar/cognito-sidecar"
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+COPY --from=build /opt/sidecar /opt/sidecar
+ENV PATH=/opt/sidecar/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    # Inside a container the sidecar listens on all interfaces to be reachable from its neighbours; callers
+    # must still come from SIDECAR_ALLOW_FROM (private ranges by default). See README "Security".
+    SIDECAR_LISTEN=0.0.0.0:8080
 USER 10001
-# Inside a container the sidecar must listen on all interfaces to be reachable from its neighbours.
-ENV SIDECAR_LISTEN=0.0.0.0:8080
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/-/healthz').status != 200)"]
+# A bare interpreter per probe (~20 ms), following SIDECAR_LISTEN; ready means a valid token is held.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 CMD ["cognito-sidecar", "healthcheck"]
 ENTRYPOINT ["cognito-sidecar"]
 CMD ["serve"]
