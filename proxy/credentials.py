@@ -96,17 +96,22 @@ class FileUseLock:
 def exposure(path: Path) -> str | None:
     """Why ``path`` (a secret file) is open to other users, or None: the file readable or writable by group or
     others, or its directory writable by them (they could swap the file). A directory that others may only
-    list is fine: /run/secrets is 0755 under Docker and Kubernetes, and names reveal nothing."""
+    list is fine: /run/secrets is 0755 under Docker and Kubernetes, and names reveal nothing. Group bits count
+    only when the group is not the sidecar's own: Kubernetes' fsGroup gives a Secret's files to the pod's group
+    (mode 0440), which no other user holds."""
     try:
-        mode = os.stat(path).st_mode
-        directory = os.stat(path.parent).st_mode
+        info = os.stat(path)
+        directory = os.stat(path.parent)
     except OSError:
         return None
+    mode = info.st_mode
+    others = 0o007 | (0o070 if info.st_gid != os.getegid() else 0)
     problems = []
-    if mode & 0o077:
-        problems.append(f"{path} has mode {stat.S_IMODE(mode):04o} (group/others may read or write it)")
-    if directory & 0o022 and not directory & stat.S_ISVTX:
-        problems.append(f"its directory {path.parent} is writable by group/others")
+    if mode & others:
+        problems.append(f"{path} has mode {stat.S_IMODE(mode):04o} (other users may read or write it)")
+    writers = 0o002 | (0o020 if directory.st_gid != os.getegid() else 0)
+    if directory.st_mode & writers and not directory.st_mode & stat.S_ISVTX:
+        problems.append(f"its directory {path.parent} is writable by other users")
     if not problems:
         return None
     return (

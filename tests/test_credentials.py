@@ -230,6 +230,8 @@ def test_secret_files_open_to_other_users_are_warned_about(tmp_path: Path):
     assert exposure(secret) is None
     secret.chmod(0o644)
     assert "has mode 0644" in (exposure(secret) or "")
+    secret.chmod(0o640)  # readable by the file's group, which is this process's own (Kubernetes' fsGroup): fine
+    assert exposure(secret) is None
     secret.chmod(0o600)
     folder.chmod(0o777)
     assert "directory" in (exposure(secret) or "")

@@ -61,8 +61,8 @@ async def test_nothing_a_run_produces_holds_a_secret(tmp_path: Path):
             SIDECAR_UPSTREAM_URL=stack.upstream_url,
             SIDECAR_TOKEN_URL=stack.token_url,
             SIDECAR_CLIENT_ID=CLIENT_ID,
-            # Readable by the group: a warning, which names the file, never its content.
-            SIDECAR_CLIENT_SECRET_FILE=_write(secrets, "client_secret", secret, 0o640),
+            # Readable by others: a warning, which names the file, never its content.
+            SIDECAR_CLIENT_SECRET_FILE=_write(secrets, "client_secret", secret, 0o644),
             SIDECAR_REFRESH_TOKEN_FILE=_write(secrets, "refresh_token", refresh),
             SIDECAR_API_KEY_FILE=_write(secrets, "api_key", API_KEY),
             SIDECAR_CALLER_TOKEN_FILE=_write(secrets, "caller_token", CALLER),
@@ -84,7 +84,7 @@ async def test_nothing_a_run_produces_holds_a_secret(tmp_path: Path):
                     await client.get(f"{sidecar.url}/-/metrics"),
                 ]
                 assert [r.status_code for r in responses[:6]] == [200, 200, 401, 421, 403, 405]
-                assert "client_secret has mode 0640" in responses[6].json()["warning"]
+                assert "client_secret has mode 0644" in responses[6].json()["warning"]
                 produced += [f"{r.status_code} {dict(r.headers)} {r.text}" for r in responses]
                 for request in (
                     b"GET /x HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
@@ -95,7 +95,7 @@ async def test_nothing_a_run_produces_holds_a_secret(tmp_path: Path):
                 code, log = await sidecar.stop()
                 assert code == 0
                 produced.append(log)
-                assert "client_secret has mode 0640" in log
+                assert "client_secret has mode 0644" in log
 
             # 2. A token endpoint that echoes the request: its error is shown, redacted.
             echo_env = {**env, "SIDECAR_TOKEN_URL": f"{echo_url}/oauth2/token"}
