@@ -29,6 +29,8 @@ from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
 # How long in-flight requests may run on after a stop is asked for.
 DEFAULT_GRACE = 10
+# Loop steps a stopped embedded server is given for its closed connections to finish closing.
+SHUTDOWN_SETTLE_STEPS = 3
 
 log = logging.getLogger("proxy.serving")
 
@@ -256,3 +258,11 @@ async def running(
         server.should_exit = True
         await task
         sock.close()
+        # A connection still closing (a write to a client that stopped reading) would keep its socket past the
+        # loop's end (ResourceWarning on Python 3.12+): drop it, and let the loop finish the closes.
+        for connection in list(server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+        for _ in range(SHUTDOWN_SETTLE_STEPS):
+            await asyncio.sleep(0)
