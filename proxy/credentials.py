@@ -117,7 +117,7 @@ def exposure(path: Path) -> str | None:
     return (
         "; ".join(problems)
         + ": other users of this machine could take or replace the credential. chmod 600 the file (compose: "
-        "secrets with mode: 0400; Kubernetes: defaultMode: 0400) and 700 its directory."
+        "a file secret with mode 0400 on the host; Kubernetes: defaultMode 0440 with fsGroup) and 700 its directory."
     )
 
 
