@@ -195,6 +195,7 @@ async def test_every_cognito_error_is_explained_by_token(stack: Stack, error: st
     assert status == 1
     assert out == ""
     assert f"Cognito refused the refresh request with {error}" in err
+    assert err.count(f"Cognito refused the refresh request with {error}") == 1  # said once, not logged again
     assert CAUSES[error] in err
     assert f'{{"error":"{error}"}}' in err  # the raw body
     assert_hidden(err, stack.emulator.refresh_token)

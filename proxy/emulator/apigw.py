@@ -54,6 +54,7 @@ class ApiGatewayEmulator:
         # Requests refused because their token had expired: a sidecar must keep this at 0.
         self.expired = 0
         self.cut_off = 0  # requests whose body the client (the sidecar) aborted
+        self.completed = 0  # requests that arrived whole, with a valid token, and were answered 200
         self.seen = asyncio.Event()  # set by every request: tests wait on it instead of polling
         self.last_claims: dict[str, Any] | None = None
 
@@ -127,6 +128,7 @@ class ApiGatewayEmulator:
             ]
             for k, v in headers
         ]
+        self.completed += 1
         echo = {
             "method": scope["method"],
             "path": raw_path[len(prefix) :].decode("latin-1") or "/",
