@@ -334,25 +334,18 @@ class Exchange:
         when the client stalls for longer than the read timeout."""
         stall = self.forwarder.read_timeout
         size = 0
-        receive = self.receive
         while True:
             try:
-                async with asyncio.timeout(stall):
-                    message = await receive()
-            except TimeoutError:
-                self.body_failure = _stalled(stall)
-                raise self.body_failure from None
-            if message["type"] == "http.disconnect":
-                self.body_failure = ClientGone()
-                raise self.body_failure
-            chunk = message.get("body", b"")
-            if chunk:
+                chunk, more = await _next_chunk(self.receive, stall)
                 size += len(chunk)
                 if limit and size > limit:
-                    self.body_failure = _too_large(limit)
-                    raise self.body_failure
+                    raise _too_large(limit)
+            except (ForwardError, ClientGone) as failure:
+                self.body_failure = failure  # what the client hears, however aiohttp wraps it
+                raise
+            if chunk:
                 yield chunk
-            if not message.get("more_body", False):
+            if not more:
                 return
 
     async def _exchange(self, session: aiohttp.ClientSession, url: URL) -> None:
@@ -463,23 +456,29 @@ def _stalled(seconds: float) -> ForwardError:
     return ForwardError(408, "body_timeout", f"the request body stalled for more than {seconds:g} s", close=True)
 
 
+async def _next_chunk(receive: Receive, stall: float) -> tuple[bytes, bool]:
+    """The next piece of the request body and whether more follows; ``ForwardError`` 408 when the client stalls
+    longer than ``stall`` seconds, ``ClientGone`` when it leaves."""
+    try:
+        async with asyncio.timeout(stall):
+            message = await receive()
+    except TimeoutError:
+        raise _stalled(stall) from None
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    return message.get("body", b""), message.get("more_body", False)
+
+
 async def _read_body(receive: Receive, *, limit: int, stall: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        try:
-            async with asyncio.timeout(stall):
-                message = await receive()
-        except TimeoutError:
-            raise _stalled(stall) from None
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
+        chunk, more = await _next_chunk(receive, stall)
         size += len(chunk)
         if size > limit:
             raise ClientGone  # more than announced: the server would have refused it already
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not more:
             return b"".join(chunks)
 
 

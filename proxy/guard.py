@@ -22,8 +22,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from proxy.credentials import Secret
 from proxy.settings import FORBIDDEN_METHODS
@@ -33,6 +34,7 @@ CALLER_HEADER = b"x-sidecar-caller"
 # Distinct Host values and peer addresses remembered with their answer; a client cycling through more only
 # costs the check again.
 _CACHE_LIMIT = 512
+K = TypeVar("K", bytes, str)
 _LABEL = re.compile(rb"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
@@ -161,29 +163,31 @@ class CallerGuard:
         return None
 
     def _host_ok(self, host: bytes) -> bool:
-        known = self._hosts.get(host)
-        if known is None:
-            known = host_allowed(host_name(host), self._allowed_hosts)
-            if len(self._hosts) >= _CACHE_LIMIT:
-                self._hosts.clear()
-            self._hosts[host] = known
-        return known
+        return _remembered(self._hosts, host, lambda: host_allowed(host_name(host), self._allowed_hosts))
 
     def _peer_ok(self, address: str) -> bool:
-        known = self._peers.get(address)
-        if known is None:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                known = False
-            else:
-                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                    ip = ip.ipv4_mapped
-                known = any(ip in network for network in self._allow_from or ())
-            if len(self._peers) >= _CACHE_LIMIT:
-                self._peers.clear()
-            self._peers[address] = known
-        return known
+        return _remembered(self._peers, address, lambda: _in_networks(address, self._allow_from or ()))
+
+
+def _in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+def _remembered(cache: dict[K, bool], key: K, answer: Callable[[], bool]) -> bool:
+    """``cache[key]``, computed by ``answer`` the first time; the cache is emptied when it reaches its limit."""
+    known = cache.get(key)
+    if known is None:
+        known = answer()
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = known
+    return known
 
 
 __all__ = ["CALLER_HEADER", "CallerGuard", "Refusal", "host_allowed", "host_name"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
+
+from proxy.listen import parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 # Docker's default healthcheck timeout is 30 s, Kubernetes' probe timeout 1 s: answer well inside both.
@@ -28,11 +29,10 @@ def probe_target(listen: str) -> tuple[int, Address, str]:
     """(address family, address, Host header) for a ``SIDECAR_LISTEN`` value."""
     if listen.startswith("unix:"):
         return socket.AF_UNIX, listen.removeprefix("unix:"), "localhost"
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", listen.strip())
-    if not match:
-        raise ValueError(f"SIDECAR_LISTEN={listen!r} is not host:port or unix:/path")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise ValueError(f"SIDECAR_LISTEN={listen!r} {exc}") from None
     if ":" in host:
         return socket.AF_INET6, ("::1" if host == "::" else host, port), "localhost"
     return socket.AF_INET, ("127.0.0.1" if host == "0.0.0.0" else host, port), "localhost"

@@ -23,8 +23,8 @@ import uvicorn
 from proxy.coalesce import CoalescingHttpToolsProtocol
 from proxy.connection import KEEP_ALIVE_TIMEOUT, ConnectionLimits, protocol_for
 from proxy.errors import SidecarError
+from proxy.listen import parse_listen
 from proxy.logs import quiet_uvicorn
-from proxy.settings import parse_listen
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
 # How long in-flight requests may run on after a stop is asked for.

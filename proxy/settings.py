@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from proxy.errors import ConfigError
+from proxy.listen import parse_listen
 
 ENV_PREFIX = "SIDECAR_"
 
@@ -111,20 +112,6 @@ def _check_url(value: str, *, allow_insecure: bool, path_allowed: bool = True) -
     return value.rstrip("/")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[::1]:8080`` for IPv6) and check both parts."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
-    if not match:
-        raise ValueError(
-            "must be host:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080, or unix:/path/to/sidecar.sock"
-        )
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if port > 65535:
-        raise ValueError("port must be 0-65535")
-    return host, port
-
-
 def _words(value: Any) -> Any:
     """A list setting from the environment: comma- or space-separated words."""
     if isinstance(value, str):
@@ -179,13 +166,6 @@ class _Credentialed(BaseModel):
             return f"{domain}/oauth2/token"
         if not isinstance(value, str):
             raise ValueError("must be a URL")
-        return _check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
-
-    @field_validator("upstream_url", check_fields=False)
-    @classmethod
-    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
         return _check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
 
     @field_validator("client_secret", mode="before")
@@ -255,6 +235,11 @@ class RouteSettings(_Credentialed):
     strip_prefix: bool = True
     methods: tuple[str, ...] | None = None
     paths: tuple[str, ...] | None = None
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        return _check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
 
     @field_validator("prefix")
     @classmethod

@@ -43,9 +43,9 @@ async def watch_files(
     seen = {path: identity(path) for path in paths}
     while True:
         await sleep(interval)
-        changed = [path for path in paths if (now := identity(path)) != seen[path] and now is not None]
-        for path in changed:
-            seen[path] = identity(path)
+        now = {path: identity(path) for path in paths}
+        changed = [path for path in paths if now[path] is not None and now[path] != seen[path]]
+        seen.update((path, now[path]) for path in changed)
         if changed:
             log.info("secret file(s) changed: %s; re-reading", ", ".join(str(path) for path in changed))
             on_change()

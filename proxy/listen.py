@@ -1,0 +1,25 @@
+"""``SIDECAR_LISTEN`` values: ``host:port`` (``[::1]:8080`` for IPv6) or ``unix:/path``. Standard library only,
+so the healthcheck can read them without importing the settings machinery."""
+
+from __future__ import annotations
+
+import re
+
+_HOST_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` and check both parts; raises ``ValueError`` saying what is expected."""
+    match = _HOST_PORT.fullmatch(value.strip())
+    if not match:
+        raise ValueError(
+            "must be host:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080, or unix:/path/to/sidecar.sock"
+        )
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError("port must be 0-65535")
+    return host, port
+
+
+__all__ = ["parse_listen"]
