@@ -30,9 +30,10 @@ from proxy.credentials import Grant, Secret, grant_from_settings, secret_file_wa
 from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.guard import CallerGuard, Refusal
-from proxy.logs import AccessLog
-from proxy.metrics import render
+from proxy.logs import AccessLog, event
+from proxy.metrics import CONTENT_TYPE, OWN_ROUTE, RequestMetrics, render
 from proxy.paths import BadPath, pick_route
+from proxy.record import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, RequestRecord, request_id_of
 from proxy.settings import Settings
 from proxy.tokens import TokenEndpoint
 from proxy.types import Message, Receive, Scope, Send
@@ -41,12 +42,21 @@ from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 log = logging.getLogger("proxy.app")
 
 
+# Error codes that are not answers: the client left first. Logged, not counted in sidecar_errors_total.
+NOT_ANSWERED = frozenset({"client_gone"})
+
+
 @dataclass(frozen=True)
 class UpstreamRoute:
     """A path prefix (as raw bytes, no trailing slash; ``/`` matches everything) and its forwarder."""
 
     prefix: bytes
     forwarder: Forwarder
+
+    @property
+    def label(self) -> str:
+        """The route in logs and metrics."""
+        return self.prefix.decode("latin-1")
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Sidecar:
     # Secret files other users could read or replace (proxy.credentials.exposure): logged, shown by readyz.
     file_warnings: list[str] = field(default_factory=list)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    requests: RequestMetrics = field(default_factory=RequestMetrics)
     draining: bool = False
     forwarders: list[Forwarder] = field(init=False)
     # Set whenever a re-read brought a new value (tests wait on it).
@@ -74,14 +85,18 @@ class Sidecar:
         if self.guard.caller_token is not None:
             results.append(self.guard.caller_token.reload())
         changed = any(results)
-        log.info("secret files re-read (%s)", "a value changed" if changed else "nothing changed")
+        log.info(
+            "secret files re-read (%s)",
+            "a value changed" if changed else "nothing changed",
+            extra=event("secrets_reloaded", changed=changed),
+        )
         if changed:
             self.secrets_changed.set()
         return changed
 
     @property
     def errors(self) -> Counter[str]:
-        """The sidecar's own refusals outside any forwarder (callers, paths, connections), by code."""
+        """The sidecar's own error answers by code: the app's, and the connections' (``ConnectionLimits``)."""
         return self.limits.errors
 
     def __post_init__(self) -> None:
@@ -115,21 +130,26 @@ class SidecarApp(Starlette):
         access_log: AccessLog | None,
         guard: CallerGuard,
         limits: ConnectionLimits,
+        request_metrics: RequestMetrics,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.upstream_routes = routes_by_prefix
         self.prefixes = [route.prefix for route in routes_by_prefix]
+        self.labels = [route.label for route in routes_by_prefix]
         self.access_log = access_log
         self.guard = guard
-        self.limits = limits  # counts and logs refusals (at most one line per code per 10 s)
+        self.limits = limits  # logs refusals (at most one line per code per 10 s); its errors are the app's too
+        self.request_metrics = request_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)  # lifespan
             return
-        status, code = 0, ""
         start = time.perf_counter()
+        # Whatever happens to the request is noted here, and counted and logged once, below.
+        record = RequestRecord(request_id_of(scope["headers"]))
+        CURRENT_REQUEST_ID.set(record.request_id)  # this request's task only: uvicorn runs each in its own
         try:
             # Who is asking, then which route: nothing is done for a caller the sidecar does not serve.
             refusal = self.guard.check(scope)
@@ -142,25 +162,32 @@ class SidecarApp(Starlette):
             if refusal is None:
                 path: str = scope["path"]
                 if path == "/-" or path.startswith("/-/"):
-                    status = await self._own_route(scope, receive, send)
+                    record.route = OWN_ROUTE
+                    await self._own_route(scope, receive, send, record)
                     return
                 refusal = self.guard.check_caller(scope)
+            if index is not None:
+                record.route = self.labels[index]
             if refusal is None:
                 if index is None:
                     refusal = self._no_route(scope)
                 else:
-                    # The forwarder says which status it sent: no wrapper around every send on the hot path.
-                    status, code = await self.upstream_routes[index].forwarder.forward(scope, receive, send)
+                    # The forwarder notes what it sent in the record: no wrapper around every send on the hot path.
+                    await self.upstream_routes[index].forwarder.forward(scope, receive, send, record)
                     return
-            status, code = refusal.status, refusal.code
-            if code != "no_route":
-                self.limits.refused(code, refusal.detail)
-            else:
-                self.limits.errors[code] += 1
-            await send_error(send, refusal.status, refusal.code, refusal.detail, refusal.headers)
+            if refusal.code != "no_route":
+                self.limits.log_refusal(refusal.code, refusal.detail)
+            record.status, record.error = refusal.status, refusal.code
+            record.bytes_out = await send_error(
+                send, refusal.status, refusal.code, refusal.detail, refusal.headers, request_id=record.request_id
+            )
         finally:
+            seconds = time.perf_counter() - start
+            if record.error and record.error not in NOT_ANSWERED:
+                self.limits.errors[record.error] += 1
+            self.request_metrics.observe(record, scope["method"], seconds)
             if self.access_log is not None:
-                self.access_log.record(scope, status, time.perf_counter() - start, code)
+                self.access_log.record(scope, record, seconds)
 
     def _route(self, scope: Scope) -> int | None:
         """The index of the route for the request's path, once its dot segments are resolved (the scope then
@@ -176,23 +203,25 @@ class SidecarApp(Starlette):
         prefixes = ", ".join(prefix.decode() for prefix in self.prefixes)
         return Refusal(404, "no_route", f"no route matches {scope['path']}; routes: {prefixes}")
 
-    async def _own_route(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """The reserved ``/-/`` routes, through Starlette; returns the status sent."""
-        status = 0
+    async def _own_route(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
+        """The reserved ``/-/`` routes, through Starlette; notes what was sent in ``record``. Their answers are
+        reports (a 503 readiness probe says why), not errors: not counted in sidecar_errors_total."""
+        request_id = (REQUEST_ID_HEADER, record.request_id.encode())
 
-        async def send_and_note_status(message: Message) -> None:
-            nonlocal status
+        async def send_and_note(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status = message["status"]
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), request_id]
+            elif message["type"] == "http.response.body":
+                record.bytes_out += len(message.get("body", b""))
             await send(message)
 
-        await super().__call__(scope, receive, send_and_note_status)
-        return status
+        await super().__call__(scope, receive, send_and_note)
 
 
 def _error(status: int, code: str, detail: str) -> Response:
     return Response(
-        error_body(code, detail),
+        error_body(code, detail, CURRENT_REQUEST_ID.get()),
         status_code=status,
         media_type="application/json",
         headers={"x-sidecar-error": code, "cache-control": "no-store"},
@@ -296,7 +325,7 @@ def create_app(
         return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:
-        return Response(render(sidecar, clock), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(render(sidecar, clock), media_type=CONTENT_TYPE)
 
     async def not_found(request: Request) -> Response:
         return _error(
@@ -336,12 +365,13 @@ def create_app(
                 await forwarder.aclose()
             await sidecar.http.aclose()
 
-    access_log = AccessLog() if settings.access_log else None
+    access_log = AccessLog(settings.log_format, query=settings.access_log_query) if settings.access_log else None
     app = SidecarApp(
         routes_by_prefix=sidecar.routes,
         access_log=access_log,
         guard=sidecar.guard,
         limits=sidecar.limits,
+        request_metrics=sidecar.requests,
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),

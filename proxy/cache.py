@@ -31,13 +31,16 @@ import contextlib
 import logging
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.credentials import Grant
-from proxy.errors import TokenError, TransientTokenError
+from proxy.errors import TokenEndpointError, TokenError, TransientTokenError
+from proxy.logs import event
+from proxy.stats import Histogram
 from proxy.tokens import Token, TokenResponse, TokenSet, make_token_set
 
 log = logging.getLogger("proxy.cache")
@@ -123,7 +126,7 @@ class TokenProvider:
         self.current: TokenSet | None = None
         self.last_error: TokenError | None = None
         self._background_at = 0.0  # when the refresher renews ``current`` unasked
-        self._failures_in_row = 0
+        self.failures_in_row = 0
         self._not_before = 0.0  # backoff or hold after failures
         self._last_request_at = -math.inf
         self._last_suspect_at = -math.inf
@@ -132,8 +135,9 @@ class TokenProvider:
         self._outcome: asyncio.Future[TokenSet] | None = None  # what waiters await: the next attempt's result
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.refreshes = 0
-        self.failures: Counter[str] = Counter()  # by ``failure_kind``
+        # Refreshes by outcome ("success" or ``failure_kind``) and their durations in real seconds, for /-/metrics.
+        self.outcomes: Counter[str] = Counter()
+        self.durations = Histogram()
         # Requests that waited for a token request because no valid token was held; flat at steady state.
         self.waits = 0
 
@@ -231,7 +235,7 @@ class TokenProvider:
         if now - self._last_suspect_at < self._policy.suspect_interval:
             return False
         self._last_suspect_at = now
-        log.warning("API Gateway refused the current token; asking for a new one")
+        log.warning("API Gateway refused the current token; asking for a new one", extra=event("token_refused"))
         self._ask()
         return True
 
@@ -253,7 +257,7 @@ class TokenProvider:
         changed = self.grant.reload()
         if changed:
             self._not_before = 0.0
-            self._failures_in_row = 0
+            self.failures_in_row = 0
             if self.usable() is None:
                 self._ask()
             self._wake.set()
@@ -311,12 +315,13 @@ class TokenProvider:
         self._asked = False
         self._attempting = True
         self._last_request_at = self._clock.monotonic()
+        began = time.perf_counter()  # real time, whatever the clock: how long the endpoint took
         try:
             tokens = await self._fetch()
         except TokenError as exc:
-            self._failed(exc)
+            self._failed(exc, time.perf_counter() - began)
         else:
-            self._succeeded(tokens)
+            self._succeeded(tokens, time.perf_counter() - began)
         finally:
             self._attempting = False
 
@@ -344,40 +349,64 @@ class TokenProvider:
             flow=self.grant.flow,
         )
 
-    def _succeeded(self, tokens: TokenSet) -> None:
+    def _succeeded(self, tokens: TokenSet, seconds: float) -> None:
         self.current = tokens
         usable = tokens.refresh_at - tokens.received_at
         self._background_at = tokens.received_at + usable * self._rng.uniform(*BACKGROUND_WINDOW)
-        self.refreshes += 1
+        self.outcomes["success"] += 1
+        self.durations.observe(seconds)
         self.last_error = None
-        self._failures_in_row = 0
+        self.failures_in_row = 0
         self._not_before = 0.0
         now = self._clock.monotonic()
+        kinds = "+".join(sorted(self.kinds))
+        valid, next_refresh = round(tokens.expires_at - now), round(self._background_at - now)
         log.info(
-            "token refreshed: %s valid for %.0f s (background refresh in %.0f s)",
-            "+".join(sorted(self.kinds)),
-            tokens.expires_at - now,
-            self._background_at - now,
+            "token refreshed in %.0f ms: %s valid for %d s (background refresh in %d s)",
+            seconds * 1000,
+            kinds,
+            valid,
+            next_refresh,
+            extra=event(
+                "token_refreshed",
+                kinds=kinds,
+                duration_ms=round(seconds * 1000, 1),
+                expires_in_s=valid,
+                next_refresh_in_s=next_refresh,
+            ),
         )
         outcome, self._outcome = self._outcome, None
         if outcome is not None and not outcome.done():
             outcome.set_result(tokens)
 
-    def _failed(self, error: TokenError) -> None:
-        self._failures_in_row += 1
-        self.failures[error.failure_kind] += 1
+    def _failed(self, error: TokenError, seconds: float) -> None:
+        self.failures_in_row += 1
+        self.outcomes[error.failure_kind] += 1
+        self.durations.observe(seconds)
         self.last_error = error
-        wait = self._policy.backoff(self._failures_in_row, error, self._rng)
+        wait = self._policy.backoff(self.failures_in_row, error, self._rng)
         self._not_before = self._clock.monotonic() + wait
         held = self.usable()
+        valid = round(held.expires_at - self._clock.monotonic()) if held else 0
+        endpoint = error if isinstance(error, TokenEndpointError) else None
         log.error(
             "token request failed (%d in a row; next in %.1f s; %s): %s",
-            self._failures_in_row,
+            self.failures_in_row,
             wait,
-            f"still sending the current token for {held.expires_at - self._clock.monotonic():.0f} s"
-            if held
-            else "no valid token: requests get 503",
+            f"still sending the current token for {valid} s" if held else "no valid token: requests get 503",
             error,
+            extra=event(
+                "token_refresh_failed",
+                outcome=error.failure_kind,
+                code=error.code,
+                # What Cognito said, when it said something: invalid_grant, invalid_client ...
+                cognito_error=endpoint.error if endpoint else None,
+                http_status=endpoint.status if endpoint else None,
+                attempt=self.failures_in_row,
+                retry_in_s=round(wait, 1),
+                duration_ms=round(seconds * 1000, 1),
+                token_valid_for_s=valid,
+            ),
         )
         outcome, self._outcome = self._outcome, None
         if outcome is not None and not outcome.done():

@@ -54,7 +54,7 @@ EXIT_FAILURE = 1
 
 def _serve(env: Mapping[str, str]) -> int:
     settings = load_settings(env)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     sock = bind_listen(settings.listen, socket_mode=int(settings.socket_mode, 8))
     log.info(
@@ -323,7 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One-shot commands say what went wrong once, in their own words: the token cache's log lines would
         # repeat it (unless a log level is asked for).
         quiet = args.command in ("token", "check", "login")
-        configure_logging(env.get("SIDECAR_LOG_LEVEL", "critical" if quiet else "warning"))
+        configure_logging(
+            env.get("SIDECAR_LOG_LEVEL", "critical" if quiet else "warning"),
+            "json" if env.get("SIDECAR_LOG_FORMAT", "").strip().lower() == "json" else "text",
+        )
         if args.command == "demo":
             listen = args.listen or env.get("SIDECAR_LISTEN", "127.0.0.1:8080")
             return uvloop.run(_demo(listen))

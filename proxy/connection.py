@@ -62,8 +62,12 @@ class ConnectionLimits:
     _logged: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
     def refused(self, code: str, detail: str) -> None:
-        """Count a refusal and log it, at most one line per code per ``LOG_INTERVAL``."""
+        """Count a connection's refusal and log it (``log_refusal``)."""
         self.errors[code] += 1
+        self.log_refusal(code, detail)
+
+    def log_refusal(self, code: str, detail: str) -> None:
+        """Log a refusal, at most one line per code per ``LOG_INTERVAL`` (the app counts its own)."""
         now = time.monotonic()
         last, count = self._logged.get(code, (0.0, 0))
         if now - last >= LOG_INTERVAL:

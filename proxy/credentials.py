@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from proxy.errors import ConfigError, PermanentTokenError
+from proxy.logs import event
 from proxy.settings import RouteSettings, Settings, read_secret_file
 from proxy.tokens import TokenEndpoint, TokenResponse
 
@@ -229,7 +230,7 @@ class RefreshTokenGrant:
     def claim(self) -> None:
         self.shared_warning = self._lock.acquire() if self._lock else None
         if self.shared_warning:
-            log.warning("%s", self.shared_warning)
+            log.warning("%s", self.shared_warning, extra=event("credential_shared"))
 
     def release(self) -> None:
         if self._lock:
@@ -252,7 +253,12 @@ class RefreshTokenGrant:
         return changed_token or changed_secret
 
     async def fetch(self) -> TokenResponse:
-        self._persist_pending()
+        if self._persist_pending():
+            log.info(
+                "the rotated refresh token is now in %s (an earlier write had failed)",
+                self._token.path,
+                extra=event("refresh_token_persisted", file=str(self._token.path)),
+            )
         return await _rereading_files_once(
             lambda: self._endpoint.refresh(self._token.value, self._secret(), on_refresh_token=self._rotate),
             self.reload,
@@ -277,6 +283,12 @@ class RefreshTokenGrant:
                 "refresh token rotated; the new one is in %s (%.1f ms after the answer)",
                 self._token.path,
                 self.last_persist_window * 1000,
+                extra=event(
+                    "refresh_token_rotated",
+                    persisted=True,
+                    file=str(self._token.path),
+                    persist_ms=round(self.last_persist_window * 1000, 2),
+                ),
             )
         elif self._token.path is None:
             # Said at every rotation, and shown by /-/readyz: each one makes the configured value older.
@@ -284,7 +296,7 @@ class RefreshTokenGrant:
                 "Cognito rotated the refresh token, which came from SIDECAR_REFRESH_TOKEN, not a file: the new one "
                 "is kept in memory only and a restart will fail with invalid_grant. Use SIDECAR_REFRESH_TOKEN_FILE."
             )
-            log.warning("%s", self.persist_error)
+            log.warning("%s", self.persist_error, extra=event("refresh_token_rotated", persisted=False, file=None))
 
     def _persist_pending(self) -> bool:
         """Write a rotated refresh token that is not on disk yet; True when one was written now."""
@@ -300,7 +312,11 @@ class RefreshTokenGrant:
                 "kept in memory only, so a restart now would need a new login. Fix the file's directory "
                 "permissions or space; the write is retried at every refresh."
             )
-            log.error("%s", self.persist_error)
+            log.error(
+                "%s",
+                self.persist_error,
+                extra=event("refresh_token_persist_failed", file=str(self._token.path), reason=exc.strerror),
+            )
             return False
         self._unsaved = None
         self.persist_error = None

@@ -12,7 +12,8 @@ happened, the likely causes, and what to do. None of them ever holds a secret or
         │       └── TokenClockSkewError  a token arrived (nearly) expired by this machine's clock
         └── TokenUnusableError           the answer lacked the configured token kind, or it is not a JWT
 
-``failure_kind`` names each class's kind of failure in metrics (``sidecar_token_refresh_failures_total{kind}``).
+``failure_kind`` names each kind of failure in metrics (the ``outcome`` of ``sidecar_token_requests_total`` and
+``sidecar_token_refreshes_total``; a throttled ``TransientTokenError`` is ``throttled``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class TransientTokenError(TokenEndpointError):
     def __init__(self, *, retry_after: float | None = None, throttled: bool = False, **fields: Any) -> None:
         self.retry_after = retry_after
         self.throttled = throttled
+        if throttled:
+            self.failure_kind = "throttled"
         super().__init__(**fields)
 
 
@@ -164,6 +167,10 @@ class TokenUnusableError(TokenError):
     failure_kind = "unusable"
 
 
-def error_body(code: str, detail: str) -> bytes:
-    """The sidecar's own JSON error body, distinct from anything the upstream sends."""
-    return json.dumps({"error": code, "detail": detail}).encode()
+def error_body(code: str, detail: str, request_id: str = "") -> bytes:
+    """The sidecar's own JSON error body, distinct from anything the upstream sends (``request_id`` when the
+    answer is to a request the app saw: the id in its log lines)."""
+    body = {"error": code, "detail": detail}
+    if request_id:
+        body["request_id"] = request_id
+    return json.dumps(body).encode()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-from collections import Counter
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -29,6 +29,8 @@ from proxy.credentials import Secret
 from proxy.errors import TokenError, error_body
 from proxy.guard import CALLER_HEADER
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
+from proxy.logs import event
+from proxy.record import REQUEST_ID_HEADER, SANE_REQUEST_ID, RequestRecord
 from proxy.tokens import Token
 from proxy.types import Receive, Scope, Send
 
@@ -126,9 +128,14 @@ class Forwarder:
         self._extra = self._extra_headers()
         # Names a client may not set (the sidecar sets them), and the headers set for the current token:
         # built once per token, not per request.
-        # The caller token is the sidecar's business alone: never forwarded, whatever the settings.
+        # The caller token is the sidecar's business alone: never forwarded, whatever the settings. The request id
+        # goes upstream as the sidecar settled it (the client's if sane).
         self.replaced = frozenset(
-            {CALLER_HEADER, *(name.encode("latin-1") for name, _ in ((self._header, ""), *self._extra))}
+            {
+                CALLER_HEADER,
+                REQUEST_ID_HEADER,
+                *(name.encode("latin-1") for name, _ in ((self._header, ""), *self._extra)),
+            }
         )
         self._token_headers: tuple[Token, tuple[tuple[str, str], ...]] | None = None
         # connect bounds the whole wait for a connection, a free pooled one or a new one (whose handshake is
@@ -149,8 +156,6 @@ class Forwarder:
         self.upload_slots = asyncio.Semaphore(max(1, max_connections // 2))
         self.session: aiohttp.ClientSession | None = None
         self.replays = 0
-        # The sidecar's own error answers by code, for /-/metrics; counted off the success path only.
-        self.errors: Counter[str] = Counter()
 
     def _extra_headers(self) -> tuple[tuple[str, str], ...]:
         # API Gateway usage plans: the configured key replaces any the client sent.
@@ -225,16 +230,15 @@ class Forwarder:
             encoded=True,
         )
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str]:
-        """Forward one request. Returns the status sent to the client (0 if the client left before one was) and
-        the sidecar's error code ("" when the upstream's answer went through whole)."""
-        exchange = Exchange(self, scope, receive, send)
+    async def forward(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
+        """Forward one request; ``record`` says what happened (status sent, error code, bytes, upstream time)."""
+        exchange = Exchange(self, scope, receive, send, record)
         try:
-            return await exchange.run(), ""
+            await exchange.run()
         except ClientGone:
-            return exchange.status, "client_gone"
+            record.error = "client_gone"
         except ForwardError as failure:
-            return await self._failed(exchange, failure)
+            await self._failed(exchange, failure)
         except asyncio.CancelledError:
             # The server's shutdown grace ran out (the only thing that cancels a request): answer for ourselves
             # rather than leave uvicorn's bare 500 and traceback. The task ends here either way.
@@ -242,24 +246,27 @@ class Forwarder:
             if current is not None:
                 current.uncancel()
             cut = ForwardError(503, "shutting_down", "the sidecar stopped before the upstream answered; retry")
-            return await self._failed(exchange, cut)
+            await self._failed(exchange, cut)
 
-    async def _failed(self, exchange: Exchange, failure: ForwardError) -> tuple[int, str]:
-        self.errors[failure.code] += 1
-        if exchange.status:
+    async def _failed(self, exchange: Exchange, failure: ForwardError) -> None:
+        record = exchange.record
+        record.error = failure.code
+        if record.status:
             # The upstream's status line is gone already: end the connection without the final chunk, so the
             # client sees a broken response rather than a truncated one that looks complete.
             log.warning("%s %s: %s; closing the client connection", exchange.method, self.host, failure.detail)
-            return exchange.status, failure.code
+            return
         headers = ((b"connection", b"close"),) if failure.close else ()
-        await send_error(exchange.send, failure.status, failure.code, failure.detail, headers)
-        return failure.status, failure.code
+        record.status = failure.status
+        record.bytes_out = await send_error(
+            exchange.send, failure.status, failure.code, failure.detail, headers, request_id=record.request_id
+        )
 
 
 class Exchange:
     """One request through a ``Forwarder``: read the body, send it upstream with the token, relay the answer.
 
-    Every failure is raised as ``ForwardError``; ``status`` is what was sent to the client so far (0: nothing).
+    Every failure is raised as ``ForwardError``; ``record`` holds what was sent to the client so far.
     """
 
     __slots__ = (
@@ -268,26 +275,26 @@ class Exchange:
         "forwarder",
         "method",
         "receive",
+        "record",
         "replayable",
         "scope",
         "send",
         "slot",
-        "status",
     )
 
-    def __init__(self, forwarder: Forwarder, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, forwarder: Forwarder, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         self.forwarder = forwarder
         self.scope = scope
         self.receive = receive
         self.send = send
+        self.record = record
         self.method: str = scope["method"]
         self.body: bytes | AsyncIterator[bytes] | None = None
         self.replayable = self.method in IDEMPOTENT_METHODS
-        self.status = 0
         self.slot = False
         self.body_failure: ForwardError | ClientGone | None = None
 
-    async def run(self) -> int:
+    async def run(self) -> None:
         forwarder = self.forwarder
         session = forwarder.session
         if session is None:
@@ -304,6 +311,7 @@ class Exchange:
         if length != 0:
             if length is not None and length <= REPLAY_BODY_LIMIT:
                 self.body = await _read_body(self.receive, limit=length, stall=forwarder.read_timeout)
+                self.record.bytes_in = len(self.body)
             else:
                 await self._upload_slot()
                 self.body = self._stream_body(limit)
@@ -314,7 +322,6 @@ class Exchange:
         finally:
             if self.slot:
                 forwarder.upload_slots.release()
-        return self.status
 
     async def _upload_slot(self) -> None:
         slots = self.forwarder.upload_slots
@@ -333,12 +340,12 @@ class Exchange:
         """The request body as it arrives, cut off (and the upstream request aborted) past ``limit`` bytes or
         when the client stalls for longer than the read timeout."""
         stall = self.forwarder.read_timeout
-        size = 0
+        record = self.record
         while True:
             try:
                 chunk, more = await _next_chunk(self.receive, stall)
-                size += len(chunk)
-                if limit and size > limit:
+                record.bytes_in += len(chunk)
+                if limit and record.bytes_in > limit:
                     raise _too_large(limit)
             except (ForwardError, ClientGone) as failure:
                 self.body_failure = failure  # what the client hears, however aiohttp wraps it
@@ -362,7 +369,11 @@ class Exchange:
                     tokens.refused(token)
                 elif (fresh := await tokens.replacement(token)) is not None:
                     forwarder.replays += 1
-                    log.info("API Gateway refused the token; replaying %s once with a new one", self.method)
+                    log.info(
+                        "API Gateway refused the token; replaying %s once with a new one",
+                        self.method,
+                        extra=event("upstream_replay"),
+                    )
                     response.release()
                     response = await self._send_upstream(session, url, fresh)
             await self._relay(response)
@@ -380,6 +391,9 @@ class Exchange:
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
         )
+        record = self.record
+        headers.append(("x-request-id", record.request_id))
+        sent = time.perf_counter()
         try:
             return await session.request(
                 self.method, url, headers=headers, data=self.body, allow_redirects=False, compress=None
@@ -392,31 +406,35 @@ class Exchange:
             if isinstance(exc, ForwardError | ClientGone):
                 raise
             raise _upstream_failure(exc, forwarder) from None
+        finally:
+            waited = time.perf_counter() - sent
+            record.upstream_seconds = waited + (record.upstream_seconds or 0.0)
 
-    async def _relay(self, response: aiohttp.ClientResponse) -> int:
+    async def _relay(self, response: aiohttp.ClientResponse) -> None:
         send = self.send
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": downstream_response_headers(response.raw_headers),
-            }
-        )
-        self.status = response.status
+        record = self.record
+        upstream_id = response.headers.get("x-amzn-requestid") or response.headers.get("apigw-requestid")
+        if upstream_id and SANE_REQUEST_ID.fullmatch(upstream_id.encode("latin-1")):
+            record.upstream_request_id = upstream_id
+        headers = downstream_response_headers(response.raw_headers)
+        headers.append((REQUEST_ID_HEADER, record.request_id.encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        record.status = response.status
+        record.source = "upstream"
         content = response.content
         try:
             while chunk := await content.readany():
+                record.bytes_out += len(chunk)
                 # A body that is all in hand (the usual small answer) goes out as the last message at once.
                 last = content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if last:
-                    return self.status
+                    return
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ForwardError(
                 502, "upstream_broke_off", f"the upstream broke off the response body ({_reason(exc)})"
             ) from None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return self.status
 
 
 def _upstream_failure(exc: BaseException, forwarder: Forwarder) -> ForwardError:
@@ -483,9 +501,16 @@ async def _read_body(receive: Receive, *, limit: int, stall: float) -> bytes:
 
 
 async def send_error(
-    send: Send, status: int, code: str, detail: str, headers: Iterable[tuple[bytes, bytes]] = ()
-) -> None:
-    body = error_body(code, detail)
+    send: Send,
+    status: int,
+    code: str,
+    detail: str,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    request_id: str,
+) -> int:
+    """Answer with the sidecar's JSON error; returns the body's size."""
+    body = error_body(code, detail, request_id)
     await send(
         {
             "type": "http.response.start",
@@ -495,11 +520,13 @@ async def send_error(
                 (b"content-length", str(len(body)).encode()),
                 (b"x-sidecar-error", code.encode()),
                 (b"cache-control", b"no-store"),
+                (REQUEST_ID_HEADER, request_id.encode()),
                 *headers,
             ],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+    return len(body)
 
 
 __all__ = ["Exchange", "ForwardError", "Forwarder", "TokenSource"]

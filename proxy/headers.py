@@ -85,14 +85,20 @@ def upstream_request_headers(
     return out
 
 
+# The request id the client gets back is the sidecar's (the one it sent upstream and logged), as Envoy's
+# always_set_request_id_in_response does: an upstream's own is dropped.
+_RESPONSE_OWN = HOP_BY_HOP | {b"x-request-id"}
+
+
 def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers minus hop-by-hop ones, names lower-cased; repeated headers (Set-Cookie)
-    are kept apart. One pass; a second only when ``Connection`` names a header that is not hop-by-hop anyway."""
+    """The upstream's response headers minus hop-by-hop ones and ``X-Request-Id``, names lower-cased; repeated
+    headers (Set-Cookie) are kept apart. One pass; a second only when ``Connection`` names a header that is not
+    hop-by-hop anyway."""
     out: list[tuple[bytes, bytes]] = []
     listed: set[bytes] = set()
     for name, value in raw:
         lower = name.lower()
-        if lower in HOP_BY_HOP:
+        if lower in _RESPONSE_OWN:
             if lower == b"connection":
                 listed |= _listed(value)
             continue

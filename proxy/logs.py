@@ -1,29 +1,107 @@
-"""Logging: one plain line per event on stderr, and an access log that stays off the hot path.
+"""Logging: every line in one format (``SIDECAR_LOG_FORMAT``: text or json) on stderr, UTC ISO 8601 times, the
+request id on every line written while a request is handled, and an access log that stays off the hot path.
+
+Every line, in JSON (one object per line; the README lists the fields):
+
+- ``time`` (``2026-12-02T11:42:35.123Z``), ``level``, ``logger``, ``message``;
+- ``request_id`` when the line is about a request (``proxy.record.CURRENT_REQUEST_ID``);
+- ``event`` and its fields for the events an operator acts on (token refreshed, refresh failed with its
+  Cognito error code and the retry's attempt and wait, refresh token rotated or not persisted, ...): passed as
+  ``extra=event(name, **fields)``. In text they are already in the message.
 
 The stdlib ``logging`` path (record, formatter, handler lock, a flushed write per line) cost 25-60
-microseconds per request in the benchmark, a quarter of the whole request. ``AccessLog`` formats a
-line with one f-string, keeps it in memory, and writes the batch at most every
-``ACCESS_FLUSH_INTERVAL`` seconds or every ``ACCESS_BUFFER_LINES`` lines. Lines never carry headers,
-so never a token.
+microseconds per request in the benchmark, a quarter of the whole request, so the access log does not use
+it: ``AccessLog`` builds each line with one f-string, in either format, keeps it in memory, and writes the
+batch at most every ``ACCESS_FLUSH_INTERVAL`` seconds or every ``ACCESS_BUFFER_LINES`` lines. Lines never
+carry headers, so never a token; the query string (which can carry personal data) only when asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
-from typing import TextIO
+from json.encoder import encode_basestring_ascii as json_string
+from typing import Any, Literal, TextIO
 
+from proxy.record import CURRENT_REQUEST_ID, RequestRecord
 from proxy.types import Scope
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LogFormat = Literal["text", "json"]
 # Lines a busy sidecar gathers before writing them out in one go.
 ACCESS_BUFFER_LINES = 256
 # An idle sidecar's access lines still appear within this many seconds.
 ACCESS_FLUSH_INTERVAL = 1.0
 # A path longer than this is cut in the log line (the request itself is untouched).
 ACCESS_MAX_TARGET = 300
+# The LogRecord attribute that ``event`` fills.
+_EVENT = "sidecar_event"
+
+
+class _Stamps:
+    """UTC ISO 8601 times to the millisecond; the part up to the second is formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int(now % 1 * 1000):03d}Z"
+
+
+def event(name: str, **fields: object) -> dict[str, Any]:
+    """``extra=`` for a log call that is an event: in JSON lines, ``event`` is ``name`` and the fields follow."""
+    return {_EVENT: (name, fields)}
+
+
+class TextFormatter(logging.Formatter):
+    """``<time> <LEVEL> <logger>: <message> [request_id=<id>]``, then the traceback if any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _Stamps()
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = CURRENT_REQUEST_ID.get()
+        line = f"{self._stamp(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
+        if request_id:
+            line += f" request_id={request_id}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; see the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _Stamps()
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "time": self._stamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = CURRENT_REQUEST_ID.get()
+        if request_id:
+            data["request_id"] = request_id
+        happened = getattr(record, _EVENT, None)
+        if happened is not None:
+            name, fields = happened
+            data["event"] = name
+            data.update((key, value) for key, value in fields.items() if key not in data)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
 
 
 class _AnsweredBySidecar(logging.Filter):
@@ -43,40 +121,68 @@ def quiet_uvicorn() -> None:
     logging.getLogger("uvicorn.error").addFilter(_ANSWERED_BY_SIDECAR)
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level``. uvicorn's own access log stays off: ``AccessLog`` replaces it."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Log to stderr at ``level`` in ``log_format``. uvicorn's own access log stays off: ``AccessLog`` replaces
+    it; its other lines (and every library's) take the same format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 class AccessLog:
-    """One line per request: client, method, target, status, duration. Buffered; see the module docstring."""
+    """One line per request, in ``log_format``; buffered (see the module docstring). ``query``: whether the query
+    string is logged."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, log_format: LogFormat = "text", *, query: bool = False, stream: TextIO | None = None) -> None:
         self._stream = stream
         self._lines: list[str] = []
-        self._second = -1
-        self._stamp = ""
+        self._stamp = _Stamps()
+        self._query = query
+        self._line = self._json_line if log_format == "json" else self._text_line
 
-    def record(self, scope: Scope, status: int, seconds: float, code: str = "") -> None:
-        """Note one request; ``code`` is the sidecar's error code when it answered (or cut the answer) itself."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        client = scope.get("client")
-        target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        query = scope.get("query_string")
-        if query:
-            target += "?" + query.decode("latin-1")
-        if len(target) > ACCESS_MAX_TARGET:
-            target = target[:ACCESS_MAX_TARGET] + "..."
-        self._lines.append(
-            f"{self._stamp},{int(now % 1 * 1000):03d} INFO access: {client[0] if client else '-'} "
-            f'"{scope["method"]} {target}" {status}{" " + code if code else ""} {seconds * 1000:.1f}ms\n'
-        )
+    def record(self, scope: Scope, record: RequestRecord, seconds: float) -> None:
+        """Note one request, ``seconds`` after its head arrived."""
+        self._lines.append(self._line(scope, record, seconds))
         if len(self._lines) >= ACCESS_BUFFER_LINES:
             self.flush()
+
+    def _target(self, scope: Scope) -> tuple[str, str]:
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        if len(path) > ACCESS_MAX_TARGET:
+            path = path[:ACCESS_MAX_TARGET] + "..."
+        query: bytes = scope.get("query_string", b"") if self._query else b""
+        return path, query[:ACCESS_MAX_TARGET].decode("latin-1")
+
+    def _text_line(self, scope: Scope, record: RequestRecord, seconds: float) -> str:
+        client = scope.get("client")
+        path, query = self._target(scope)
+        upstream = record.upstream_seconds
+        return (
+            f"{self._stamp(time.time())} INFO access: {client[0] if client else '-'} "
+            f'"{scope["method"]} {path}{"?" + query if query else ""}" {record.status} source={record.source} '
+            f"error={record.error or '-'} in={record.bytes_in} out={record.bytes_out} "
+            f"duration_ms={seconds * 1000:.2f} upstream_ms={'-' if upstream is None else f'{upstream * 1000:.2f}'} "
+            f"route={record.route} request_id={record.request_id} "
+            f"upstream_request_id={record.upstream_request_id or '-'}\n"
+        )
+
+    def _json_line(self, scope: Scope, record: RequestRecord, seconds: float) -> str:
+        # Every value that comes from outside is escaped (json_string); the rest is the sidecar's own.
+        client = scope.get("client")
+        path, query = self._target(scope)
+        upstream = record.upstream_seconds
+        upstream_id = record.upstream_request_id
+        return (
+            f'{{"time":"{self._stamp(time.time())}","level":"INFO","logger":"access",'
+            f'"request_id":"{record.request_id}","client":{json_string(client[0]) if client else "null"},'
+            f'"route":{json_string(record.route)},"method":{json_string(scope["method"])},'
+            f'"path":{json_string(path)},"query":{json_string(query) if query else "null"},'
+            f'"status":{record.status},"source":"{record.source}",'
+            f'"error":{json_string(record.error) if record.error else "null"},'
+            f'"bytes_in":{record.bytes_in},"bytes_out":{record.bytes_out},"duration_ms":{seconds * 1000:.2f},'
+            f'"upstream_ms":{"null" if upstream is None else round(upstream * 1000, 2)},'
+            f'"upstream_request_id":{json_string(upstream_id) if upstream_id else "null"}}}\n'
+        )
 
     def flush(self) -> None:
         if self._lines:
@@ -93,3 +199,6 @@ class AccessLog:
                 self.flush()
         finally:
             self.flush()
+
+
+__all__ = ["AccessLog", "JsonFormatter", "LogFormat", "TextFormatter", "configure_logging", "event", "quiet_uvicorn"]

@@ -1,31 +1,89 @@
-"""Prometheus metrics, read from the sidecar's own counters at scrape time: nothing on the request path.
+"""Prometheus metrics: the sidecar's own counts, turned into metric families at scrape time, after the default
+registry's (``process_*``, ``python_gc_*``, ``python_info``).
 
-Names follow Envoy's credential injector where they overlap (token requested, fetched, failed). No
-label or value ever holds a token, a secret or a URL with credentials.
+On the request path there are only plain counts (``RequestMetrics.observe``, ``proxy.stats``); everything
+else is read from the token providers and forwarders when scraped. Names follow Prometheus conventions
+(``_total`` counters, ``_seconds`` in base units) and Envoy's credential injector where they overlap. Every
+label has a bounded set of values: routes are the configured prefixes (``/-/`` for the sidecar's own routes,
+``none`` before one was chosen), methods the common seven and ``other``, status classes ``1xx``-``5xx`` and
+``none``, outcomes and error codes the sidecar's own. No label or value ever holds a path, an id, a token or a
+secret.
 """
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy import __version__
 from proxy.cache import TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.forward import Forwarder
+from proxy.record import KNOWN_METHODS, RequestRecord
+from proxy.stats import Histogram
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OWN_ROUTE = "/-/"
+NO_ROUTE = "none"
+# What a token request or a refresh ended in: success, or ``TokenError.failure_kind``.
+TOKEN_OUTCOMES = ("success", "permanent", "transient", "throttled", "clock_skew", "unusable")
+
+
+class RequestMetrics:
+    """Requests by route, method and status class, and their durations by route: plain counts (see
+    ``proxy.stats``)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, int]] = Counter()  # (route, method, status // 100)
+        self.durations: dict[str, Histogram] = {}
+        self.upstream_durations: dict[str, Histogram] = {}
+
+    def observe(self, record: RequestRecord, method: str, seconds: float) -> None:
+        route = record.route
+        self.requests[route, method if method in KNOWN_METHODS else "other", record.status // 100] += 1
+        histogram = self.durations.get(route)
+        if histogram is None:
+            histogram = self.durations[route] = Histogram()
+        histogram.observe(seconds)
+        upstream = record.upstream_seconds
+        if upstream is not None:
+            histogram = self.upstream_durations.get(route)
+            if histogram is None:
+                histogram = self.upstream_durations[route] = Histogram()
+            histogram.observe(upstream)
 
 
 class _Parts(Protocol):
     providers: list[TokenProvider]
     forwarders: list[Forwarder]
     draining: bool
+    requests: RequestMetrics
 
     @property
     def errors(self) -> Counter[str]: ...
+
+
+def _histogram(name: str, documentation: str, by_route: dict[str, Histogram]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["route"])
+    for route, histogram in sorted(by_route.items()):
+        family.add_metric([route], histogram.cumulative(), histogram.sum)
+    return family
+
+
+def _outcomes(name: str, documentation: str, counts: Iterable[Counter[str]]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["outcome"])
+    total: Counter[str] = Counter()
+    for count in counts:
+        total.update(count)
+    for outcome in TOKEN_OUTCOMES:
+        family.add_metric([outcome], total[outcome])
+    return family
 
 
 class SidecarCollector(Collector):
@@ -36,34 +94,69 @@ class SidecarCollector(Collector):
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._requests()
+        yield from self._tokens()
+        yield from self._sidecar()
+
+    def _requests(self) -> Iterator[Metric]:
+        metrics = self._parts.requests
+        requests = CounterMetricFamily(
+            "sidecar_requests",
+            "Requests answered, by route prefix, method and status class (none: the client left before an answer)",
+            labels=["route", "method", "status_class"],
+        )
+        for (route, method, status), count in sorted(metrics.requests.items()):
+            requests.add_metric([route, method, f"{status}xx" if status else "none"], count)
+        yield requests
+        yield _histogram(
+            "sidecar_request_duration_seconds",
+            "Time from the request's head arriving to the end of the answer, by route prefix",
+            metrics.durations,
+        )
+        yield _histogram(
+            "sidecar_upstream_duration_seconds",
+            "Time from sending a request upstream to the upstream's answer head (both sends of a replay), by route",
+            metrics.upstream_durations,
+        )
+
+    def _tokens(self) -> Iterator[Metric]:
         providers = self._parts.providers
-        forwarders = self._parts.forwarders
         grants = [provider.grant for provider in providers]
 
         def total(values: Iterable[float]) -> float:
             return float(sum(values))
 
-        yield CounterMetricFamily(
+        yield _outcomes(
             "sidecar_token_requests",
-            "Requests sent to the token endpoint, retries included",
-            value=total(grant.endpoint.requests for grant in grants),
+            "HTTP requests to the token endpoint, by outcome: success, or the kind of failure (permanent: a person "
+            "must act; transient; throttled; clock_skew and unusable are decided after the answer, so they count "
+            "only in sidecar_token_refreshes_total)",
+            (grant.endpoint.outcomes for grant in grants),
         )
-        yield CounterMetricFamily(
-            "sidecar_token_refreshes", "Refreshes that produced a token", value=total(p.refreshes for p in providers)
+        yield _outcomes(
+            "sidecar_token_refreshes",
+            "Token refreshes by outcome: success, permanent (a person must act), transient, throttled, clock_skew "
+            "(the token arrived nearly expired by this machine's clock), unusable (not the configured kind, or not "
+            "a JWT)",
+            (provider.outcomes for provider in providers),
         )
-        failed = CounterMetricFamily(
-            "sidecar_token_refresh_failures",
-            "Token requests that ended without a usable token, by kind: permanent (a person must act), transient, "
-            "clock_skew (the token arrived nearly expired by this machine's clock), unusable",
-            labels=["kind"],
+        duration = Histogram()
+        for provider in providers:
+            duration.merge(provider.durations)
+        family = HistogramMetricFamily(
+            "sidecar_token_refresh_duration_seconds", "Duration of token refreshes, whatever their outcome"
         )
-        for kind in ("permanent", "transient", "clock_skew", "unusable"):
-            failed.add_metric([kind], total(p.failures[kind] for p in providers))
-        yield failed
+        family.add_metric([], duration.cumulative(), duration.sum)
+        yield family
         yield CounterMetricFamily(
             "sidecar_token_waits",
             "Requests that waited for a token request because no valid token was held",
             value=total(p.waits for p in providers),
+        )
+        yield GaugeMetricFamily(
+            "sidecar_token_consecutive_failures",
+            "Failed refreshes since the last success (the largest over credentials)",
+            value=max((p.failures_in_row for p in providers), default=0),
         )
         yield CounterMetricFamily(
             "sidecar_refresh_token_rotations",
@@ -79,33 +172,38 @@ class SidecarCollector(Collector):
         remaining = [tokens.expires_at - now for p in providers if (tokens := p.usable()) is not None]
         yield GaugeMetricFamily(
             "sidecar_token_expires_in_seconds",
-            "Seconds until the soonest cached token expires (0: a route has none cached)",
+            "Seconds until the soonest cached token expires (0: a credential has none valid)",
             value=min(remaining) if len(remaining) == len(providers) else 0.0,
         )
-        refused = any(p.last_error is not None and getattr(p.last_error, "permanent", False) for p in providers)
+        refused = any(p.last_error is not None and p.last_error.permanent for p in providers)
         yield GaugeMetricFamily(
             "sidecar_token_permanent_failure",
             "1 while Cognito refuses a credential (a person must act)",
             value=1.0 if refused else 0.0,
         )
+
+    def _sidecar(self) -> Iterator[Metric]:
+        forwarders = self._parts.forwarders
         yield CounterMetricFamily(
             "sidecar_upstream_replays",
             "Requests replayed once after API Gateway refused the token",
-            value=total(f.replays for f in forwarders),
+            value=float(sum(f.replays for f in forwarders)),
         )
         errors = CounterMetricFamily("sidecar_errors", "The sidecar's own error answers, by code", labels=["code"])
-        codes: dict[str, int] = dict(self._parts.errors)
-        for forwarder in forwarders:
-            for code, count in forwarder.errors.items():
-                codes[code] = codes.get(code, 0) + count
-        for code, count in sorted(codes.items()):
+        for code, count in sorted(self._parts.errors.items()):
             errors.add_metric([code], count)
         yield errors
         yield GaugeMetricFamily("sidecar_draining", "1 while shutting down", value=1.0 if self._parts.draining else 0.0)
+        info = GaugeMetricFamily("sidecar_build_info", "Always 1: the running version", labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
 
 
 def render(parts: _Parts, clock: Clock = SYSTEM_CLOCK) -> bytes:
-    """The Prometheus text exposition of ``parts``'s counters."""
+    """The Prometheus text exposition: the default registry (process and runtime), then ``parts``'s counts."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SidecarCollector(parts, clock))
-    return generate_latest(registry)
+    return generate_latest(REGISTRY) + generate_latest(registry)
+
+
+__all__ = ["CONTENT_TYPE", "NO_ROUTE", "OWN_ROUTE", "RequestMetrics", "SidecarCollector", "render"]

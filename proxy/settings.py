@@ -291,7 +291,9 @@ class Settings(_Credentialed):
     shutdown_delay: float = Field(default=DEFAULT_SHUTDOWN_DELAY, ge=0)
     shutdown_grace: int = Field(default=DEFAULT_SHUTDOWN_GRACE, ge=0)
     access_log: bool = True
+    access_log_query: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
     # Who may use the credential (see the README's Security section).
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -422,7 +424,9 @@ SETTING_HELP = {
     "shutdown_delay": "after SIGTERM: seconds new requests are still served while readiness says draining",
     "shutdown_grace": "then: seconds in-flight requests may take to finish",
     "access_log": "access log on (1) or off (0)",
+    "access_log_query": "1: the access log shows query strings (they can carry personal data)",
     "log_level": "debug, info, warning or error",
+    "log_format": "text, or json (one object per line; fields in the README)",
     "allowed_hosts": "more Host names it answers to (exact or *.suffix), comma-separated",
     "allowed_origins": "browser origins allowed to call it, comma-separated",
     "allow_from": "CIDRs that may call a non-loopback listener, comma-separated",

@@ -14,6 +14,7 @@ import json
 import re
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +27,7 @@ from proxy.errors import (
     PermanentTokenError,
     TokenClockSkewError,
     TokenEndpointError,
+    TokenError,
     TokenUnusableError,
     TransientTokenError,
 )
@@ -307,7 +309,8 @@ class TokenEndpoint:
         self.token_url = token_url
         self.client_id = client_id
         self._timeout = timeout
-        self.requests = 0
+        # HTTP requests by outcome: "success" or the failure's ``failure_kind`` (for /-/metrics).
+        self.outcomes: Counter[str] = Counter()
         self.last_answer_at = 0.0
 
     def __repr__(self) -> str:
@@ -354,10 +357,26 @@ class TokenEndpoint:
         on_refresh_token: Callable[[str], None] | None = None,
     ) -> TokenResponse:
         """POST ``form`` with client authentication; classify every failure."""
+        try:
+            answer = await self._post(flow, form, client_secret, secrets=secrets, on_refresh_token=on_refresh_token)
+        except TokenError as exc:
+            self.outcomes[exc.failure_kind] += 1
+            raise
+        self.outcomes["success"] += 1
+        return answer
+
+    async def _post(
+        self,
+        flow: str,
+        form: dict[str, str],
+        client_secret: str | None,
+        *,
+        secrets: tuple[str, ...],
+        on_refresh_token: Callable[[str], None] | None,
+    ) -> TokenResponse:
         secrets = (*secrets, *_secret_forms(self.client_id, client_secret))
         # A public client authenticates with client_id in the body alone: no Authorization header at all.
         auth = httpx2.BasicAuth(self.client_id, client_secret) if client_secret else httpx2.USE_CLIENT_DEFAULT
-        self.requests += 1
         try:
             response = await self._client.post(
                 self.token_url,

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from proxy.app import Sidecar, create_app
@@ -265,3 +266,13 @@ def assert_hidden(text: str, *secrets: str) -> None:
     leaked = [index for index, secret in enumerate(secrets) if secret and secret in text]
     if leaked:
         raise AssertionError(f"secret(s) {leaked} of {len(secrets)} appear in the output")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value in a Prometheus text exposition, read with prometheus-client's parser (which fails on
+    a malformed exposition); fails when the sample is absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in the metrics")

@@ -196,7 +196,7 @@ async def test_an_upstream_breaking_off_mid_body_is_logged_and_counted_without_a
     assert "broke off the response body" in caplog.text
     assert "Traceback" not in caplog.text
     assert "without completing" not in caplog.text
-    assert '"GET /x" 200 upstream_broke_off' in capsys.readouterr().err  # the access log line
+    assert '"GET /x" 200 source=upstream error=upstream_broke_off' in capsys.readouterr().err  # the access log
 
 
 class SilentUpstream:

@@ -142,7 +142,9 @@ async def test_serve_runs_as_a_process_and_stops_on_sigterm(stack: Stack, tmp_pa
     token_file = tmp_path / "refresh-token"
     token_file.write_text(stack.emulator.refresh_token + "\n")
     token_file.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file), SIDECAR_LOG_LEVEL="debug")
+    env = stack_env(
+        stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file), SIDECAR_LOG_LEVEL="debug", SIDECAR_ACCESS_LOG_QUERY="1"
+    )
     async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
         response = await client.get(f"{sidecar.url}/from-a-process?x=1")
         own = [(await client.get(f"{sidecar.url}{path}")).status_code for path in ("/-/healthz", "/-/nope")]

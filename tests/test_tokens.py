@@ -9,7 +9,7 @@ import httpx2
 import pytest
 
 from proxy.cache import RefreshPolicy
-from tests.conftest import FakeClock, RunningSidecar, Stack, assert_hidden, run_sidecar, run_stack
+from tests.conftest import FakeClock, RunningSidecar, Stack, assert_hidden, metric, run_sidecar, run_stack
 
 
 async def test_revoked_refresh_token_is_a_503_that_explains_itself(
@@ -116,7 +116,7 @@ async def test_health_readiness_and_reserved_routes_are_not_forwarded(
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
     metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
-    assert "sidecar_token_requests_total 1.0" in metrics
+    assert metric(metrics, "sidecar_token_requests_total", outcome="success") == 1
     assert "sidecar_token_permanent_failure 0.0" in metrics
     assert "sidecar_token_expires_in_seconds 3" in metrics  # ~3600 s left
     missing = await client.get(f"{sidecar.url}/-/nothing")
