@@ -31,7 +31,7 @@ from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.guard import CallerGuard, Refusal
 from proxy.logs import AccessLog, event
-from proxy.metrics import CONTENT_TYPE, OWN_ROUTE, RequestMetrics, render
+from proxy.metrics import OWN_ROUTE, RequestMetrics, render, sidecar_registry
 from proxy.paths import BadPath, pick_route
 from proxy.record import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, RequestRecord, request_id_of
 from proxy.settings import Settings
@@ -324,8 +324,11 @@ def create_app(
             body["warning"] = " ".join(warnings)  # serving, but a restart (or a rotation) could lose a credential
         return JSONResponse(body)
 
+    registry = sidecar_registry(sidecar, clock)
+
     async def metrics(request: Request) -> Response:
-        return Response(render(sidecar, clock), media_type=CONTENT_TYPE)
+        body, content_type = render(registry, request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
 
     async def not_found(request: Request) -> Response:
         return _error(

@@ -101,7 +101,7 @@ class JsonFormatter(logging.Formatter):
             data.update((key, value) for key, value in fields.items() if key not in data)
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+        return json.dumps(data, default=str, separators=(",", ":"))
 
 
 class _AnsweredBySidecar(logging.Filter):

@@ -17,8 +17,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from proxy import __version__
@@ -28,11 +29,12 @@ from proxy.forward import Forwarder
 from proxy.record import KNOWN_METHODS, RequestRecord
 from proxy.stats import Histogram
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OWN_ROUTE = "/-/"
 NO_ROUTE = "none"
-# What a token request or a refresh ended in: success, or ``TokenError.failure_kind``.
-TOKEN_OUTCOMES = ("success", "permanent", "transient", "throttled", "clock_skew", "unusable")
+# What a token request or a refresh ended in: success, or ``TokenError.failure_kind``. A token request's answer
+# is found too old or unusable only afterwards, so those two are refresh outcomes alone.
+REQUEST_OUTCOMES = ("success", "permanent", "transient", "throttled")
+REFRESH_OUTCOMES = (*REQUEST_OUTCOMES, "clock_skew", "unusable")
 
 
 class RequestMetrics:
@@ -76,12 +78,14 @@ def _histogram(name: str, documentation: str, by_route: dict[str, Histogram]) ->
     return family
 
 
-def _outcomes(name: str, documentation: str, counts: Iterable[Counter[str]]) -> CounterMetricFamily:
+def _outcomes(
+    name: str, documentation: str, outcomes: tuple[str, ...], counts: Iterable[Counter[str]]
+) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=["outcome"])
     total: Counter[str] = Counter()
     for count in counts:
         total.update(count)
-    for outcome in TOKEN_OUTCOMES:
+    for outcome in outcomes:
         family.add_metric([outcome], total[outcome])
     return family
 
@@ -128,9 +132,9 @@ class SidecarCollector(Collector):
 
         yield _outcomes(
             "sidecar_token_requests",
-            "HTTP requests to the token endpoint, by outcome: success, or the kind of failure (permanent: a person "
-            "must act; transient; throttled; clock_skew and unusable are decided after the answer, so they count "
-            "only in sidecar_token_refreshes_total)",
+            "HTTP requests to the token endpoint, by outcome: success, permanent (a person must act), transient, "
+            "throttled",
+            REQUEST_OUTCOMES,
             (grant.endpoint.outcomes for grant in grants),
         )
         yield _outcomes(
@@ -138,6 +142,7 @@ class SidecarCollector(Collector):
             "Token refreshes by outcome: success, permanent (a person must act), transient, throttled, clock_skew "
             "(the token arrived nearly expired by this machine's clock), unusable (not the configured kind, or not "
             "a JWT)",
+            REFRESH_OUTCOMES,
             (provider.outcomes for provider in providers),
         )
         duration = Histogram()
@@ -199,11 +204,19 @@ class SidecarCollector(Collector):
         yield info
 
 
-def render(parts: _Parts, clock: Clock = SYSTEM_CLOCK) -> bytes:
-    """The Prometheus text exposition: the default registry (process and runtime), then ``parts``'s counts."""
+def sidecar_registry(parts: _Parts, clock: Clock = SYSTEM_CLOCK) -> CollectorRegistry:
+    """The default registry's collectors (process and runtime), then ``parts``'s counts."""
     registry = CollectorRegistry(auto_describe=False)
+    registry.register(REGISTRY)
     registry.register(SidecarCollector(parts, clock))
-    return generate_latest(REGISTRY) + generate_latest(registry)
+    return registry
 
 
-__all__ = ["CONTENT_TYPE", "NO_ROUTE", "OWN_ROUTE", "RequestMetrics", "SidecarCollector", "render"]
+def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """The exposition and its content type: OpenMetrics when the scraper's ``Accept`` asks for it (Prometheus
+    does), else the Prometheus text format."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+__all__ = ["NO_ROUTE", "OWN_ROUTE", "RequestMetrics", "SidecarCollector", "render", "sidecar_registry"]

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,3 +276,33 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     raise AssertionError(f"{name}{labels} not in the metrics")
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A TCP server on an ephemeral loopback port that answers every connection with ``answer``: for
+    upstreams that misbehave in ways a framework would not let them."""
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/s"
+        server.close()
+
+
+class SilentUpstream:
+    """Accepts connections and never answers until ``release`` is set; ``accepted`` once one came in."""
+
+    def __init__(self) -> None:
+        self.accepted = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.set()
+        await self.release.wait()
+        writer.close()
+
+    async def first_connection(self) -> None:
+        async with asyncio.timeout(30):
+            await self.accepted.wait()

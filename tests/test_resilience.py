@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import httpx2
 import pytest
@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.serving import running
-from tests.conftest import Stack, run_sidecar, run_stack, sidecar_process, stack_env
+from tests.conftest import SilentUpstream, Stack, raw_upstream, run_sidecar, run_stack, sidecar_process, stack_env
 
 
 def _closed_port() -> int:
@@ -165,19 +165,6 @@ async def test_sigterm_lets_in_flight_requests_finish(stack: Stack):
     assert "Traceback" not in logged
 
 
-@contextlib.asynccontextmanager
-async def raw_upstream(
-    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-) -> AsyncIterator[str]:
-    """A TCP server on an ephemeral loopback port that answers every connection with ``answer``: for
-    upstreams that misbehave in ways a framework would not let them."""
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        yield f"http://127.0.0.1:{port}/s"
-        server.close()
-
-
 async def test_an_upstream_breaking_off_mid_body_is_logged_and_counted_without_a_traceback(
     stack: Stack, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ):
@@ -197,23 +184,6 @@ async def test_an_upstream_breaking_off_mid_body_is_logged_and_counted_without_a
     assert "Traceback" not in caplog.text
     assert "without completing" not in caplog.text
     assert '"GET /x" 200 source=upstream error=upstream_broke_off' in capsys.readouterr().err  # the access log
-
-
-class SilentUpstream:
-    """Accepts connections and never answers until ``release`` is set; ``accepted`` once one came in."""
-
-    def __init__(self) -> None:
-        self.accepted = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted.set()
-        await self.release.wait()
-        writer.close()
-
-    async def first_connection(self) -> None:
-        async with asyncio.timeout(30):
-            await self.accepted.wait()
 
 
 async def test_waiting_for_a_free_upstream_connection_is_bounded_by_the_pool_timeout(

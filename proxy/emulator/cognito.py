@@ -113,6 +113,7 @@ class CognitoEmulator:
         # Seconds this pool's clock is off from ``clock`` (negative: behind): tokens carry iat/exp from it.
         self.skew = 0.0
         self.token_requests = 0
+        self.seen = asyncio.Event()  # set by every token request: tests wait on it instead of polling
         self.grant_counts: Counter[str] = Counter()
         self.app = Starlette(
             routes=[
@@ -234,6 +235,7 @@ class CognitoEmulator:
 
     async def _token(self, request: Request) -> Response:
         self.token_requests += 1
+        self.seen.set()
         if self.latency:
             await asyncio.sleep(self.latency)
         if self.faults:

@@ -1,0 +1,431 @@
+"""What an operator sees: request ids, access and event logs in both formats, metrics, and readiness under a
+hanging token endpoint. Real servers on loopback; the pure pieces (ids, histograms, line escaping) beside."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import platform
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import promql_parser
+import pytest
+import yaml
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import __version__
+from proxy.logs import AccessLog, JsonFormatter, TextFormatter
+from proxy.record import RequestRecord, new_request_id, request_id_of
+from proxy.stats import Histogram
+from tests.conftest import (
+    FakeClock,
+    RunningSidecar,
+    SilentUpstream,
+    Stack,
+    assert_hidden,
+    metric,
+    raw_upstream,
+    run_sidecar,
+    run_stack,
+    sidecar_process,
+    stack_env,
+)
+
+UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+NEW_ID = re.compile(r"[0-9a-f]{32}")
+# The access line's fields, as the README documents them.
+ACCESS_FIELDS = {
+    "time",
+    "level",
+    "logger",
+    "request_id",
+    "client",
+    "route",
+    "method",
+    "path",
+    "query",
+    "status",
+    "source",
+    "error",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "upstream_ms",
+    "upstream_request_id",
+}
+
+
+def access_lines(stderr: str) -> list[dict[str, Any]]:
+    """The JSON access lines in captured stderr (every line there must be JSON)."""
+    return [line for line in map(json.loads, stderr.splitlines()) if line["logger"] == "access"]
+
+
+def echoed(response: httpx2.Response, name: str) -> list[str]:
+    """The values of header ``name`` that API Gateway's stand-in received."""
+    return [value for key, value in response.json()["headers"] if key == name]
+
+
+@pytest.fixture
+def event_log() -> Iterator[dict[str, io.StringIO]]:
+    """The package's log lines, in both formats (the formatters a process installs), while the test runs."""
+    streams = {"json": io.StringIO(), "text": io.StringIO()}
+    handlers = [logging.StreamHandler(streams["json"]), logging.StreamHandler(streams["text"])]
+    handlers[0].setFormatter(JsonFormatter())
+    handlers[1].setFormatter(TextFormatter())
+    logger = logging.getLogger("proxy")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield streams
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# Request ids ------------------------------------------------------------------------------------------------
+
+
+async def test_a_sane_request_id_goes_upstream_comes_back_and_is_in_the_access_line(
+    stack: Stack, client: httpx2.AsyncClient, capsys: pytest.CaptureFixture[str]
+):
+    settings = stack.settings(access_log=True, log_format="json")
+    async with run_sidecar(settings) as sidecar:
+        response = await client.get(f"{sidecar.url}/orders/7?email=a@b.example", headers={"X-Request-Id": "req-1.a"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-1.a"
+    assert echoed(response, "x-request-id") == ["req-1.a"]
+    [line] = access_lines(capsys.readouterr().err)
+    assert set(line) == ACCESS_FIELDS
+    assert UTC_TIME.fullmatch(line["time"])
+    assert line["level"] == "INFO"
+    assert line["request_id"] == "req-1.a"
+    assert line["client"] == "127.0.0.1"
+    assert (line["route"], line["method"], line["path"], line["status"]) == ("/", "GET", "/orders/7", 200)
+    assert line["query"] is None  # queries can carry personal data: not logged unless asked for
+    assert (line["source"], line["error"]) == ("upstream", None)
+    assert (line["bytes_in"], line["bytes_out"]) == (0, len(response.content))
+    assert line["duration_ms"] >= line["upstream_ms"] > 0
+    assert line["upstream_request_id"] == response.headers["x-amzn-requestid"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [None, "two words", "x" * 129, 'quote"d', "semi;colon", ""],
+    ids=["none", "space", "too-long", "quote", "semicolon", "empty"],
+)
+async def test_a_missing_or_unsafe_request_id_is_replaced_by_a_new_one(
+    stack: Stack, client: httpx2.AsyncClient, given: str | None
+):
+    headers = {"X-Request-Id": given} if given is not None else {}
+    async with run_sidecar(stack.settings()) as sidecar:
+        first = await client.get(f"{sidecar.url}/a", headers=headers)
+        second = await client.get(f"{sidecar.url}/a", headers=headers)
+    assert NEW_ID.fullmatch(first.headers["x-request-id"])
+    assert echoed(first, "x-request-id") == [first.headers["x-request-id"]]  # the new one only, not the unsafe one
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+async def test_the_upstreams_own_request_id_is_replaced_by_the_sidecars(stack: Stack, client: httpx2.AsyncClient):
+    async def answers_with_its_own_id(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-own\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async with raw_upstream(answers_with_its_own_id) as url, run_sidecar(stack.settings(upstream_url=url)) as sidecar:
+        response = await client.get(f"{sidecar.url}/x", headers={"X-Request-Id": "mine"})
+    assert response.headers.get_list("x-request-id") == ["mine"]
+
+
+async def test_the_sidecars_own_answers_carry_the_request_id_in_header_body_and_access_line(
+    stack: Stack, client: httpx2.AsyncClient, capsys: pytest.CaptureFixture[str]
+):
+    settings = stack.settings(access_log=True, log_format="json")
+    async with run_sidecar(settings) as sidecar:
+        refused = await client.get(f"{sidecar.url}/x", headers={"Host": "evil.example", "X-Request-Id": "r-421"})
+        not_ours = await client.get(f"{sidecar.url}/-/nothing", headers={"X-Request-Id": "r-404"})
+    for response, request_id in ((refused, "r-421"), (not_ours, "r-404")):
+        assert response.headers["x-request-id"] == request_id
+        assert response.json()["request_id"] == request_id
+    lines = {line["request_id"]: line for line in access_lines(capsys.readouterr().err)}
+    assert lines["r-421"]["status"] == 421
+    assert (lines["r-421"]["source"], lines["r-421"]["error"]) == ("sidecar", "host_not_allowed")
+    assert lines["r-421"]["route"] == "none"  # refused before a route was chosen
+    assert lines["r-421"]["bytes_out"] == len(refused.content)
+    assert lines["r-404"]["route"] == "/-/"
+    assert lines["r-421"]["upstream_ms"] is None  # nothing went upstream
+
+
+async def test_every_log_line_written_for_a_request_carries_its_id(
+    stack: Stack, client: httpx2.AsyncClient, event_log: dict[str, io.StringIO]
+):
+    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    async with raw_upstream(breaks_off) as url, run_sidecar(stack.settings(upstream_url=url)) as sidecar:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await client.get(f"{sidecar.url}/x", headers={"X-Request-Id": "broken-1"})
+    [warning] = [
+        line for line in map(json.loads, event_log["json"].getvalue().splitlines()) if line["level"] == "WARNING"
+    ]
+    assert warning["request_id"] == "broken-1"
+    assert "broke off the response body" in warning["message"]
+    assert "broke off the response body" in event_log["text"].getvalue()
+    assert "request_id=broken-1" in event_log["text"].getvalue()
+    # The token refresh ran in its own task: it belongs to no request.
+    refreshed = [line for line in map(json.loads, event_log["json"].getvalue().splitlines()) if "event" in line]
+    assert [line["event"] for line in refreshed] == ["token_refreshed"]
+    assert "request_id" not in refreshed[0]
+
+
+# Logs from a real process, in both formats ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_a_process_logs_every_line_in_the_chosen_format_and_never_a_secret(stack: Stack, log_format: str):
+    stack.emulator.cognito.fail_next(400, '{"error":"invalid_grant"}', times=1)
+    env = stack_env(
+        stack,
+        SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token,
+        SIDECAR_LOG_FORMAT=log_format,
+        SIDECAR_LOG_LEVEL="debug",
+        SIDECAR_CALLER_TOKEN="caller-secret-value",
+    )
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        caller = {"X-Sidecar-Caller": "caller-secret-value"}
+        # Cognito refuses the first token request: the refusal is held for a minute, and says why.
+        first = await client.get(f"{sidecar.url}/first", headers=caller)
+        unauthenticated = await client.get(f"{sidecar.url}/unauthenticated")
+        code, text = await sidecar.stop()
+    assert code == 0
+    assert first.status_code == 503 and first.json()["error"] == "token_rejected"
+    assert unauthenticated.status_code == 401
+    assert_hidden(text, stack.emulator.refresh_token, stack.emulator.client.secret or "", "caller-secret-value")
+    assert "Traceback" not in text
+    lines = text.splitlines()
+    if log_format == "text":
+        assert all(UTC_TIME.match(line) for line in lines), lines
+        assert f"request_id={first.headers['x-request-id']}" in text
+        return
+    parsed = [json.loads(line) for line in lines]  # every line, uvicorn's included
+    assert all(UTC_TIME.fullmatch(line["time"]) and line["level"] and line["logger"] for line in parsed)
+    assert {"uvicorn.error", "proxy", "access", "proxy.cache"} <= {line["logger"] for line in parsed}
+    [failed] = [line for line in parsed if line.get("event") == "token_refresh_failed"]
+    assert (failed["cognito_error"], failed["http_status"], failed["outcome"]) == ("invalid_grant", 400, "permanent")
+    assert failed["attempt"] == 1 and failed["retry_in_s"] >= 60  # a refusal is held for a minute
+    accessed = {line["request_id"]: line for line in parsed if line["logger"] == "access"}
+    assert accessed[first.headers["x-request-id"]]["error"] == "token_rejected"
+    assert accessed[unauthenticated.headers["x-request-id"]]["error"] == "caller_unauthenticated"
+
+
+def test_json_access_lines_escape_whatever_the_client_sent():
+    stream = io.StringIO()
+    access = AccessLog("json", query=True, stream=stream)
+    scope = {
+        "method": "GET",
+        "path": "/",
+        "raw_path": b'/a"b\\c\xe9\x01',
+        "query_string": b'q="x"',
+        "client": ("::1", 5),
+    }
+    access.record(scope, RequestRecord("id-1", upstream_request_id='odd"id'), 0.0012)
+    access.flush()
+    line = json.loads(stream.getvalue())
+    assert line["path"] == '/a"b\\c\xe9\x01'
+    assert line["query"] == 'q="x"'
+    assert line["upstream_request_id"] == 'odd"id'
+    assert line["duration_ms"] == 1.2
+
+
+def test_request_ids_are_kept_when_sane_and_new_otherwise():
+    assert request_id_of([(b"x-request-id", b"f81d4fae-7dec-11d0-a765-00a0c91e6bf6")]) == (
+        "f81d4fae-7dec-11d0-a765-00a0c91e6bf6"
+    )
+    assert NEW_ID.fullmatch(request_id_of([(b"x-request-id", b"a b")]))
+    assert NEW_ID.fullmatch(request_id_of([]))
+    assert len({new_request_id() for _ in range(1000)}) == 1000
+
+
+# Metrics ----------------------------------------------------------------------------------------------------
+
+
+def test_histograms_count_into_the_right_buckets():
+    histogram = Histogram((0.001, 0.01, 1.0))
+    for value in (0.0005, 0.001, 0.002, 0.5, 7.0):
+        histogram.observe(value)
+    assert histogram.cumulative() == [("0.001", 2.0), ("0.01", 3.0), ("1.0", 4.0), ("+Inf", 5.0)]
+    assert histogram.count == 5
+    assert histogram.sum == pytest.approx(7.5035)
+
+
+def lint_exposition(text: str) -> list[str]:
+    """What ``promtool check metrics`` would say, for the parts that matter here: names, units, help, counters
+    ending in _total, histograms whole, no label with unbounded values."""
+    problems = []
+    seen = set()
+    for family in text_string_to_metric_families(text):
+        if family.name in seen:
+            problems.append(f"{family.name}: declared twice")
+        seen.add(family.name)
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", family.name):
+            problems.append(f"{family.name}: not snake_case")
+        if not family.documentation:
+            problems.append(f"{family.name}: no HELP")
+        if family.type == "counter" and not all(s.name.endswith(("_total", "_created")) for s in family.samples):
+            problems.append(f"{family.name}: counter samples must end in _total")
+        if family.type == "histogram":
+            buckets = [s for s in family.samples if s.name.endswith("_bucket")]
+            if not buckets or not family.name.endswith("_seconds") or buckets[-1].labels.get("le") != "+Inf":
+                problems.append(f"{family.name}: histogram without +Inf bucket or unit")
+        if re.search(r"_(milliseconds|ms|minutes|hours|kilobytes)(_|$)", family.name):
+            problems.append(f"{family.name}: not in base units")
+        for sample in family.samples:
+            for key, value in sample.labels.items():
+                if key != "route" and "/" in value:
+                    problems.append(f"{family.name}: label {key} holds a path")
+                if NEW_ID.search(value):
+                    problems.append(f"{family.name}: label {key} holds an id")
+    return problems
+
+
+async def test_metrics_are_valid_and_move_with_the_requests(stack: Stack, client: httpx2.AsyncClient):
+    async with run_sidecar(stack.settings()) as sidecar:
+        for index in range(7):
+            assert (await client.get(f"{sidecar.url}/orders/{index}")).status_code == 200
+        for _ in range(3):
+            assert (await client.post(f"{sidecar.url}/orders", content=b"{}")).status_code == 200
+        assert (await client.request("PURGE", f"{sidecar.url}/cache")).status_code == 200
+        for _ in range(2):
+            refused = await client.get(f"{sidecar.url}/x", headers={"Host": "evil.example"})
+            assert refused.status_code == 421
+        text = (await client.get(f"{sidecar.url}/-/metrics")).text
+        openmetrics = await client.get(
+            f"{sidecar.url}/-/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+    assert lint_exposition(text) == []
+    # The strict OpenMetrics parser, as Prometheus asks for it: raises on anything malformed.
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert list(openmetrics_families(openmetrics.text))
+
+    def requests(route: str, method: str, status_class: str) -> float:
+        return metric(text, "sidecar_requests_total", route=route, method=method, status_class=status_class)
+
+    assert requests("/", "GET", "2xx") == 7
+    assert requests("/", "POST", "2xx") == 3
+    assert requests("/", "other", "2xx") == 1  # methods outside the common seven share one label value
+    assert requests("none", "GET", "4xx") == 2
+    assert metric(text, "sidecar_request_duration_seconds_count", route="/") == 11
+    assert metric(text, "sidecar_request_duration_seconds_bucket", route="/", le="+Inf") == 11
+    assert metric(text, "sidecar_upstream_duration_seconds_count", route="/") == 11
+    assert 'sidecar_upstream_duration_seconds_count{route="none"}' not in text  # refused: nothing went upstream
+    assert metric(text, "sidecar_errors_total", code="host_not_allowed") == 2
+    assert metric(text, "sidecar_token_refreshes_total", outcome="success") == 1
+    assert metric(text, "sidecar_token_refresh_duration_seconds_count") == 1
+    assert metric(text, "sidecar_token_consecutive_failures") == 0
+    assert metric(text, "sidecar_build_info", version=__version__, python=platform.python_version()) == 1
+    assert metric(text, "process_resident_memory_bytes") > 0  # the default registry's process collector
+
+
+# Readiness --------------------------------------------------------------------------------------------------
+
+
+async def _probe(client: httpx2.AsyncClient, url: str, count: int) -> tuple[list[float], set[tuple[int, str]]]:
+    took, answers = [], set()
+    for _ in range(count):
+        started = time.perf_counter()
+        response = await client.get(url)
+        took.append(time.perf_counter() - started)
+        answers.add((response.status_code, response.json().get("error") or response.json()["status"]))
+    return sorted(took), answers
+
+
+async def test_readiness_answers_at_once_while_the_first_token_request_hangs(stack: Stack, client: httpx2.AsyncClient):
+    token_endpoint = SilentUpstream()
+    async with raw_upstream(token_endpoint) as url, run_sidecar(stack.settings(token_url=url)) as sidecar:
+        await token_endpoint.first_connection()
+        took, answers = await _probe(client, f"{sidecar.url}/-/readyz", 1000)
+        ready = await client.get(f"{sidecar.url}/-/readyz")
+        token_endpoint.release.set()
+    assert answers == {(503, "token_pending")}
+    assert "first token request is in progress" in ready.json()["detail"]
+    # A bound that holds on any machine, not a benchmark: waiting on the hang would take seconds per probe.
+    assert took[989] < 0.1, f"p99 {took[989] * 1000:.1f} ms"
+
+
+async def test_readiness_stays_green_at_once_while_a_background_refresh_hangs(client: httpx2.AsyncClient):
+    clock = FakeClock()
+    async with run_stack() as stack:
+        stack.use_clock(clock)
+        async with run_sidecar(stack.settings(), clock=clock) as sidecar:
+            assert (await client.get(f"{sidecar.url}/-/readyz")).status_code in (200, 503)
+            assert (await client.get(f"{sidecar.url}/warm")).status_code == 200
+            stack.emulator.cognito.latency = 3600.0  # every token answer from now on hangs
+            stack.emulator.cognito.seen.clear()
+            clock.advance(3600 - 200)  # past the background refresh point, the token still valid
+            async with asyncio.timeout(30):
+                await stack.emulator.cognito.seen.wait()  # the refresh is in flight, hanging
+            took, answers = await _probe(client, f"{sidecar.url}/-/readyz", 1000)
+            assert (await client.get(f"{sidecar.url}/still-served")).status_code == 200
+    assert answers == {(200, "ready")}
+    assert took[989] < 0.1, f"p99 {took[989] * 1000:.1f} ms"
+
+
+# Alert rules ------------------------------------------------------------------------------------------------
+
+ALERT_RULES = Path(__file__).parent.parent / "deploy" / "prometheus" / "alerts.yaml"
+
+
+def _selected_metrics(node: object) -> Iterator[str]:
+    """Every metric name an expression selects, wherever it sits in the parsed tree."""
+    if isinstance(node, promql_parser.VectorSelector):
+        yield node.name
+        return
+    for attribute in ("lhs", "rhs", "expr", "vector_selector", "param"):
+        child = getattr(node, attribute, None)
+        if child is not None:
+            yield from _selected_metrics(child)
+    for argument in getattr(node, "args", None) or ():
+        yield from _selected_metrics(argument)
+
+
+async def test_the_alert_rules_parse_and_select_only_metrics_the_sidecar_exports(
+    stack: Stack, sidecar: RunningSidecar, client: httpx2.AsyncClient
+):
+    # A request and a refusal first, so that every labelled family has a sample.
+    assert (await client.get(f"{sidecar.url}/x")).status_code == 200
+    assert (await client.get(f"{sidecar.url}/x", headers={"Host": "evil.example"})).status_code == 421
+    exported = {
+        sample.name
+        for family in text_string_to_metric_families((await client.get(f"{sidecar.url}/-/metrics")).text)
+        for sample in family.samples
+    }
+    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert {rule["alert"] for rule in rules} >= {
+        "CognitoSidecarCredentialRefused",
+        "CognitoSidecarTokenRefreshFailing",
+        "CognitoSidecarTokenExpiringSoon",
+        "CognitoSidecarAnswering5xx",
+    }
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s"))
+        selected = set(_selected_metrics(promql_parser.parse(rule["expr"])))  # raises on a syntax error
+        assert selected and selected <= exported, (rule["alert"], selected - exported)
