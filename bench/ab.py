@@ -2,11 +2,13 @@
 
     git worktree add /tmp/before HEAD~1
     python bench/ab.py /tmp/before . [bare] [--rounds 10] [--duration 2] [--connections 32]
+    python bench/ab.py . .@SIDECAR_LOG_FORMAT=json .@SIDECAR_ACCESS_LOG=0   # settings compared on one tree
 
-Each tree (a checkout of this repository; ``bare`` is the prototype from ``bench/bench.py``) runs as its
-own sidecar on CPU 0, against one nginx upstream on CPU 1 that answers 401 unless the token was injected.
-wrk (CPU 1) alternates between them, in rotating order, so a noisy machine hits every tree alike; the
-medians and best values are printed, with write/read system calls per request from ``/proc/PID/io``.
+Each tree (a checkout of this repository, with ``@NAME=VALUE`` settings appended if any; ``bare`` is the
+prototype from ``bench/bench.py``) runs as its own sidecar on CPU 0, against one nginx upstream on CPU 1 that
+answers 401 unless the token was injected. wrk (CPU 1) alternates between them, in rotating order, so a noisy
+machine hits every tree alike; the medians and best values are printed, with write/read system calls per
+request from ``/proc/PID/io``.
 Not a test (pytest does not collect it); needs wrk, nginx and taskset, like ``bench/bench.py``.
 """
 
@@ -34,7 +36,9 @@ def syscalls(pid: int) -> tuple[int, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trees", nargs="+", help="source trees (checkouts of this repository) or 'bare'")
+    parser.add_argument(
+        "trees", nargs="+", help="source trees (checkouts of this repository, each with @NAME=VALUE settings) or 'bare'"
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--duration", type=int, default=2, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
@@ -67,7 +71,8 @@ def main() -> int:
                 command, cwd = [sys.executable, "-c", BARE], work
                 env["BARE_PORT"] = str(port)
             else:
-                cwd = Path(tree).resolve()
+                path, *settings = tree.split("@")
+                cwd = Path(path).resolve()
                 env = {
                     **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
                     "PYTHONPATH": str(cwd),
@@ -77,6 +82,7 @@ def main() -> int:
                     "SIDECAR_CLIENT_SECRET": "bench-secret",
                     "SIDECAR_REFRESH_TOKEN": "bench-rt",
                     "SIDECAR_LISTEN": f"127.0.0.1:{port}",
+                    **dict(setting.split("=", 1) for setting in settings),
                 }
                 command = [sys.executable, "-m", "proxy", "serve"]
             proc = subprocess.Popen(

@@ -50,7 +50,8 @@ class RequestRecord:
     error code when it answered (or cut the answer off) itself; ``status`` 0 while nothing was sent.
     ``upstream_seconds`` is the time spent waiting for the upstream's answer head (summed over a replay), None
     when nothing was sent upstream; ``upstream_request_id`` API Gateway's id for the request
-    (``x-amzn-RequestId``, or ``apigw-requestid`` for HTTP APIs).
+    (``x-amzn-RequestId``, or ``apigw-requestid`` for HTTP APIs), kept only when it matches ``SANE_REQUEST_ID``
+    (log lines carry it unescaped).
     """
 
     request_id: str

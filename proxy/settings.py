@@ -76,6 +76,8 @@ DEFAULT_ALLOW_FROM = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "
 DEFAULT_SOCKET_MODE = "0660"
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A route prefix: RFC 3986 path characters, no percent-encoding, no query (logs and metrics carry it as it is).
+_PREFIX = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
 _METHOD = re.compile(r"^[A-Z]+$")
 # Requests the sidecar never forwards: TRACE echoes the request (token included) back to the client, and
 # CONNECT would turn the sidecar into a tunnel.
@@ -244,7 +246,7 @@ class RouteSettings(_Credentialed):
     @field_validator("prefix")
     @classmethod
     def _prefix_path(cls, value: str) -> str:
-        if not value.startswith("/") or not value.isascii() or "?" in value or "%" in value:
+        if not _PREFIX.fullmatch(value):
             raise ValueError("must be a plain path starting with /, e.g. /orders")
         if value == "/-" or value.startswith("/-/"):
             raise ValueError("/-/ is reserved for the sidecar's own routes")

@@ -243,12 +243,13 @@ def test_json_access_lines_escape_whatever_the_client_sent():
         "query_string": b'q="x"',
         "client": ("::1", 5),
     }
-    access.record(scope, RequestRecord("id-1", upstream_request_id='odd"id'), 0.0012)
+    access.record(scope, RequestRecord("id-1", route="/r", upstream_request_id="a-1"), 0.0012)
     access.flush()
     line = json.loads(stream.getvalue())
     assert line["path"] == '/a"b\\c\xe9\x01'
     assert line["query"] == 'q="x"'
-    assert line["upstream_request_id"] == 'odd"id'
+    assert line["route"] == "/r"
+    assert line["upstream_request_id"] == "a-1"
     assert line["duration_ms"] == 1.2
 
 
