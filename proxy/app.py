@@ -131,6 +131,7 @@ class SidecarApp(Starlette):
         guard: CallerGuard,
         limits: ConnectionLimits,
         request_metrics: RequestMetrics,
+        metrics_port: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,6 +142,8 @@ class SidecarApp(Starlette):
         self.guard = guard
         self.limits = limits  # logs refusals (at most one line per code per 10 s); its errors are the app's too
         self.request_metrics = request_metrics
+        # Requests to this local port (SIDECAR_METRICS_LISTEN) get the /-/ routes only, never the forwarder.
+        self.metrics_port = metrics_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -151,6 +154,9 @@ class SidecarApp(Starlette):
         record = RequestRecord(request_id_of(scope["headers"]))
         CURRENT_REQUEST_ID.set(record.request_id)  # this request's task only: uvicorn runs each in its own
         try:
+            if self.metrics_port is not None and (scope.get("server") or ("", None))[1] == self.metrics_port:
+                await self._metrics_listener(scope, receive, send, record)
+                return
             # Who is asking, then which route: nothing is done for a caller the sidecar does not serve.
             refusal = self.guard.check(scope)
             index = None
@@ -188,6 +194,23 @@ class SidecarApp(Starlette):
             self.request_metrics.observe(record, scope["method"], seconds)
             if self.access_log is not None:
                 self.access_log.record(scope, record, seconds)
+
+    async def _metrics_listener(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
+        """The second listener: what it serves cannot use the credential, so no caller checks apply."""
+        record.route = OWN_ROUTE
+        path: str = scope["path"]
+        if path.startswith("/-/"):
+            await self._own_route(scope, receive, send, record)
+            return
+        record.status = 404  # like the /-/ routes' own 404: a report, not counted in sidecar_errors_total
+        record.bytes_out = await send_error(
+            send,
+            404,
+            "not_found",
+            "this listener (SIDECAR_METRICS_LISTEN) serves /-/metrics, /-/healthz and /-/readyz only; requests to "
+            "forward go to SIDECAR_LISTEN",
+            request_id=record.request_id,
+        )
 
     def _route(self, scope: Scope) -> int | None:
         """The index of the route for the request's path, once its dot segments are resolved (the scope then
@@ -300,8 +323,10 @@ def create_app(
     policy: RefreshPolicy | None = None,
     clock: Clock = SYSTEM_CLOCK,
     watch_interval: float = SECRET_POLL_INTERVAL,
+    metrics_port: int | None = None,
 ) -> SidecarApp:
-    """The sidecar as an ASGI app. ``policy``, ``clock`` and ``watch_interval`` are for tests."""
+    """The sidecar as an ASGI app. ``metrics_port``: the bound port of ``SIDECAR_METRICS_LISTEN``, if any (requests
+    arriving there get the ``/-/`` routes only). ``policy``, ``clock`` and ``watch_interval`` are for tests."""
     sidecar = build_sidecar(settings, policy=policy, clock=clock)
 
     async def healthz(request: Request) -> Response:
@@ -375,6 +400,7 @@ def create_app(
         guard=sidecar.guard,
         limits=sidecar.limits,
         request_metrics=sidecar.requests,
+        metrics_port=metrics_port,
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),

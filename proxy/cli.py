@@ -55,8 +55,11 @@ EXIT_FAILURE = 1
 def _serve(env: Mapping[str, str]) -> int:
     settings = load_settings(env)
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
     sock = bind_listen(settings.listen, socket_mode=int(settings.socket_mode, 8))
+    sockets = [sock]
+    if settings.metrics_listen is not None:
+        sockets.append(bind_listen(settings.metrics_listen))
+    app = create_app(settings, metrics_port=sockets[1].getsockname()[1] if len(sockets) > 1 else None)
     log.info(
         "cognito-sidecar listening on %s, forwarding to %s with the %s in the %s header",
         bound_url(sock),
@@ -64,6 +67,8 @@ def _serve(env: Mapping[str, str]) -> int:
         settings.token,
         settings.header,
     )
+    if len(sockets) > 1:
+        log.info("metrics and health (the /-/ routes only) on %s", bound_url(sockets[1]))
     sidecar = app.state.sidecar
 
     def start_draining() -> None:
@@ -81,7 +86,7 @@ def _serve(env: Mapping[str, str]) -> int:
     )
     tune_gc()
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
         if settings.unix_socket is not None:
             with contextlib.suppress(OSError):

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from types import FrameType
 
 import uvicorn
@@ -237,19 +237,21 @@ async def running(
     grace: int = 5,
     limits: ConnectionLimits | None = None,
     sock: socket.socket | None = None,
+    also: Sequence[socket.socket] = (),
 ) -> AsyncIterator[str]:
-    """Serve ``app`` in this loop (on ``sock``, or a new socket on ``host:port``); yields its base URL
-    (``unix:/path`` for a Unix socket) once its lifespan startup is done."""
+    """Serve ``app`` in this loop (on ``sock``, or a new socket on ``host:port``, and on the sockets ``also``);
+    yields ``sock``'s base URL (``unix:/path`` for a Unix socket) once its lifespan startup is done."""
     sock = sock or bind(host, port)
     url = bound_url(sock)
     started = asyncio.Event()
     server = _EmbeddedServer(config_for(_notify_startup(app, started), grace=grace, limits=limits))
-    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn {url}")
+    task = asyncio.create_task(server.serve(sockets=[sock, *also]), name=f"uvicorn {url}")
     waiter = asyncio.create_task(started.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
     if task.done():
-        sock.close()
+        for each in (sock, *also):
+            each.close()
         task.result()
         raise SidecarError(f"the server for {url} stopped during start-up")
     try:
@@ -257,7 +259,8 @@ async def running(
     finally:
         server.should_exit = True
         await task
-        sock.close()
+        for each in (sock, *also):
+            each.close()
         # A connection still closing (a write to a client that stopped reading) would keep its socket past the
         # loop's end (ResourceWarning on Python 3.12+): drop it, and let the loop finish the closes.
         for connection in list(server.server_state.connections):

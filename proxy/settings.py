@@ -284,6 +284,9 @@ class Settings(_Credentialed):
     # Required to serve; `login` and `token` work without it (load_settings(purpose=...)).
     upstream_url: str | None = Field(default=None, validate_default=True)
     listen: str = "127.0.0.1:8080"
+    # A second listener that serves the /-/ routes only (metrics, health), e.g. for Prometheus in Kubernetes while
+    # the forwarding listener stays on the pod's loopback.
+    metrics_listen: str | None = None
     refresh_margin: float = Field(default=DEFAULT_REFRESH_MARGIN, ge=0)
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
     read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, gt=0)
@@ -328,6 +331,18 @@ class Settings(_Credentialed):
                 raise ValueError("a Unix socket needs an absolute path, e.g. unix:/run/sidecar/sidecar.sock")
             return value
         parse_listen(value)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        _, port = parse_listen(value)  # TCP only: a scraper comes over the network
+        listen = info.data.get("listen", "")
+        if port and not listen.startswith("unix:") and listen and parse_listen(listen)[1] == port:
+            raise ValueError("must use another port than SIDECAR_LISTEN")
         return value
 
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
@@ -415,6 +430,7 @@ SETTING_HELP = {
     "header": "header that carries the token",
     "header_prefix": "text before the token, e.g. 'Bearer '",
     "listen": "host:port, or unix:/path/to.sock",
+    "metrics_listen": "host:port of a second listener serving /-/metrics, /-/healthz and /-/readyz only",
     "config": "TOML file with these settings (lower-case keys; the environment wins)",
     "allow_insecure": "1: accept plain http:// for non-loopback hosts",
     "refresh_margin": "seconds before expiry at which a token is refreshed",

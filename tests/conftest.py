@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from proxy.app import Sidecar, create_app
 from proxy.cache import RefreshPolicy
 from proxy.emulator import EmulatorStack, make_stack
-from proxy.serving import running
+from proxy.serving import bind_listen, bound_url, running
 from proxy.settings import Settings
 
 # Retries in tests: the same code path, with waits of milliseconds instead of seconds. The refusal hold and
@@ -127,6 +127,7 @@ async def run_stack(**options: Any) -> AsyncIterator[Stack]:
 class RunningSidecar:
     url: str
     parts: Sidecar
+    metrics_url: str | None = None  # SIDECAR_METRICS_LISTEN's, when the settings have it
 
 
 @contextlib.asynccontextmanager
@@ -140,9 +141,10 @@ async def run_sidecar(
     kwargs: dict[str, Any] = {"policy": policy, "watch_interval": watch_interval}
     if clock is not None:
         kwargs["clock"] = clock
-    app = create_app(settings, **kwargs)
-    async with running(app, limits=app.state.sidecar.limits) as url:
-        yield RunningSidecar(url, app.state.sidecar)
+    also = [bind_listen(settings.metrics_listen)] if settings.metrics_listen else []
+    app = create_app(settings, metrics_port=also[0].getsockname()[1] if also else None, **kwargs)
+    async with running(app, limits=app.state.sidecar.limits, also=also) as url:
+        yield RunningSidecar(url, app.state.sidecar, bound_url(also[0]) if also else None)
 
 
 @pytest.fixture

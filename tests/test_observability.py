@@ -22,8 +22,10 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
+from proxy.errors import ConfigError
 from proxy.logs import AccessLog, JsonFormatter, TextFormatter
 from proxy.record import RequestRecord, new_request_id, request_id_of
+from proxy.settings import load_settings
 from proxy.stats import Histogram
 from tests.conftest import (
     FakeClock,
@@ -430,3 +432,57 @@ async def test_the_alert_rules_parse_and_select_only_metrics_the_sidecar_exports
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s"))
         selected = set(_selected_metrics(promql_parser.parse(rule["expr"])))  # raises on a syntax error
         assert selected and selected <= exported, (rule["alert"], selected - exported)
+
+
+# The metrics listener ---------------------------------------------------------------------------------------
+
+
+async def test_the_metrics_listener_serves_the_sidecars_own_routes_and_never_forwards(
+    stack: Stack, client: httpx2.AsyncClient
+):
+    async with run_sidecar(stack.settings(metrics_listen="127.0.0.1:0")) as sidecar:
+        assert sidecar.metrics_url is not None and sidecar.metrics_url != sidecar.url
+        assert (await client.get(f"{sidecar.url}/through-the-main-listener")).status_code == 200
+        metrics = await client.get(f"{sidecar.metrics_url}/-/metrics")
+        ready = await client.get(f"{sidecar.metrics_url}/-/readyz")
+        before = stack.emulator.apigw.requests
+        # Any Host, any path: nothing here can use the credential.
+        refused = await client.get(f"{sidecar.metrics_url}/orders/7", headers={"Host": "prometheus.monitoring.svc"})
+        assert stack.emulator.apigw.requests == before
+    assert metric(metrics.text, "sidecar_requests_total", route="/", method="GET", status_class="2xx") == 1
+    assert ready.status_code == 200
+    assert refused.status_code == 404
+    assert refused.json()["error"] == "not_found" and "SIDECAR_METRICS_LISTEN" in refused.json()["detail"]
+    assert refused.headers["x-request-id"] == refused.json()["request_id"]
+
+
+@pytest.mark.slow
+async def test_serve_opens_the_metrics_listener_beside_the_main_one(stack: Stack):
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_METRICS_LISTEN="127.0.0.1:0")
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        line = await sidecar.read_until("the /-/ routes only) on ")
+        metrics_url = line.split(" on ")[-1].strip()
+        assert (await client.get(f"{sidecar.url}/x")).status_code == 200
+        metrics = (await client.get(f"{metrics_url}/-/metrics")).text
+        refused = await client.get(f"{metrics_url}/x")
+        code, _ = await sidecar.stop()
+    assert code == 0
+    assert metric(metrics, "sidecar_requests_total", route="/", method="GET", status_class="2xx") == 1
+    assert refused.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("127.0.0.1:8080", "another port than SIDECAR_LISTEN"), ("unix:/run/m.sock", "must be host:port")],
+)
+def test_a_metrics_listener_that_cannot_work_is_a_clear_configuration_error(value: str, problem: str):
+    env = {
+        "SIDECAR_UPSTREAM_URL": "https://abc.execute-api.us-east-1.amazonaws.com/prod",
+        "SIDECAR_COGNITO_DOMAIN": "https://x.auth.us-east-1.amazoncognito.com",
+        "SIDECAR_CLIENT_ID": "client",
+        "SIDECAR_REFRESH_TOKEN": "refresh",
+        "SIDECAR_LISTEN": "127.0.0.1:8080",
+        "SIDECAR_METRICS_LISTEN": value,
+    }
+    with pytest.raises(ConfigError, match=f"SIDECAR_METRICS_LISTEN: .*{problem}"):
+        load_settings(env)
