@@ -293,6 +293,22 @@ async def raw_upstream(
         server.close()
 
 
+def answering(raw: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """For ``raw_upstream``: read a request head, answer ``raw`` (exact bytes), close."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return answer
+
+
+# An answer that promises 1,000 body bytes and breaks off after 7.
+BREAKS_OFF = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial"
+
+
 class SilentUpstream:
     """Accepts connections and never answers until ``release`` is set; ``accepted`` once one came in."""
 

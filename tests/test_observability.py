@@ -28,10 +28,12 @@ from proxy.record import RequestRecord, new_request_id, request_id_of
 from proxy.settings import load_settings
 from proxy.stats import Histogram
 from tests.conftest import (
+    BREAKS_OFF,
     FakeClock,
     RunningSidecar,
     SilentUpstream,
     Stack,
+    answering,
     assert_hidden,
     metric,
     raw_upstream,
@@ -139,13 +141,8 @@ async def test_a_missing_or_unsafe_request_id_is_replaced_by_a_new_one(
 
 
 async def test_the_upstreams_own_request_id_is_replaced_by_the_sidecars(stack: Stack, client: httpx2.AsyncClient):
-    async def answers_with_its_own_id(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-own\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        writer.close()
-
-    async with raw_upstream(answers_with_its_own_id) as url, run_sidecar(stack.settings(upstream_url=url)) as sidecar:
+    own_id = answering(b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-own\r\nContent-Length: 2\r\n\r\nok")
+    async with raw_upstream(own_id) as url, run_sidecar(stack.settings(upstream_url=url)) as sidecar:
         response = await client.get(f"{sidecar.url}/x", headers={"X-Request-Id": "mine"})
     assert response.headers.get_list("x-request-id") == ["mine"]
 
@@ -172,13 +169,7 @@ async def test_the_sidecars_own_answers_carry_the_request_id_in_header_body_and_
 async def test_every_log_line_written_for_a_request_carries_its_id(
     stack: Stack, client: httpx2.AsyncClient, event_log: dict[str, io.StringIO]
 ):
-    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
-        await writer.drain()
-        writer.close()
-
-    async with raw_upstream(breaks_off) as url, run_sidecar(stack.settings(upstream_url=url)) as sidecar:
+    async with raw_upstream(answering(BREAKS_OFF)) as url, run_sidecar(stack.settings(upstream_url=url)) as sidecar:
         with pytest.raises(httpx2.RemoteProtocolError):
             await client.get(f"{sidecar.url}/x", headers={"X-Request-Id": "broken-1"})
     [warning] = [

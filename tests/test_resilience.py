@@ -20,7 +20,17 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.serving import running
-from tests.conftest import SilentUpstream, Stack, raw_upstream, run_sidecar, run_stack, sidecar_process, stack_env
+from tests.conftest import (
+    BREAKS_OFF,
+    SilentUpstream,
+    Stack,
+    answering,
+    raw_upstream,
+    run_sidecar,
+    run_stack,
+    sidecar_process,
+    stack_env,
+)
 
 
 def _closed_port() -> int:
@@ -168,14 +178,11 @@ async def test_sigterm_lets_in_flight_requests_finish(stack: Stack):
 async def test_an_upstream_breaking_off_mid_body_is_logged_and_counted_without_a_traceback(
     stack: Stack, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ):
-    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
-        await writer.drain()
-        writer.close()
-
     caplog.set_level(logging.INFO)
-    async with raw_upstream(breaks_off) as url, run_sidecar(stack.settings(upstream_url=url, access_log=True)) as sc:
+    async with (
+        raw_upstream(answering(BREAKS_OFF)) as url,
+        run_sidecar(stack.settings(upstream_url=url, access_log=True)) as sc,
+    ):
         with pytest.raises(httpx2.RemoteProtocolError):
             await client.get(f"{sc.url}/x")
         metrics = (await client.get(f"{sc.url}/-/metrics")).text
