@@ -15,7 +15,6 @@ Not a test (pytest does not collect it); needs wrk, nginx and taskset, like ``be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import BARE, cpu_seconds, emulator_token, ensure_tools, free_port, start_nginx, stop_all, wait_port, wrk
+from bench import BARE, cpu_seconds, ensure_tools, free_port, stop_all, token_upstream, tree_env, wait_port, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,21 +47,7 @@ def main() -> int:
     work.chmod(0o755)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        token_json = emulator_token(procs)
-        token = json.loads(token_json)["id_token"]
-        up = free_port()
-        server = f"""
-  server {{
-    listen 127.0.0.1:{up} backlog=4096;
-    default_type application/json;
-    location = /oauth2/token {{ return 200 '{token_json}'; }}
-    location / {{
-      if ($http_authorization != "{token}") {{ return 401 '{{"message":"Unauthorized"}}'; }}
-      return 200 '{{"a":"{"x" * 180}"}}';
-    }}
-  }}"""
-        procs.append(start_nginx(work, "upstream", 1, server))
-        wait_port(up)
+        up, token = token_upstream(work, procs)
         targets: list[tuple[str, subprocess.Popen[bytes], int]] = []
         for tree in args.trees:
             port = free_port()
@@ -71,19 +56,7 @@ def main() -> int:
                 command, cwd = [sys.executable, "-c", BARE], work
                 env["BARE_PORT"] = str(port)
             else:
-                path, *settings = tree.split("@")
-                cwd = Path(path).resolve()
-                env = {
-                    **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-                    "PYTHONPATH": str(cwd),
-                    "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{up}",
-                    "SIDECAR_TOKEN_URL": f"http://127.0.0.1:{up}/oauth2/token",
-                    "SIDECAR_CLIENT_ID": "bench",
-                    "SIDECAR_CLIENT_SECRET": "bench-secret",
-                    "SIDECAR_REFRESH_TOKEN": "bench-rt",
-                    "SIDECAR_LISTEN": f"127.0.0.1:{port}",
-                    **dict(setting.split("=", 1) for setting in settings),
-                }
+                cwd, env = tree_env(tree, up, port)
                 command = [sys.executable, "-m", "proxy", "serve"]
             proc = subprocess.Popen(
                 ["taskset", "-c", "0", *command], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -213,6 +213,45 @@ http {{
     )
 
 
+def token_upstream(work: Path, procs: list[subprocess.Popen[bytes]]) -> tuple[int, str]:
+    """An nginx on CPU 1 serving a real emulator token at /oauth2/token and, elsewhere, a ~200-byte answer only
+    to requests that carry that token (401 otherwise); its port and the token. Both join ``procs``."""
+    token_json = emulator_token(procs)
+    token = json.loads(token_json)["id_token"]
+    port = free_port()
+    server = f"""
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    default_type application/json;
+    location = /oauth2/token {{ return 200 '{token_json}'; }}
+    location / {{
+      if ($http_authorization != "{token}") {{ return 401 '{{"message":"Unauthorized"}}'; }}
+      return 200 '{{"a":"{"x" * 180}"}}';
+    }}
+  }}"""
+    procs.append(start_nginx(work, "upstream", 1, server))
+    wait_port(port)
+    return port, token
+
+
+def tree_env(tree: str, upstream: int, port: int) -> tuple[Path, dict[str, str]]:
+    """For ``TREE[@NAME=VALUE...]``: the tree's directory, and the environment that runs its sidecar on ``port``
+    against ``upstream`` (``token_upstream``), with the settings appended to the tree applied."""
+    path, *settings = tree.split("@")
+    cwd = Path(path).resolve()
+    return cwd, {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+        "PYTHONPATH": str(cwd),
+        "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{upstream}",
+        "SIDECAR_TOKEN_URL": f"http://127.0.0.1:{upstream}/oauth2/token",
+        "SIDECAR_CLIENT_ID": "bench",
+        "SIDECAR_CLIENT_SECRET": "bench-secret",
+        "SIDECAR_REFRESH_TOKEN": "bench-rt",
+        "SIDECAR_LISTEN": f"127.0.0.1:{port}",
+        **dict(setting.split("=", 1) for setting in settings),
+    }
+
+
 def wait_port(port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

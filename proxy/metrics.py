@@ -13,6 +13,7 @@ secret.
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Protocol
@@ -27,7 +28,7 @@ from proxy.cache import TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.forward import Forwarder
 from proxy.record import KNOWN_METHODS, RequestRecord
-from proxy.stats import Histogram
+from proxy.stats import DURATION_BUCKETS, Histogram
 
 OWN_ROUTE = "/-/"
 NO_ROUTE = "none"
@@ -37,28 +38,39 @@ REQUEST_OUTCOMES = ("success", "permanent", "transient", "throttled")
 REFRESH_OUTCOMES = (*REQUEST_OUTCOMES, "clock_skew", "unusable")
 
 
-class RequestMetrics:
-    """Requests by route, method and status class, and their durations by route: plain counts (see
-    ``proxy.stats``)."""
+class _RouteStats:
+    __slots__ = ("durations", "upstream")
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str, int]] = Counter()  # (route, method, status // 100)
-        self.durations: dict[str, Histogram] = {}
-        self.upstream_durations: dict[str, Histogram] = {}
+        self.durations = Histogram()
+        self.upstream = Histogram()
+
+
+class RequestMetrics:
+    """Requests by route, method and status class, and their durations by route: plain counts (see
+    ``proxy.stats``), one dictionary look-up each."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}  # (route, method, status // 100) -> count
+        self.routes: dict[str, _RouteStats] = {}
 
     def observe(self, record: RequestRecord, method: str, seconds: float) -> None:
         route = record.route
-        self.requests[route, method if method in KNOWN_METHODS else "other", record.status // 100] += 1
-        histogram = self.durations.get(route)
-        if histogram is None:
-            histogram = self.durations[route] = Histogram()
-        histogram.observe(seconds)
+        key = (route, method if method in KNOWN_METHODS else "other", record.status // 100)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        stats = self.routes.get(route)
+        if stats is None:
+            stats = self.routes[route] = _RouteStats()
+        # Histogram.observe, inlined: two method calls are a tenth of what this costs per request.
+        histogram = stats.durations
+        histogram.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        histogram.sum += seconds
         upstream = record.upstream_seconds
         if upstream is not None:
-            histogram = self.upstream_durations.get(route)
-            if histogram is None:
-                histogram = self.upstream_durations[route] = Histogram()
-            histogram.observe(upstream)
+            histogram = stats.upstream
+            histogram.counts[bisect_left(DURATION_BUCKETS, upstream)] += 1
+            histogram.sum += upstream
 
 
 class _Parts(Protocol):
@@ -71,10 +83,12 @@ class _Parts(Protocol):
     def errors(self) -> Counter[str]: ...
 
 
-def _histogram(name: str, documentation: str, by_route: dict[str, Histogram]) -> HistogramMetricFamily:
+def _histogram(name: str, documentation: str, by_route: Iterable[tuple[str, Histogram]]) -> HistogramMetricFamily:
+    """One series per route that has observations."""
     family = HistogramMetricFamily(name, documentation, labels=["route"])
-    for route, histogram in sorted(by_route.items()):
-        family.add_metric([route], histogram.cumulative(), histogram.sum)
+    for route, histogram in sorted(by_route, key=lambda pair: pair[0]):
+        if histogram.count:
+            family.add_metric([route], histogram.cumulative(), histogram.sum)
     return family
 
 
@@ -115,12 +129,12 @@ class SidecarCollector(Collector):
         yield _histogram(
             "sidecar_request_duration_seconds",
             "Time from the request's head arriving to the end of the answer, by route prefix",
-            metrics.durations,
+            ((route, stats.durations) for route, stats in metrics.routes.items()),
         )
         yield _histogram(
             "sidecar_upstream_duration_seconds",
             "Time from sending a request upstream to the upstream's answer head (both sends of a replay), by route",
-            metrics.upstream_durations,
+            ((route, stats.upstream) for route, stats in metrics.routes.items()),
         )
 
     def _tokens(self) -> Iterator[Metric]:

@@ -9,10 +9,10 @@ request in its own task) and into the sidecar's own error bodies.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 REQUEST_ID_HEADER = b"x-request-id"
 # UUIDs, ULIDs, hex, base64 and the ids of common proxies and load balancers; nothing that needs quoting in a
@@ -23,13 +23,15 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPT
 
 CURRENT_REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 
-# Not for secrets: an id must be unique, not unpredictable, and this is four times cheaper than os.urandom.
-_random = random.Random()  # noqa: S311
+# New ids are this process's random 64-bit prefix and a counter: unique across processes and restarts, not
+# unpredictable (an id is no secret), and three times cheaper than 128 random bits per request.
+_PREFIX = f"{random.SystemRandom().getrandbits(64):016x}"
+_COUNTER = itertools.count(1)
 
 
 def new_request_id() -> str:
-    """32 hex digits (128 random bits, as a UUID has)."""
-    return f"{_random.getrandbits(128):032x}"
+    """32 hex digits, like a W3C trace id: the process's prefix, then its request count."""
+    return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
@@ -42,7 +44,6 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
     return new_request_id()
 
 
-@dataclass(slots=True)
 class RequestRecord:
     """What the access log and the metrics need of one request.
 
@@ -54,7 +55,8 @@ class RequestRecord:
     (log lines carry it unescaped).
     """
 
-    request_id: str
+    # Plain class attributes as defaults: the one instance attribute set at creation is the id, and a field is
+    # stored on the instance only when a request changes it (a third cheaper to create than a slots dataclass).
     route: str = "none"
     status: int = 0
     source: str = "sidecar"
@@ -64,10 +66,8 @@ class RequestRecord:
     upstream_seconds: float | None = None
     upstream_request_id: str = ""
 
-    @property
-    def status_class(self) -> str:
-        """``2xx`` and so on, or ``none`` when the client left before an answer began."""
-        return f"{self.status // 100}xx" if self.status else "none"
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
 
 
 __all__ = [

@@ -236,7 +236,9 @@ def test_json_access_lines_escape_whatever_the_client_sent():
         "query_string": b'q="x"',
         "client": ("::1", 5),
     }
-    access.record(scope, RequestRecord("id-1", route="/r", upstream_request_id="a-1"), 0.0012)
+    record = RequestRecord("id-1")
+    record.route, record.upstream_request_id = "/r", "a-1"
+    access.record(scope, record, 0.0012)
     access.flush()
     line = json.loads(stream.getvalue())
     assert line["path"] == '/a"b\\c\xe9\x01'

@@ -1,0 +1,97 @@
+"""Instructions per forwarded request, counted by callgrind: a cost figure that a noisy machine cannot move.
+
+    git worktree add /tmp/before HEAD~1
+    python bench/cost.py /tmp/before . .@SIDECAR_LOG_FORMAT=json .@SIDECAR_ACCESS_LOG=0 [--requests 1000]
+
+Each tree (with ``@NAME=VALUE`` settings, as in ``bench/ab.py``) runs as a sidecar under ``valgrind
+--tool=callgrind`` twice, forwarding N and then 3N GET requests on one keep-alive connection to the nginx
+upstream of ``bench/ab.py``; instructions per request are the difference of the two totals over 2N, so
+start-up and shutdown cancel out. The same code, inputs and environment give the same count whatever else
+the machine is doing (wrk's timings here moved by 10-20% between runs of identical code); instructions are
+not time, but a change that adds work adds instructions. Prints one line per tree and the ratio to the
+first. Not a test; needs valgrind and nginx (``apt-get install valgrind nginx-light``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench import free_port, stop_all, token_upstream, tree_env, wait_port
+
+# Under valgrind the interpreter starts about 50 times slower.
+START_TIMEOUT = 300.0
+
+
+def forward(port: int, count: int) -> None:
+    """``count`` GET requests on one connection; every answer must be the upstream's 200 (the token went)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        for index in range(count):
+            connection.request("GET", f"/item/{index}")
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                sys.exit(f"cost: request {index} got {response.status}")
+    finally:
+        connection.close()
+
+
+def instructions(tree: str, upstream: int, count: int, work: Path) -> int:
+    """Instructions the sidecar of ``tree`` executed from start to exit, forwarding ``count`` requests."""
+    port = free_port()
+    cwd, env = tree_env(tree, upstream, port)
+    env["SIDECAR_SHUTDOWN_DELAY"] = "0"
+    out = work / f"callgrind-{port}.out"
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "proxy", "serve"]
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=START_TIMEOUT)
+        forward(port, count)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=START_TIMEOUT)
+    for line in out.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    sys.exit(f"cost: no totals in {out}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trees", nargs="+", help="source trees, each with @NAME=VALUE settings if any")
+    parser.add_argument("--requests", type=int, default=1000, help="N: runs forward N and 3N requests")
+    args = parser.parse_args()
+    for tool in ("valgrind", "nginx"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"cost: {tool} is required (apt-get install valgrind nginx-light)")
+    work = Path(tempfile.mkdtemp(prefix="sidecar-cost-"))
+    work.chmod(0o755)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        upstream, _ = token_upstream(work, procs)
+        runs = [(tree, count) for tree in args.trees for count in (args.requests, 3 * args.requests)]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # one valgrind per core
+            totals = list(pool.map(lambda run: instructions(run[0], upstream, run[1], work), runs))
+        per_request = {
+            tree: (totals[2 * index + 1] - totals[2 * index]) / (2 * args.requests)
+            for index, tree in enumerate(args.trees)
+        }
+        first = per_request[args.trees[0]]
+        print(f"instructions per forwarded request (callgrind; {args.requests} and {3 * args.requests} requests):")
+        for tree, count in per_request.items():
+            print(f"{tree:40} {count:10,.0f}   {count / first:6.3f} of {args.trees[0]}   {count - first:+9,.0f}")
+        return 0
+    finally:
+        stop_all(procs, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
