@@ -413,10 +413,9 @@ class Exchange:
     async def _relay(self, response: aiohttp.ClientResponse) -> None:
         send = self.send
         record = self.record
-        upstream_id = response.headers.get("x-amzn-requestid") or response.headers.get("apigw-requestid")
-        if upstream_id and SANE_REQUEST_ID.fullmatch(upstream_id.encode("latin-1")):
-            record.upstream_request_id = upstream_id
-        headers = downstream_response_headers(response.raw_headers)
+        headers, upstream_id = downstream_response_headers(response.raw_headers)
+        if upstream_id and SANE_REQUEST_ID.fullmatch(upstream_id):
+            record.upstream_request_id = upstream_id.decode("ascii")
         headers.append((REQUEST_ID_HEADER, record.request_id.encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         record.status = response.status

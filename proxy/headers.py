@@ -90,22 +90,29 @@ def upstream_request_headers(
 _RESPONSE_OWN = HOP_BY_HOP | {b"x-request-id"}
 
 
-def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers minus hop-by-hop ones and ``X-Request-Id``, names lower-cased; repeated
-    headers (Set-Cookie) are kept apart. One pass; a second only when ``Connection`` names a header that is not
-    hop-by-hop anyway."""
+# API Gateway's id for a request: REST APIs send x-amzn-RequestId, HTTP APIs apigw-requestid.
+GATEWAY_REQUEST_IDS = frozenset({b"x-amzn-requestid", b"apigw-requestid"})
+
+
+def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The upstream's response headers minus hop-by-hop ones and ``X-Request-Id``, names lower-cased (repeated
+    headers such as Set-Cookie kept apart), and API Gateway's request id (``GATEWAY_REQUEST_IDS``; empty if
+    none). One pass; a second only when ``Connection`` names a header that is not hop-by-hop anyway."""
     out: list[tuple[bytes, bytes]] = []
     listed: set[bytes] = set()
+    gateway_id = b""
     for name, value in raw:
         lower = name.lower()
         if lower in _RESPONSE_OWN:
             if lower == b"connection":
                 listed |= _listed(value)
             continue
+        if lower in GATEWAY_REQUEST_IDS:
+            gateway_id = value
         out.append((lower, value))
     if listed - HOP_BY_HOP:
-        return [(name, value) for name, value in out if name not in listed]
-    return out
+        return [(name, value) for name, value in out if name not in listed], gateway_id
+    return out, gateway_id
 
 
 def request_body_length(raw: RawHeaders) -> int | None:

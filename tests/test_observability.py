@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from proxy.errors import ConfigError
+from proxy.headers import downstream_response_headers
 from proxy.logs import AccessLog, JsonFormatter, TextFormatter
 from proxy.record import RequestRecord, new_request_id, request_id_of
 from proxy.settings import load_settings
@@ -479,3 +480,12 @@ def test_a_metrics_listener_that_cannot_work_is_a_clear_configuration_error(valu
     }
     with pytest.raises(ConfigError, match=f"SIDECAR_METRICS_LISTEN: .*{problem}"):
         load_settings(env)
+
+
+def test_response_headers_lose_the_upstreams_request_id_and_yield_api_gateways():
+    raw = [(b"Content-Type", b"application/json"), (b"X-Request-Id", b"theirs"), (b"apigw-requestid", b"Ab1=")]
+    headers, gateway_id = downstream_response_headers(raw)
+    assert headers == [(b"content-type", b"application/json"), (b"apigw-requestid", b"Ab1=")]
+    assert gateway_id == b"Ab1="
+    assert downstream_response_headers([(b"x-amzn-RequestId", b"c8f5")])[1] == b"c8f5"
+    assert downstream_response_headers([])[1] == b""
