@@ -31,9 +31,9 @@ from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.guard import CallerGuard, Refusal
 from proxy.logs import AccessLog, event
-from proxy.metrics import OWN_ROUTE, RequestMetrics, render, sidecar_registry
+from proxy.metrics import RequestMetrics, render, sidecar_registry
 from proxy.paths import BadPath, pick_route
-from proxy.record import CURRENT_REQUEST_ID, REQUEST_ID_HEADER, RequestRecord, request_id_of
+from proxy.record import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
 from proxy.settings import Settings
 from proxy.tokens import TokenEndpoint
 from proxy.types import Message, Receive, Scope, Send

@@ -27,11 +27,11 @@ from proxy import __version__
 from proxy.cache import TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.forward import Forwarder
-from proxy.record import KNOWN_METHODS, RequestRecord
+from proxy.record import RequestRecord
 from proxy.stats import DURATION_BUCKETS, Histogram
 
-OWN_ROUTE = "/-/"
-NO_ROUTE = "none"
+# Methods counted under their own name; any other is counted as "other" (labels stay bounded).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 # What a token request or a refresh ended in: success, or ``TokenError.failure_kind``. A token request's answer
 # is found too old or unusable only afterwards, so those two are refresh outcomes alone.
 REQUEST_OUTCOMES = ("success", "permanent", "transient", "throttled")
@@ -233,4 +233,4 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
     return encoder(registry), content_type
 
 
-__all__ = ["NO_ROUTE", "OWN_ROUTE", "RequestMetrics", "SidecarCollector", "render", "sidecar_registry"]
+__all__ = ["KNOWN_METHODS", "RequestMetrics", "SidecarCollector", "render", "sidecar_registry"]

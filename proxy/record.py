@@ -18,8 +18,10 @@ REQUEST_ID_HEADER = b"x-request-id"
 # UUIDs, ULIDs, hex, base64 and the ids of common proxies and load balancers; nothing that needs quoting in a
 # log line or JSON, nothing longer than a log line should carry.
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
-# Methods counted under their own name in metrics; any other is counted as "other" (labels stay bounded).
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# A request's route in logs and metrics, besides the configured prefixes: the sidecar's own /-/ routes, and
+# none when it was refused before a route was chosen.
+OWN_ROUTE = "/-/"
+NO_ROUTE = "none"
 
 CURRENT_REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 
@@ -57,7 +59,7 @@ class RequestRecord:
 
     # Plain class attributes as defaults: the one instance attribute set at creation is the id, and a field is
     # stored on the instance only when a request changes it (a third cheaper to create than a slots dataclass).
-    route: str = "none"
+    route: str = NO_ROUTE
     status: int = 0
     source: str = "sidecar"
     error: str = ""
@@ -72,7 +74,8 @@ class RequestRecord:
 
 __all__ = [
     "CURRENT_REQUEST_ID",
-    "KNOWN_METHODS",
+    "NO_ROUTE",
+    "OWN_ROUTE",
     "REQUEST_ID_HEADER",
     "RequestRecord",
     "new_request_id",
