@@ -34,7 +34,10 @@ from proxy.logs import AccessLog, event
 from proxy.metrics import RequestMetrics, render, sidecar_registry
 from proxy.paths import BadPath, pick_route
 from proxy.record import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
-from proxy.settings import Settings
+from proxy.sealing import Sealer
+from proxy.settings import RouteSettings, Settings
+from proxy.shared import SharedRefresh
+from proxy.store import Store, StoreError, open_store
 from proxy.tokens import TokenEndpoint
 from proxy.types import Message, Receive, Scope, Send
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
@@ -73,6 +76,8 @@ class Sidecar:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     requests: RequestMetrics = field(default_factory=RequestMetrics)
     draining: bool = False
+    # The token store shared with other sidecars (None: memory, each process on its own).
+    store: Store | None = None
     forwarders: list[Forwarder] = field(init=False)
     # Set whenever a re-read brought a new value (tests wait on it).
     secrets_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -257,6 +262,7 @@ def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, cl
     if not routes:
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
     http = httpx2.AsyncClient(trust_env=False, follow_redirects=False, timeout=settings.token_timeout)
+    store = _open_store(settings)
     providers: dict[tuple[str, ...], TokenProvider] = {}
     kinds: dict[tuple[str, ...], set[str]] = {}
     for route in routes:
@@ -276,6 +282,7 @@ def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, cl
                 wait_limit=settings.token_timeout,
                 policy=policy,
                 clock=clock,
+                shared=_shared(store, settings, route, grant, clock) if store is not None else None,
             )
     upstream_routes = [
         UpstreamRoute(
@@ -311,10 +318,28 @@ def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, cl
         http,
         list(providers.values()),
         upstream_routes,
+        store=store,
         guard=guard,
         limits=limits,
         file_warnings=secret_file_warnings(settings),
     )
+
+
+def _open_store(settings: Settings) -> Store | None:
+    password = settings.token_store_password
+    try:
+        return open_store(settings.token_store, password=password.get_secret_value() if password else None)
+    except StoreError as exc:
+        raise ConfigError([f"SIDECAR_TOKEN_STORE: {exc.reason}"]) from None
+
+
+def _shared(store: Store, settings: Settings, route: RouteSettings, grant: Grant, clock: Clock) -> SharedRefresh:
+    """The store side of one credential: its key and seal come from its identity and the key material."""
+    scopes = route.scopes if route.grant == "client_credentials" else ""
+    identity = "\n".join((route.token_url, route.client_id, route.grant, scopes))
+    material = settings.token_store_key or route.client_secret
+    sealer = Sealer(identity, material.get_secret_value().encode() if material is not None else None)
+    return SharedRefresh(store, sealer, grant, lease_seconds=settings.token_store_lease, clock=clock)
 
 
 def create_app(
@@ -343,7 +368,10 @@ def create_app(
         held = [tokens.expires_at for p in sidecar.providers if (tokens := p.usable()) is not None]
         body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
         warnings = [
-            warning for p in sidecar.providers for warning in (p.grant.persist_error, p.grant.shared_warning) if warning
+            warning
+            for p in sidecar.providers
+            for warning in (p.grant.persist_error, p.grant.shared_warning, p.shared.problem if p.shared else None)
+            if warning
         ] + sidecar.file_warnings
         if warnings:
             body["warning"] = " ".join(warnings)  # serving, but a restart (or a rotation) could lose a credential
@@ -366,8 +394,11 @@ def create_app(
             log.warning("%s", warning)
         for forwarder in sidecar.forwarders:
             await forwarder.open()
+        if sidecar.store is not None:
+            log.info("sharing tokens through the token store %s", sidecar.store.name)
         for provider in sidecar.providers:
-            provider.grant.claim()
+            if provider.shared is None:
+                provider.grant.claim()  # with a store, sharing the refresh token is the point
             provider.start()
         flusher = asyncio.create_task(access_log.run()) if access_log else None
         files = secret_files(settings)
@@ -391,6 +422,8 @@ def create_app(
                 provider.grant.release()
             for forwarder in sidecar.forwarders:
                 await forwarder.aclose()
+            if sidecar.store is not None:
+                await sidecar.store.aclose()
             await sidecar.http.aclose()
 
     access_log = AccessLog(settings.log_format, query=settings.access_log_query) if settings.access_log else None

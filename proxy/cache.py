@@ -40,6 +40,8 @@ from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.credentials import Grant
 from proxy.errors import TokenEndpointError, TokenError, TransientTokenError
 from proxy.logs import event
+from proxy.sealing import Record
+from proxy.shared import SharedRefresh
 from proxy.stats import Histogram
 from proxy.tokens import Token, TokenResponse, TokenSet, make_token_set
 
@@ -113,8 +115,11 @@ class TokenProvider:
         policy: RefreshPolicy | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
+        shared: SharedRefresh | None = None,
     ) -> None:
         self.grant = grant
+        # Sidecars sharing the credential through a store: one of them refreshes, the others take its tokens.
+        self.shared = shared
         self.kinds = frozenset(kinds)
         self._margin = margin
         # A request with no valid token waits at most this long; a token request is bounded by twice it
@@ -329,6 +334,8 @@ class TokenProvider:
         limit = 2 * self._wait_limit
         try:
             async with asyncio.timeout(limit):
+                if self.shared is not None:
+                    return await self.shared.fetch(self._adoptable, self._token_set)
                 # The grant stores a rotated refresh token before this returns.
                 response: TokenResponse = await self.grant.fetch()
         except TimeoutError:
@@ -337,17 +344,33 @@ class TokenProvider:
                 status=None,
                 error=None,
                 body="",
-                summary=f"The token endpoint did not finish answering within {limit:g} s.",
+                summary=f"The token endpoint did not finish answering within {limit:g} s"
+                + (" (or the token store's refresh lease stayed held)." if self.shared is not None else "."),
                 fix="check the token endpoint's health and network access; the sidecar keeps trying.",
             ) from None
+        return self._token_set(response)
+
+    def _token_set(self, response: TokenResponse, *, age: float = 0.0) -> TokenSet:
+        """The tokens of an answer that arrived ``age`` seconds ago."""
         return make_token_set(
             response,
             kinds=self.kinds,
             margin=self._margin,
-            received_at=self._clock.monotonic(),
+            received_at=self._clock.monotonic() - age,
             wall_now=self._clock.time(),
             flow=self.grant.flow,
         )
+
+    def _adoptable(self, record: Record) -> TokenSet | None:
+        """The store's tokens, if they are not the ones held and not due for a refresh yet."""
+        try:
+            tokens = self._token_set(record.response, age=max(0.0, self._clock.time() - record.received))
+        except TokenError:
+            return None
+        held = self.current
+        if held is not None and all(held[kind].value == tokens[kind].value for kind in self.kinds):
+            return None
+        return tokens if self._clock.monotonic() < tokens.refresh_at else None
 
     def _succeeded(self, tokens: TokenSet, seconds: float) -> None:
         self.current = tokens

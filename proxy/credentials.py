@@ -195,6 +195,17 @@ class Grant(Protocol):
     @property
     def endpoint(self) -> TokenEndpoint: ...
 
+    @property
+    def refresh_token(self) -> str | None:
+        """The refresh token the next refresh uses (None for client_credentials)."""
+
+    @property
+    def configured(self) -> str | None:
+        """The refresh token as last read from the settings or its file (None for client_credentials)."""
+
+    def adopt(self, refresh_token: str) -> None:
+        """Refresh with ``refresh_token`` from now on (the newest one, from a shared store)."""
+
     async def fetch(self) -> TokenResponse: ...
 
     def reload(self) -> bool: ...
@@ -223,6 +234,7 @@ class RefreshTokenGrant:
         self.last_persist_window: float | None = None
         self.shared_warning: str | None = None
         self._lock = FileUseLock(refresh_token.path) if refresh_token.path else None
+        self._configured = refresh_token.value
 
     def __repr__(self) -> str:
         return f"RefreshTokenGrant(endpoint={self._endpoint!r}, file={self._token.path})"
@@ -244,11 +256,21 @@ class RefreshTokenGrant:
     def refresh_token(self) -> str:
         return self._token.value
 
+    @property
+    def configured(self) -> str:
+        return self._configured
+
+    def adopt(self, refresh_token: str) -> None:
+        if refresh_token != self._token.value:
+            self._token = Secret(refresh_token, self._token.path)
+
     def reload(self) -> bool:
         """Re-read the refresh token and client secret files (a person replaced them); True if either changed."""
         if self._unsaved is not None:
             return False  # the file is behind memory: re-reading it would bring back a rotated-out token
         changed_token = self._token.reload()
+        if changed_token:
+            self._configured = self._token.value
         changed_secret = self._client_secret.reload() if self._client_secret else False
         return changed_token or changed_secret
 
@@ -349,6 +371,17 @@ class ClientCredentialsGrant:
     @property
     def endpoint(self) -> TokenEndpoint:
         return self._endpoint
+
+    @property
+    def refresh_token(self) -> None:
+        return None
+
+    @property
+    def configured(self) -> None:
+        return None
+
+    def adopt(self, refresh_token: str) -> None:
+        """No refresh token to follow."""
 
     def reload(self) -> bool:
         return self._client_secret.reload()

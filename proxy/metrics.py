@@ -28,6 +28,7 @@ from proxy.cache import TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.forward import Forwarder
 from proxy.record import RequestRecord
+from proxy.shared import SharedRefresh
 from proxy.stats import DURATION_BUCKETS, Histogram
 
 # Methods counted under their own name; any other is counted as "other" (labels stay bounded).
@@ -35,7 +36,7 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPT
 # What a token request or a refresh ended in: success, or ``TokenError.failure_kind``. A token request's answer
 # is found too old or unusable only afterwards, so those two are refresh outcomes alone.
 REQUEST_OUTCOMES = ("success", "permanent", "transient", "throttled")
-REFRESH_OUTCOMES = (*REQUEST_OUTCOMES, "clock_skew", "unusable")
+REFRESH_OUTCOMES = (*REQUEST_OUTCOMES, "clock_skew", "unusable", "store_unavailable")
 
 
 class _RouteStats:
@@ -155,7 +156,7 @@ class SidecarCollector(Collector):
             "sidecar_token_refreshes",
             "Token refreshes by outcome: success, permanent (a person must act), transient, throttled, clock_skew "
             "(the token arrived nearly expired by this machine's clock), unusable (not the configured kind, or not "
-            "a JWT)",
+            "a JWT), store_unavailable (the token store is out of reach and the credential rotates)",
             REFRESH_OUTCOMES,
             (provider.outcomes for provider in providers),
         )
@@ -199,6 +200,32 @@ class SidecarCollector(Collector):
             "sidecar_token_permanent_failure",
             "1 while Cognito refuses a credential (a person must act)",
             value=1.0 if refused else 0.0,
+        )
+        yield from self._store([p.shared for p in providers if p.shared is not None])
+
+    def _store(self, shared: list[SharedRefresh]) -> Iterator[Metric]:
+        if not shared:
+            return  # the memory store: nothing shared, nothing to count
+        counts = {
+            "adopted": ("Token sets taken from the token store, refreshed by another sidecar", "adopted"),
+            "lock_waits": ("Refreshes that waited for another sidecar's refresh lease", "lock_waits"),
+            "takeovers": (
+                "Refresh leases taken over after their holder ended without releasing them (killed or hung)",
+                "takeovers",
+            ),
+            "errors": ("Token store operations that failed (unreachable, timed out, unreadable)", "errors"),
+            "fallbacks": (
+                "Refreshes done without the store because it was out of reach (non-rotating credentials only)",
+                "fallbacks",
+            ),
+        }
+        for name, (help_text, attribute) in counts.items():
+            value = float(sum(getattr(each, attribute) for each in shared))
+            yield CounterMetricFamily(f"sidecar_token_store_{name}", help_text, value=value)
+        yield GaugeMetricFamily(
+            "sidecar_token_store_trouble",
+            "1 while the token store is out of reach or its last operation failed",
+            value=1.0 if any(each.problem for each in shared) else 0.0,
         )
 
     def _sidecar(self) -> Iterator[Metric]:

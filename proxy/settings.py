@@ -40,7 +40,9 @@ from proxy.listen import parse_listen
 ENV_PREFIX = "SIDECAR_"
 
 # Keys whose value may come from a file (`SIDECAR_X_FILE` / `x_file`): the secrets.
-FILE_KEYS = ("client_secret", "refresh_token", "api_key", "caller_token")
+FILE_KEYS = ("client_secret", "refresh_token", "api_key", "caller_token", "token_store_key", "token_store_password")
+# Of those, the ones a route may set for itself.
+ROUTE_FILE_KEYS = ("client_secret", "refresh_token", "api_key")
 
 # Default safety margin before expiry: AWS's own SDKs refresh when less than 5 minutes remain.
 DEFAULT_REFRESH_MARGIN = 300.0
@@ -55,6 +57,11 @@ DEFAULT_MAX_CONNECTIONS = 100
 # How long a request may wait for a free upstream connection: a slow upstream then turns into quick 504s
 # instead of an ever-growing queue.
 DEFAULT_POOL_TIMEOUT = 5.0
+# How long one shared-store refresh lease lasts unless renewed (it is renewed every third of this while the refresh
+# runs): a sidecar killed mid-refresh holds the others up at most this long.
+DEFAULT_STORE_LEASE = 5.0
+# Serving processes on one host (SIDECAR_WORKERS): a few per core at most is ever useful.
+MAX_WORKERS = 64
 # On SIGTERM, new requests are still served this long while /-/readyz says draining: Kubernetes takes a few
 # seconds to remove a terminating pod from its Service's endpoints (and a service shutting down beside the
 # sidecar may still call it), so closing the listener at once would refuse requests that are on their way.
@@ -311,6 +318,55 @@ class Settings(_Credentialed):
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=0)
     max_clients: int = Field(default=DEFAULT_MAX_CLIENTS, ge=1)
+    # Serving processes on this host; more than one share the credential through the token store.
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    # Where sidecars sharing a credential keep it (see proxy.store): memory, file:/dir, redis:// or rediss://. Not in
+    # reprs: a Redis URL may carry a password.
+    token_store: str = Field(default="memory", repr=False)
+    token_store_plaintext: bool = False
+    token_store_password: SecretStr | None = None
+    token_store_password_file: Path | None = None
+    token_store_lease: float = Field(default=DEFAULT_STORE_LEASE, gt=0)
+    # Last of the store's settings: its validator checks them together.
+    token_store_key: SecretStr | None = Field(default=None, validate_default=True)
+    token_store_key_file: Path | None = None
+
+    @field_validator("token_store")
+    @classmethod
+    def _token_store(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("", "memory"):
+            return "memory"
+        if value.startswith("file:"):
+            if not value.removeprefix("file:").startswith("/"):
+                raise ValueError("a file store needs an absolute directory, e.g. file:/var/lib/cognito-sidecar")
+            return value
+        if value.startswith(("redis://", "rediss://")):
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError as exc:
+                raise ValueError(f"is not a valid Redis URL ({exc})") from None
+            if not parts.hostname:
+                raise ValueError("a Redis URL needs a host, e.g. redis://redis:6379/0")
+            return value
+        raise ValueError("must be memory, file:/absolute/dir, redis://host:6379/0 or rediss://host:6380/0")
+
+    @field_validator("token_store_key")
+    @classmethod
+    def _store_sealing(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        store = info.data.get("token_store", "memory")
+        if value is not None or not store.startswith("redis") or info.data.get("token_store_plaintext"):
+            return value
+        routes = info.data.get("routes") or ()
+        top_level = info.data.get("upstream_url") is not None and info.data.get("client_secret") is None
+        if top_level or any(route.client_secret is None for route in routes):
+            raise ValueError(
+                "a Redis token store seals what it holds with a key derived from the client secret, and a public "
+                "client has none: set SIDECAR_TOKEN_STORE_KEY_FILE (any long random value, the same for every "
+                "sidecar sharing the store), or SIDECAR_TOKEN_STORE_PLAINTEXT=1 to keep refresh tokens in clear"
+            )
+        return value
 
     @field_validator("upstream_url")
     @classmethod
@@ -411,7 +467,7 @@ _INHERITED = tuple(_Credentialed.model_fields)
 # What a route does not take when it talks to another token endpoint or app client: its secrets are not
 # the top level's to send there.
 _CREDENTIALS = ("client_secret", "client_secret_file", "refresh_token", "refresh_token_file")
-_ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {f"{k}_file" for k in FILE_KEYS if k != "caller_token"}
+_ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {f"{k}_file" for k in ROUTE_FILE_KEYS}
 _KNOWN_KEYS = frozenset(Settings.model_fields) | {"config"}
 
 
@@ -453,6 +509,12 @@ SETTING_HELP = {
     "max_header_bytes": "largest request head, bytes",
     "max_body_bytes": "largest request body, bytes (0: no limit)",
     "max_clients": "client connections open at once",
+    "workers": "serving processes on this host (more than one share the token through the token store)",
+    "token_store": "where sidecars sharing a credential keep it: memory, file:/dir, redis://host:6379/0, rediss://...",
+    "token_store_key": "key material that seals the store's contents (default: the client secret)",
+    "token_store_password": "Redis AUTH password (or put it in the URL)",
+    "token_store_lease": "seconds one refresh lease lasts unless renewed (a killed holder delays others this long)",
+    "token_store_plaintext": "1: a public client with no store key keeps refresh tokens in Redis in clear",
 }
 
 

@@ -1,0 +1,157 @@
+"""What a shared store holds for one credential, sealed so that reading the store is not enough to use it.
+
+A credential's key and its encryption key both come from HKDF-SHA256 over the key material (the configured
+store key, else the app client's secret) with the credential's identity (token URL, client id, grant, scopes)
+as context:
+
+- the store key name is an HMAC of the identity: it says nothing about the client, and two credentials never
+  share one;
+- the blob is AES-256-GCM with the key name as associated data: someone who can read (or write) the store but
+  lacks the key material can neither read the tokens nor move a blob to another credential's key;
+- refresh token fingerprints (to tell a person's new login from a replica's old seed) are HMACs too.
+
+Without key material (a public client and no store key), sealing is off only where the operator opted in
+(``SIDECAR_TOKEN_STORE_PLAINTEXT``) or for the file store, whose files are 0600 like the refresh token file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from proxy.tokens import TokenResponse
+
+FORMAT = 1
+_SALT = b"cognito-sidecar token store v1"
+_SEALED = b"s1:"
+_PLAIN = b"p1:"
+# Fingerprints of refresh tokens the stored lineage has had: every origin (a configured value, e.g. a login) is
+# kept, so that a replica that still reads an old Secret never takes it for a new login; of rotated ones, the last
+# few (the refresh token file a process re-reads holds one of these).
+MAX_ORIGINS = 16
+MAX_RECENT = 16
+
+
+class UnreadableRecord(ValueError):
+    """The stored blob cannot be opened with this key (another key material, tampering, another format)."""
+
+
+class Sealer:
+    """Seals one credential's records. ``material`` is None for plaintext."""
+
+    def __init__(self, identity: str, material: bytes | None) -> None:
+        self.sealed = material is not None
+        if material is not None:
+            derived = HKDF(algorithm=hashes.SHA256(), length=64, salt=_SALT, info=identity.encode()).derive(material)
+            self._aead: AESGCM | None = AESGCM(derived[:32])
+            self._mac = derived[32:]
+        else:
+            self._aead = None
+            self._mac = hashlib.sha256(_SALT + identity.encode()).digest()
+        self.key = "cognito-sidecar:" + hmac.new(self._mac, identity.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def __repr__(self) -> str:
+        return f"Sealer(key={self.key!r}, sealed={self.sealed})"
+
+    def fingerprint(self, value: str) -> str:
+        return hmac.new(self._mac, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def seal(self, record: Record) -> bytes:
+        data = json.dumps(record.to_json(), separators=(",", ":")).encode()
+        if self._aead is None:
+            return _PLAIN + data
+        nonce = os.urandom(12)
+        return _SEALED + nonce + self._aead.encrypt(nonce, data, self.key.encode())
+
+    def open(self, blob: bytes) -> Record:
+        if blob.startswith(_SEALED):
+            if self._aead is None:
+                raise UnreadableRecord("the stored set is sealed and this sidecar has no key material")
+            try:
+                data = self._aead.decrypt(blob[3:15], blob[15:], self.key.encode())
+            except InvalidTag:
+                raise UnreadableRecord(
+                    "the stored set was sealed with another key (SIDECAR_TOKEN_STORE_KEY or the client secret differ)"
+                ) from None
+        elif blob.startswith(_PLAIN):
+            if self._aead is not None:
+                raise UnreadableRecord("the stored set is in plaintext but this sidecar seals: it is not trusted")
+            data = blob[3:]
+        else:
+            raise UnreadableRecord("the stored value is not a cognito-sidecar record")
+        try:
+            return Record.from_json(json.loads(data))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UnreadableRecord(f"the stored record is malformed ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One credential's shared state. ``version``: the fencing value of the lease that wrote it; ``received``: when
+    the answer arrived, on the writer's wall clock; ``rotates``: Cognito has rotated this credential's refresh token
+    (from then on it is never refreshed without the lease)."""
+
+    version: int
+    received: float
+    response: TokenResponse = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    rotates: bool
+    origins: tuple[str, ...] = ()
+    recent: tuple[str, ...] = ()
+
+    def knows(self, fingerprint: str) -> bool:
+        return fingerprint in self.origins or fingerprint in self.recent
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.response
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "received": self.received,
+            "response": {
+                "id_token": r.id_token,
+                "access_token": r.access_token,
+                "expires_in": r.expires_in,
+                "token_type": r.token_type,
+            },
+            "refresh_token": self.refresh_token,
+            "rotates": self.rotates,
+            "origins": list(self.origins),
+            "recent": list(self.recent),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Record:
+        if data["format"] != FORMAT:
+            raise ValueError("format")
+        answer = data["response"]
+        return cls(
+            version=int(data["version"]),
+            received=float(data["received"]),
+            response=TokenResponse(
+                id_token=answer.get("id_token"),
+                access_token=answer.get("access_token"),
+                refresh_token=None,
+                expires_in=answer.get("expires_in"),
+                token_type=str(answer.get("token_type", "Bearer")),
+            ),
+            refresh_token=data.get("refresh_token"),
+            rotates=bool(data["rotates"]),
+            origins=tuple(data.get("origins", ())),
+            recent=tuple(data.get("recent", ())),
+        )
+
+
+def lineage(previous: tuple[str, ...], added: str, limit: int) -> tuple[str, ...]:
+    """``previous`` plus ``added`` (once, newest last), at most ``limit`` long."""
+    kept = (*(item for item in previous if item != added), added)
+    return kept[-limit:]

@@ -1,0 +1,281 @@
+"""One refresh at a time across every sidecar that shares a credential through a store.
+
+``SharedRefresh.fetch`` is what a ``TokenProvider`` calls instead of asking the token endpoint itself:
+
+1. a token set in the store that is newer than the caller's and not yet due is taken as it is (no token
+   request at all: this is how N sidecars make one token request per token lifetime);
+2. otherwise the caller takes the store's lease, looks again (someone may have just finished), and refreshes
+   with the store's refresh token, renewing the lease every third of its length while the token endpoint
+   works, so that the lease never runs out under a slow refresh. The answer is written to the store (a
+   rotated refresh token with it) before anything uses it, then the lease is released by compare-and-delete;
+3. everyone else polls the store until the new set appears, never calling the token endpoint. A holder that
+   died leaves a lease that expires (Redis) or is dropped by the kernel (file store); the next caller takes it
+   over and refreshes with the newest refresh token that was written, which is the newest Cognito accepted.
+
+When the store cannot be reached, the caller keeps the token it holds until its real expiry (the provider's
+usual backoff applies); a credential known to rotate is never refreshed without the lease (the provider then
+reports ``store_unavailable``), one that does not rotate is refreshed locally and the fallback is counted,
+logged and shown by readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.credentials import Grant
+from proxy.errors import TokenError, TransientTokenError
+from proxy.logs import event
+from proxy.sealing import MAX_ORIGINS, MAX_RECENT, Record, Sealer, UnreadableRecord, lineage
+from proxy.store import Lease, Store, StoreError
+from proxy.tokens import TokenResponse, TokenSet
+
+log = logging.getLogger("proxy.shared")
+
+# How long one refresh lease lasts unless renewed; it is renewed every third of this while the refresh runs.
+# A holder killed mid-refresh delays the others by at most this long.
+DEFAULT_LEASE = 5.0
+# How often a sidecar waiting for another's refresh looks at the store (and at whether the lease is gone).
+POLL_INTERVAL = 0.05
+
+Adopt = Callable[[Record], TokenSet | None]
+Build = Callable[[TokenResponse], TokenSet]
+
+
+class StoreUnavailableError(TransientTokenError):
+    """The token store is unreachable and the credential rotates: refreshing without the lease could lose it."""
+
+    code = "store_unavailable"
+    failure_kind = "store_unavailable"
+
+    def __init__(self, error: StoreError, flow: str) -> None:
+        self.store_error = error
+        super().__init__(
+            flow=flow,
+            status=None,
+            error=None,
+            body="",
+            summary=f"{error}. This credential's refresh token rotates, so it is never refreshed without the "
+            "store's lease (another sidecar could be refreshing it).",
+            fix="bring the token store back (a restarted Redis that lost its data is seeded again from this "
+            "sidecar's refresh token); the sidecar keeps trying.",
+        )
+
+
+class SharedRefresh:
+    """The store side of one credential's refresh. Counters are read by /-/metrics."""
+
+    def __init__(
+        self,
+        store: Store,
+        sealer: Sealer,
+        grant: Grant,
+        *,
+        lease_seconds: float = DEFAULT_LEASE,
+        poll_interval: float = POLL_INTERVAL,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.store = store
+        self.sealer = sealer
+        self.grant = grant
+        self._lease_seconds = lease_seconds
+        self._poll = poll_interval
+        self._clock = clock
+        self.rotates = False  # Cognito has rotated this credential's refresh token (told by the store or the grant)
+        self._unsaved: Record | None = None  # a record the store refused or could not take: written first next time
+        self.lock_waits = 0
+        self.takeovers = 0
+        self.errors = 0
+        self.fallbacks = 0
+        self.adopted = 0
+        self.problem: str | None = None  # the store's trouble while it lasts, for readiness
+
+    def __repr__(self) -> str:
+        return f"SharedRefresh(store={self.store.name!r}, key={self.sealer.key!r})"
+
+    async def fetch(self, adopt: Adopt, build: Build) -> TokenSet:
+        """A token set: the store's when it is newer and not due, else one refreshed under the lease."""
+        waited = False
+        while True:
+            try:
+                record = await self._load()
+                if record is not None and (tokens := self._adopt(record, adopt)) is not None:
+                    return tokens
+                lease = await self.store.acquire(self.sealer.key, self._lease_seconds)
+            except StoreError as exc:
+                return await self._without_store(exc, build)
+            if lease is not None:
+                return await self._refresh_holding(lease, adopt, build)
+            if not waited:
+                waited = True
+                self.lock_waits += 1
+            await asyncio.sleep(self._poll)
+
+    async def _load(self) -> Record | None:
+        blob = await self.store.load(self.sealer.key)
+        self._stored_ok()
+        if blob is None:
+            return None
+        try:
+            record = self.sealer.open(blob)
+        except UnreadableRecord as exc:
+            log.warning(
+                "the token store's record for this credential cannot be used (%s); it will be replaced",
+                exc,
+                extra=event("store_record_unreadable", store=self.store.name),
+            )
+            return None
+        self.rotates = self.rotates or record.rotates
+        return record
+
+    def _adopt(self, record: Record, adopt: Adopt) -> TokenSet | None:
+        tokens = adopt(record)
+        if tokens is None:
+            return None
+        self.adopted += 1
+        self._follow(record)
+        return tokens
+
+    def _follow(self, record: Record) -> None:
+        """Hold the store's refresh token in memory (the newest; it re-seeds a store that lost its data)."""
+        configured = self.grant.configured
+        if record.refresh_token and configured is not None and record.knows(self.sealer.fingerprint(configured)):
+            self.grant.adopt(record.refresh_token)
+
+    async def _refresh_holding(self, lease: Lease, adopt: Adopt, build: Build) -> TokenSet:
+        try:
+            if lease.takeover:
+                self.takeovers += 1
+                log.warning(
+                    "took over the refresh lease: the previous holder's lease ended without a release (it was "
+                    "killed or hung mid-refresh); refreshing with the newest stored refresh token",
+                    extra=event("store_lease_takeover", store=self.store.name, fence=lease.fence),
+                )
+            if self._unsaved is not None:
+                await self._save(lease, self._unsaved)
+            try:
+                record = await self._load()
+            except StoreError as exc:
+                return await self._without_store(exc, build)
+            if record is not None and (tokens := self._adopt(record, adopt)) is not None:
+                return tokens
+            origins = self._choose_refresh_token(record)
+            used = self.grant.refresh_token
+            renewer = asyncio.create_task(self._renew(lease), name="store-lease-renewal")
+            try:
+                response = await self.grant.fetch()
+            except TokenError:
+                if self.grant.refresh_token != used and record is not None:
+                    # Rotated, then found wanting (an answer without a usable token): the new refresh token is
+                    # all that works now, and must not be lost.
+                    await self._save(lease, self._record(lease, record.response, record, origins, rotated=True))
+                raise
+            finally:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+            rotated = self.grant.refresh_token != used
+            await self._save(lease, self._record(lease, response, record, origins, rotated=rotated))
+            return build(response)
+        finally:
+            with contextlib.suppress(StoreError):
+                await self.store.release(self.sealer.key, lease)
+
+    def _choose_refresh_token(self, record: Record | None) -> tuple[str, ...]:
+        """Point the grant at the refresh token to use; the lineage's origins for the record to be written."""
+        configured = self.grant.configured
+        if configured is None:
+            return ()  # client_credentials: no refresh token
+        mine = self.sealer.fingerprint(configured)
+        if record is None or record.refresh_token is None:
+            log.info(
+                "the token store holds nothing for this credential (first start, or the store lost its data): "
+                "seeding it with this sidecar's refresh token",
+                extra=event("store_seeded", store=self.store.name),
+            )
+            return (mine,)
+        if record.knows(mine):
+            self.grant.adopt(record.refresh_token)
+            return record.origins
+        log.warning(
+            "the configured refresh token is not one the store has seen: taking it as a new login that replaces "
+            "the stored one",
+            extra=event("store_new_login", store=self.store.name),
+        )
+        self.grant.adopt(configured)
+        return lineage(record.origins, mine, MAX_ORIGINS)
+
+    def _record(
+        self, lease: Lease, response: TokenResponse, previous: Record | None, origins: tuple[str, ...], *, rotated: bool
+    ) -> Record:
+        refresh_token = self.grant.refresh_token
+        self.rotates = self.rotates or rotated or (previous is not None and previous.rotates)
+        recent = previous.recent if previous is not None else ()
+        if refresh_token:
+            recent = lineage(recent, self.sealer.fingerprint(refresh_token), MAX_RECENT)
+        return Record(
+            version=lease.fence,
+            received=self._clock.time(),
+            response=response,
+            refresh_token=refresh_token,
+            rotates=self.rotates,
+            origins=origins,
+            recent=recent,
+        )
+
+    async def _save(self, lease: Lease, record: Record) -> None:
+        try:
+            saved = await self.store.save(self.sealer.key, lease, self.sealer.seal(record))
+        except StoreError as exc:
+            self._store_failed(exc)
+            saved = False
+        else:
+            if not saved:
+                log.error(
+                    "the refresh lease was lost before the new token set could be written (the store was out of "
+                    "reach for longer than the lease); it is kept here and written at the next refresh",
+                    extra=event("store_lease_lost", store=self.store.name, fence=lease.fence),
+                )
+        self._unsaved = None if saved else record
+
+    async def _renew(self, lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(self._lease_seconds / 3)
+            try:
+                held = await self.store.renew(self.sealer.key, lease, self._lease_seconds)
+            except StoreError as exc:
+                self._store_failed(exc)
+                continue
+            if not held:
+                log.error(
+                    "the refresh lease expired while the token endpoint was answering",
+                    extra=event("store_lease_lost", store=self.store.name, fence=lease.fence),
+                )
+                return
+
+    async def _without_store(self, error: StoreError, build: Build) -> TokenSet:
+        self._store_failed(error)
+        if self.rotates or self.grant.rotations:
+            self.rotates = True
+            raise StoreUnavailableError(error, self.grant.flow)
+        self.fallbacks += 1
+        self.problem = (
+            f"{error}; refreshing without it (this credential's refresh token does not rotate, so that is safe, "
+            "but each sidecar now asks the token endpoint itself)"
+        )
+        log.warning("%s", self.problem, extra=event("store_fallback", store=self.store.name))
+        return build(await self.grant.fetch())
+
+    def _store_failed(self, error: StoreError) -> None:
+        self.errors += 1
+        if self.problem is None:
+            log.error("%s", error, extra=event("store_error", store=self.store.name, reason=error.reason))
+        self.problem = str(error)
+
+    def _stored_ok(self) -> None:
+        if self.problem is not None:
+            log.info("the token store %s answers again", self.store.name, extra=event("store_recovered"))
+            self.problem = None
