@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import webbrowser
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ from proxy.logs import configure_logging
 from proxy.serving import GracefulServer, bind_listen, bound_url, config_for, running, tune_gc
 from proxy.settings import Settings, load_settings, read_secret_file, settings_help
 from proxy.tokens import TokenEndpoint
+from proxy.workers import run_workers
 
 log = logging.getLogger("proxy")
 
@@ -59,10 +61,22 @@ def _serve(env: Mapping[str, str]) -> int:
     sockets = [sock]
     if settings.metrics_listen is not None:
         sockets.append(bind_listen(settings.metrics_listen))
+    try:
+        if settings.workers > 1:
+            return run_workers(settings, sockets, _serve_on)
+        return _serve_on(settings, sockets)
+    finally:
+        if settings.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(settings.unix_socket)
+
+
+def _serve_on(settings: Settings, sockets: Sequence[socket.socket]) -> int:
+    """One serving process on bound ``sockets`` (the forwarding listener, then the metrics one if any)."""
     app = create_app(settings, metrics_port=sockets[1].getsockname()[1] if len(sockets) > 1 else None)
     log.info(
         "cognito-sidecar listening on %s, forwarding to %s with the %s in the %s header",
-        bound_url(sock),
+        bound_url(sockets[0]),
         settings.upstream_url,
         settings.token,
         settings.header,
@@ -85,12 +99,7 @@ def _serve(env: Mapping[str, str]) -> int:
         delay=settings.shutdown_delay,
     )
     tune_gc()
-    try:
-        server.run(sockets=sockets)
-    finally:
-        if settings.unix_socket is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(settings.unix_socket)
+    server.run(sockets=list(sockets))
     return 0
 
 

@@ -1,0 +1,137 @@
+"""``SIDECAR_WORKERS=N``: N serving processes on one host, on one listening socket, sharing one credential.
+
+The parent binds the sockets, forks the workers (each runs the whole sidecar on the inherited sockets; the kernel
+hands each new connection to one of them) and supervises them: SIGTERM, SIGINT and SIGHUP are passed on, and a
+worker that dies is started again. The workers share the credential through the configured token store; with
+the default ``memory`` store they get a file store in a private directory (0700) of the parent's, removed when
+it exits, so that N workers still make one token request per token lifetime with no configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from proxy.logs import event
+from proxy.settings import Settings
+
+log = logging.getLogger("proxy.workers")
+
+# A worker that dies sooner than this after its start counts as failing to start; this many such deaths in a row
+# stop the sidecar (a broken configuration must not turn into a fork loop).
+QUICK_DEATH = 5.0
+MAX_QUICK_DEATHS = 5
+# Linux's prctl option that sends the child a signal when its parent dies (a SIGKILLed supervisor leaves no
+# orphans serving with the credential).
+_PR_SET_PDEATHSIG = 1
+
+ServeOne = Callable[[Settings, Sequence[socket.socket]], int]
+
+
+def shared_settings(settings: Settings) -> tuple[Settings, str | None]:
+    """The settings the workers run with, and the private directory made for them (None: a store was configured)."""
+    if settings.token_store != "memory":
+        return settings, None
+    base = os.environ.get("XDG_RUNTIME_DIR") or None
+    directory = tempfile.mkdtemp(prefix="cognito-sidecar-", dir=base)  # mode 0700
+    return settings.model_copy(update={"token_store": f"file:{directory}"}), directory
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Supervisor:
+    """Forks and watches the workers."""
+
+    def __init__(self, settings: Settings, sockets: Sequence[socket.socket], serve_one: ServeOne) -> None:
+        self._settings = settings
+        self._sockets = sockets
+        self._serve_one = serve_one
+        self._children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started at)
+        self._stopping = False
+
+    def _spawn(self, number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent()
+                code = self._serve_one(self._settings, self._sockets)
+            except BaseException:
+                log.exception("worker %d failed", number)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self._children[pid] = (number, time.monotonic())
+
+    def _forward(self, sig: int, frame: FrameType | None) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._forward)
+        for number in range(self._settings.workers):
+            self._spawn(number)
+        log.info(
+            "%d workers serving (pids %s), sharing tokens through %s",
+            len(self._children),
+            " ".join(str(pid) for pid in self._children),
+            self._settings.token_store if self._settings.token_store.startswith("file:") else "the token store",
+            extra=event("workers_started", workers=len(self._children)),
+        )
+        quick_deaths = 0
+        status = 0
+        while self._children:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in self._children:
+                continue
+            number, started = self._children.pop(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if self._stopping:
+                status = status or (code if code > 0 else 0)
+                continue
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH else 0
+            if quick_deaths >= MAX_QUICK_DEATHS:
+                log.error("workers keep dying at start (exit status %d); stopping", code)
+                self._forward(signal.SIGTERM, None)
+                status = 1
+                continue
+            self._spawn(number)
+            log.error(
+                "worker %d (pid %d) ended with status %d; started it again",
+                number,
+                pid,
+                code,
+                extra=event("worker_restarted", worker=number, exit_status=code),
+            )
+        return status
+
+
+def run_workers(settings: Settings, sockets: Sequence[socket.socket], serve_one: ServeOne) -> int:
+    """Serve with ``settings.workers`` processes; returns the exit status once they have all ended."""
+    settings, private = shared_settings(settings)
+    try:
+        return Supervisor(settings, sockets, serve_one).run()
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)

@@ -1,0 +1,294 @@
+"""Sidecars sharing one credential through a token store: a real ``redis-server`` of the tests' own (started on an
+ephemeral port, stopped and restarted empty by the tests), the file store in a temporary directory, and
+``SIDECAR_WORKERS``. Every sidecar is a real server; the token requests are counted by the emulated Cognito."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+import redis
+from pydantic import SecretStr
+
+from proxy.app import create_app
+from proxy.errors import ConfigError
+from proxy.sealing import Record, Sealer, UnreadableRecord
+from proxy.settings import load_settings
+from proxy.store import RedisStore
+from proxy.tokens import TokenResponse
+from tests.conftest import (
+    FakeClock,
+    RunningSidecar,
+    Stack,
+    assert_hidden,
+    metric,
+    run_sidecar,
+    run_stack,
+    sidecar_process,
+    stack_env,
+)
+from tests.redis_server import RedisServer, redis_server
+
+HOUR = 3600
+
+
+@pytest.fixture
+def redis_srv() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+def stored_values(server: RedisServer) -> dict[bytes, bytes]:
+    with redis.Redis(port=server.port) as client:
+        return {key: client.get(key) or b"" for key in client.keys("*")}
+
+
+async def get_all(client: httpx2.AsyncClient, urls: list[str]) -> list[int]:
+    answers = await asyncio.gather(*(client.get(url) for url in urls))
+    return [answer.status_code for answer in answers]
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    stack: Stack, count: int, clock: FakeClock | None = None, **settings: object
+) -> AsyncIterator[list[RunningSidecar]]:
+    async with contextlib.AsyncExitStack() as stacked:
+        yield [
+            await stacked.enter_async_context(run_sidecar(stack.settings(**settings), clock=clock))
+            for _ in range(count)
+        ]
+
+
+async def test_sidecars_sharing_redis_make_one_token_request_and_store_nothing_readable(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    async with run_stack() as stack, fleet(stack, 3, token_store=redis_srv.url) as sidecars:
+        statuses = await get_all(client, [f"{sidecars[i % 3].url}/items/{i}" for i in range(90)])
+        assert statuses == [200] * 90
+        assert stack.token_requests == 1
+        shared = [s.parts.tokens.shared for s in sidecars]
+        assert all(each is not None for each in shared)
+        assert sum(each.adopted for each in shared if each) == 2
+        text = (await client.get(f"{sidecars[0].url}/-/metrics")).text
+        assert metric(text, "sidecar_token_store_errors_total") == 0
+        held = sidecars[0].parts.tokens.usable()
+        assert held is not None
+        values = stored_values(redis_srv)
+        assert any(key.endswith(b":state") for key in values)
+        blob = b" ".join(key + b" " + value for key, value in values.items()).decode("latin-1")
+        secret = stack.emulator.client.secret or ""
+        assert_hidden(
+            blob, stack.emulator.refresh_token, held["id_token"].value, secret, stack.emulator.client.client_id
+        )
+
+
+async def test_rotation_with_grace_zero_loses_no_credential_across_sidecars(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        async with fleet(stack, 2, clock, token_store=redis_srv.url) as sidecars:
+            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
+            assert stack.token_requests == 1
+            for lifetime in range(3):
+                await clock.settle(HOUR - 250)  # both refreshers reach their background point
+                await clock.settle(60)
+                assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
+                assert stack.token_requests == 2 + lifetime
+            outcomes = [s.parts.tokens.outcomes for s in sidecars]
+            assert all(each["permanent"] == 0 for each in outcomes)
+            assert sum(s.parts.grant.rotations for s in sidecars) == 4  # each rotation seen once, by its holder
+            assert stack.emulator.cognito.grant_counts["refresh_token"] == 4
+
+
+async def test_a_lease_whose_holder_died_is_taken_over(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
+    async with run_stack() as stack:
+        settings = stack.settings(token_store=redis_srv.url, token_store_lease=0.5)
+        shared = create_app(settings).state.sidecar.tokens.shared
+        assert shared is not None
+        # Another sidecar took the lease and was killed before it released it (or wrote anything).
+        dead = RedisStore(redis_srv.url)
+        lease = await dead.acquire(shared.sealer.key, 0.5)
+        await dead.aclose()
+        assert lease is not None and not lease.takeover
+        async with run_sidecar(settings) as sidecar:
+            assert (await client.get(f"{sidecar.url}/x")).status_code == 200
+            shared = sidecar.parts.tokens.shared
+            assert shared is not None and shared.takeovers == 1 and shared.lock_waits == 1
+            text = (await client.get(f"{sidecar.url}/-/metrics")).text
+            assert metric(text, "sidecar_token_store_takeovers_total") == 1
+            assert metric(text, "sidecar_token_store_lock_waits_total") == 1
+        assert stack.token_requests == 1
+
+
+async def test_unreachable_redis_without_rotation_refreshes_locally_and_says_so(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    clock = FakeClock()
+    async with run_stack(token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        async with run_sidecar(stack.settings(token_store=redis_srv.url), clock=clock) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+            redis_srv.stop()
+            await clock.settle(HOUR)  # past the real expiry: a refresh is needed and Redis is gone
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+            ready = await client.get(f"{sidecar.url}/-/readyz")
+            assert ready.status_code == 200
+            assert "token store" in ready.json()["warning"]
+            text = (await client.get(f"{sidecar.url}/-/metrics")).text
+            assert metric(text, "sidecar_token_store_fallbacks_total") >= 1
+            assert metric(text, "sidecar_token_store_trouble") == 1
+            redis_srv.start()  # back, empty
+            await clock.settle(HOUR)
+            assert (await client.get(f"{sidecar.url}/c")).status_code == 200
+            assert any(key.endswith(b":state") for key in stored_values(redis_srv))  # seeded again
+            text = (await client.get(f"{sidecar.url}/-/metrics")).text
+            assert metric(text, "sidecar_token_store_trouble") == 0
+
+
+async def test_unreachable_redis_with_rotation_never_refreshes_without_the_lease(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        async with fleet(stack, 2, clock, token_store=redis_srv.url) as sidecars:
+            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
+            assert stack.token_requests == 1
+            redis_srv.stop()
+            await clock.settle(HOUR - 250)  # refresh due, store gone: the token in hand is still sent
+            assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
+            await clock.settle(250)  # past the real expiry
+            for sidecar in sidecars:
+                answer = await client.get(f"{sidecar.url}/c")
+                assert answer.status_code == 503
+                assert answer.json()["error"] == "store_unavailable"
+                ready = await client.get(f"{sidecar.url}/-/readyz")
+                assert (ready.status_code, ready.json()["error"]) == (503, "store_unavailable")
+            assert stack.token_requests == 1  # nobody refreshed without the lease
+            redis_srv.start()  # restarted without its data: seeded again from the newest refresh token held
+            await clock.settle(5)
+            await clock.settle(5)
+            assert await get_all(client, [f"{s.url}/d" for s in sidecars]) == [200, 200]
+            assert stack.token_requests == 2
+            assert all(s.parts.tokens.outcomes["permanent"] == 0 for s in sidecars)
+
+
+async def test_file_store_shares_one_token_in_a_private_directory(tmp_path: Path, client: httpx2.AsyncClient) -> None:
+    directory = tmp_path / "store"
+    async with run_stack() as stack, fleet(stack, 2, token_store=f"file:{directory}") as sidecars:
+        statuses = await get_all(client, [f"{sidecars[i % 2].url}/i/{i}" for i in range(40)])
+        assert statuses == [200] * 40
+        assert stack.token_requests == 1
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        states = list(directory.glob("*.state"))
+        assert len(states) == 1 and stat.S_IMODE(states[0].stat().st_mode) == 0o600
+        assert_hidden(states[0].read_bytes().decode("latin-1"), stack.emulator.refresh_token)
+
+
+async def test_a_new_login_replaces_the_stored_credential_and_old_seeds_follow_it(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        settings = stack.settings(token_store=redis_srv.url)
+        async with run_sidecar(settings, clock=clock) as first:
+            assert (await client.get(f"{first.url}/a")).status_code == 200
+        # A person signed the credential out everywhere and logged in again: a new refresh token in the config.
+        stack.emulator.cognito.revoke_all()
+        fresh = stack.emulator.cognito.issue_refresh_token(stack.emulator.client.client_id)
+        relogged = stack.settings(token_store=redis_srv.url, refresh_token=SecretStr(fresh))
+        async with run_sidecar(relogged, clock=clock) as new:
+            assert (await client.get(f"{new.url}/b")).status_code == 200  # the stored set, still valid
+            assert stack.token_requests == 1
+            await clock.settle(HOUR)
+            assert (await client.get(f"{new.url}/c")).status_code == 200
+            assert new.parts.tokens.outcomes["permanent"] == 0
+        assert stack.token_requests == 2
+        # A replica that still reads the old Secret: its seed is one the store has seen, so it follows the store.
+        async with run_sidecar(settings, clock=clock) as stale:
+            await clock.settle(HOUR)
+            assert (await client.get(f"{stale.url}/d")).status_code == 200
+            assert stale.parts.tokens.outcomes["permanent"] == 0
+        assert stack.token_requests == 3
+
+
+def test_sealing_refuses_another_key_tampering_and_plaintext() -> None:
+    record = Record(
+        version=3,
+        received=1.0,
+        response=TokenResponse(id_token="a.b.c", access_token=None, refresh_token=None, expires_in=60, token_type="x"),
+        refresh_token="rt-secret",
+        rotates=True,
+    )
+    sealer = Sealer("url\nclient\nrefresh_token\n", b"key one")
+    blob = sealer.seal(record)
+    assert b"rt-secret" not in blob and b"a.b.c" not in blob
+    assert sealer.open(blob) == record
+    with pytest.raises(UnreadableRecord):
+        Sealer("url\nclient\nrefresh_token\n", b"key two").open(blob)
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(UnreadableRecord):
+        sealer.open(tampered)
+    other = Sealer("url\nanother-client\nrefresh_token\n", b"key one")
+    assert other.key != sealer.key
+    with pytest.raises(UnreadableRecord):
+        other.open(blob)  # a blob moved to another credential's key
+    plain = Sealer("url\nclient\nrefresh_token\n", None)
+    with pytest.raises(UnreadableRecord):
+        sealer.open(plain.seal(record))  # planted in clear
+    assert "rt-secret" not in repr(record) and "a.b.c" not in repr(record)
+
+
+def test_a_public_client_on_redis_needs_a_store_key() -> None:
+    env = {
+        "SIDECAR_UPSTREAM_URL": "https://api.example.com/prod",
+        "SIDECAR_COGNITO_DOMAIN": "https://auth.example.com",
+        "SIDECAR_CLIENT_ID": "client",
+        "SIDECAR_REFRESH_TOKEN": "rt",
+        "SIDECAR_TOKEN_STORE": "redis://:hunter2@redis:6379/0",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert "SIDECAR_TOKEN_STORE_KEY" in str(caught.value)
+    settings = load_settings({**env, "SIDECAR_TOKEN_STORE_KEY": "k" * 32})
+    assert "hunter2" not in repr(settings)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**env, "SIDECAR_TOKEN_STORE": "file:relative"})
+    assert "absolute" in str(caught.value)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(each) for each in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+async def test_workers_share_one_token_and_are_restarted(client: httpx2.AsyncClient) -> None:
+    async with run_stack() as stack:
+        env = stack_env(stack, SIDECAR_WORKERS="2", SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+        async with sidecar_process(env) as process:
+            if "workers serving" not in "".join(process.lines):
+                await process.read_until("workers serving")
+            workers = _children(process.process.pid)
+            assert len(workers) == 2
+            statuses = await get_all(client, [f"{process.url}/w/{i}" for i in range(60)])
+            assert statuses == [200] * 60
+            assert stack.token_requests == 1
+            os.kill(workers[0], signal.SIGKILL)
+            await process.read_until("started it again")
+            assert len(_children(process.process.pid)) == 2
+            statuses = await get_all(client, [f"{process.url}/v/{i}" for i in range(20)])
+            assert statuses == [200] * 20
+            assert stack.token_requests == 1  # the restarted worker took the stored token
+            code, said = await process.stop()
+            assert code == 0
+            assert_hidden(said, stack.emulator.refresh_token, stack.emulator.client.secret or "")
