@@ -261,6 +261,8 @@ class TokenProvider:
         token is held."""
         changed = self.grant.reload()
         if changed:
+            if self.shared is not None:
+                self.shared.credentials_changed()
             self._not_before = 0.0
             self.failures_in_row = 0
             if self.usable() is None:
@@ -335,7 +337,7 @@ class TokenProvider:
         try:
             async with asyncio.timeout(limit):
                 if self.shared is not None:
-                    return await self.shared.fetch(self._adoptable, self._token_set)
+                    return await self.shared.fetch(self)
                 # The grant stores a rotated refresh token before this returns.
                 response: TokenResponse = await self.grant.fetch()
         except TimeoutError:
@@ -348,9 +350,11 @@ class TokenProvider:
                 + (" (or the token store's refresh lease stayed held)." if self.shared is not None else "."),
                 fix="check the token endpoint's health and network access; the sidecar keeps trying.",
             ) from None
-        return self._token_set(response)
+        return self.token_set(response)
 
-    def _token_set(self, response: TokenResponse, *, age: float = 0.0) -> TokenSet:
+    # What the shared refresh asks of its consumer (proxy.shared.Consumer) ---------------------------------
+
+    def token_set(self, response: TokenResponse, *, age: float = 0.0) -> TokenSet:
         """The tokens of an answer that arrived ``age`` seconds ago."""
         return make_token_set(
             response,
@@ -361,16 +365,19 @@ class TokenProvider:
             flow=self.grant.flow,
         )
 
-    def _adoptable(self, record: Record) -> TokenSet | None:
+    def adoptable(self, record: Record) -> TokenSet | None:
         """The store's tokens, if they are not the ones held and not due for a refresh yet."""
         try:
-            tokens = self._token_set(record.response, age=max(0.0, self._clock.time() - record.received))
+            tokens = self.token_set(record.response, age=max(0.0, self._clock.time() - record.received))
         except TokenError:
             return None
         held = self.current
         if held is not None and all(held[kind].value == tokens[kind].value for kind in self.kinds):
             return None
         return tokens if self._clock.monotonic() < tokens.refresh_at else None
+
+    def hold_for(self, error: TokenError) -> float:
+        return self._policy.backoff(self.failures_in_row + 1, error, self._rng)
 
     def _succeeded(self, tokens: TokenSet, seconds: float) -> None:
         self.current = tokens

@@ -16,6 +16,7 @@ Without key material (a public client and no store key), sealing is off only whe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -65,33 +66,64 @@ class Sealer:
     def fingerprint(self, value: str) -> str:
         return hmac.new(self._mac, value.encode(), hashlib.sha256).hexdigest()[:32]
 
-    def seal(self, record: Record) -> bytes:
-        data = json.dumps(record.to_json(), separators=(",", ":")).encode()
+    def seal(self, data: bytes) -> bytes:
         if self._aead is None:
             return _PLAIN + data
         nonce = os.urandom(12)
         return _SEALED + nonce + self._aead.encrypt(nonce, data, self.key.encode())
 
-    def open(self, blob: bytes) -> Record:
+    def open(self, blob: bytes) -> bytes:
+        """The sealed data; ``UnreadableRecord`` if this key did not seal it."""
         if blob.startswith(_SEALED):
             if self._aead is None:
                 raise UnreadableRecord("the stored set is sealed and this sidecar has no key material")
             try:
-                data = self._aead.decrypt(blob[3:15], blob[15:], self.key.encode())
+                return self._aead.decrypt(blob[3:15], blob[15:], self.key.encode())
             except InvalidTag:
                 raise UnreadableRecord(
                     "the stored set was sealed with another key (SIDECAR_TOKEN_STORE_KEY or the client secret differ)"
                 ) from None
-        elif blob.startswith(_PLAIN):
+        if blob.startswith(_PLAIN):
             if self._aead is not None:
                 raise UnreadableRecord("the stored set is in plaintext but this sidecar seals: it is not trusted")
-            data = blob[3:]
-        else:
-            raise UnreadableRecord("the stored value is not a cognito-sidecar record")
+            return blob[3:]
+        raise UnreadableRecord("the stored value is not a cognito-sidecar record")
+
+    def seal_record(self, record: Record) -> bytes:
+        return self.seal(json.dumps(record.to_json(), separators=(",", ":")).encode())
+
+    def open_record(self, blob: bytes) -> Record:
         try:
-            return Record.from_json(json.loads(data))
+            return Record.from_json(json.loads(self.open(blob)))
         except (ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, UnreadableRecord):
+                raise
             raise UnreadableRecord(f"the stored record is malformed ({type(exc).__name__})") from None
+
+    def seal_note(self, note: HoldOff) -> bytes:
+        return self.seal(json.dumps(dataclasses.asdict(note), separators=(",", ":")).encode())
+
+    def open_note(self, blob: bytes) -> HoldOff:
+        try:
+            return HoldOff(**json.loads(self.open(blob)))
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, UnreadableRecord):
+                raise
+            raise UnreadableRecord(f"the hold-off note is malformed ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class HoldOff:
+    """Left in the store by a sidecar whose refresh failed: until ``until`` (wall clock), the others do not ask
+    the token endpoint either. The rest describes the failure (never a token or a response body)."""
+
+    until: float
+    permanent: bool
+    code: str
+    summary: str
+    flow: str
+    status: int | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)

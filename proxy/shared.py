@@ -10,7 +10,10 @@
    rotated refresh token with it) before anything uses it, then the lease is released by compare-and-delete;
 3. everyone else polls the store until the new set appears, never calling the token endpoint. A holder that
    died leaves a lease that expires (Redis) or is dropped by the kernel (file store); the next caller takes it
-   over and refreshes with the newest refresh token that was written, which is the newest Cognito accepted.
+   over and refreshes with the newest refresh token that was written, which is the newest Cognito accepted;
+4. a holder whose refresh failed leaves a hold-off note for as long as its own backoff: the others take the
+   failure from it instead of asking the token endpoint in turn, so an outage or a refusal costs the fleet the
+   token requests of one sidecar. A sidecar whose secret files changed looks past the note once.
 
 When the store cannot be reached, the caller keeps the token it holds until its real expiry (the provider's
 usual backoff applies); a credential known to rotate is never refreshed without the lease (the provider then
@@ -23,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from typing import Protocol
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.credentials import Grant
-from proxy.errors import TokenError, TransientTokenError
+from proxy.errors import PermanentTokenError, TokenEndpointError, TokenError, TransientTokenError
 from proxy.logs import event
-from proxy.sealing import MAX_ORIGINS, MAX_RECENT, Record, Sealer, UnreadableRecord, lineage
+from proxy.sealing import MAX_ORIGINS, MAX_RECENT, HoldOff, Record, Sealer, UnreadableRecord, lineage
 from proxy.store import Lease, Store, StoreError
 from proxy.tokens import TokenResponse, TokenSet
 
@@ -41,8 +44,18 @@ DEFAULT_LEASE = 5.0
 # How often a sidecar waiting for another's refresh looks at the store (and at whether the lease is gone).
 POLL_INTERVAL = 0.05
 
-Adopt = Callable[[Record], TokenSet | None]
-Build = Callable[[TokenResponse], TokenSet]
+
+class Consumer(Protocol):
+    """What the shared refresh needs of the ``TokenProvider`` it serves."""
+
+    def adoptable(self, record: Record) -> TokenSet | None:
+        """The record's tokens if they are worth taking (not the ones held, not due yet)."""
+
+    def token_set(self, response: TokenResponse) -> TokenSet:
+        """The tokens of a fresh answer; ``TokenError`` if they cannot be used."""
+
+    def hold_for(self, error: TokenError) -> float:
+        """Seconds to wait after ``error`` before the next token request (the provider's backoff)."""
 
 
 class StoreUnavailableError(TransientTokenError):
@@ -92,47 +105,85 @@ class SharedRefresh:
         self.fallbacks = 0
         self.adopted = 0
         self.problem: str | None = None  # the store's trouble while it lasts, for readiness
+        self._look_past_note = False
 
     def __repr__(self) -> str:
         return f"SharedRefresh(store={self.store.name!r}, key={self.sealer.key!r})"
 
-    async def fetch(self, adopt: Adopt, build: Build) -> TokenSet:
+    async def fetch(self, consumer: Consumer) -> TokenSet:
         """A token set: the store's when it is newer and not due, else one refreshed under the lease."""
         waited = False
         while True:
             try:
-                record = await self._load()
-                if record is not None and (tokens := self._adopt(record, adopt)) is not None:
+                record, note = await self._load()
+                if record is not None and (tokens := self._adopt(record, consumer)) is not None:
                     return tokens
+                self._honour(note)
                 lease = await self.store.acquire(self.sealer.key, self._lease_seconds)
             except StoreError as exc:
-                return await self._without_store(exc, build)
+                return await self._without_store(exc, consumer)
             if lease is not None:
-                return await self._refresh_holding(lease, adopt, build)
+                return await self._refresh_holding(lease, consumer)
             if not waited:
                 waited = True
                 self.lock_waits += 1
             await asyncio.sleep(self._poll)
 
-    async def _load(self) -> Record | None:
-        blob = await self.store.load(self.sealer.key)
+    def credentials_changed(self) -> None:
+        """Secret files changed: the next refresh looks past a hold-off note (it may have been about the old ones)."""
+        self._look_past_note = True
+
+    async def _load(self) -> tuple[Record | None, HoldOff | None]:
+        blob, note_blob = await self.store.load(self.sealer.key)
         self._stored_ok()
-        if blob is None:
-            return None
+        record = note = None
         try:
-            record = self.sealer.open(blob)
+            if blob is not None:
+                record = self.sealer.open_record(blob)
+                self.rotates = self.rotates or record.rotates
+            if note_blob is not None:
+                note = self.sealer.open_note(note_blob)
         except UnreadableRecord as exc:
             log.warning(
                 "the token store's record for this credential cannot be used (%s); it will be replaced",
                 exc,
                 extra=event("store_record_unreadable", store=self.store.name),
             )
-            return None
-        self.rotates = self.rotates or record.rotates
-        return record
+        return record, note
 
-    def _adopt(self, record: Record, adopt: Adopt) -> TokenSet | None:
-        tokens = adopt(record)
+    def _honour(self, note: HoldOff | None) -> None:
+        """Raise the failure a hold-off note describes while it lasts, unless secrets changed since."""
+        if note is None:
+            return
+        if self._look_past_note:
+            self._look_past_note = False
+            return
+        left = note.until - self._clock.time()
+        if left <= 0:
+            return
+        if note.permanent:
+            raise PermanentTokenError(
+                flow=note.flow,
+                status=note.status,
+                error=note.error,
+                body="",
+                summary=f"Another sidecar sharing this credential was refused: {note.summary}",
+                fix="fix the credential (see that sidecar's log), then update the secret files of every sidecar "
+                "sharing it; each looks again once its files change.",
+            )
+        raise TransientTokenError(
+            flow=note.flow,
+            status=note.status,
+            error=note.error,
+            body="",
+            summary=f"Another sidecar sharing this credential just failed to refresh it ({note.summary}); this "
+            f"one waits {left:.1f} s with it instead of asking too.",
+            fix="see the token endpoint's health; the sidecars keep trying.",
+            retry_after=left,
+        )
+
+    def _adopt(self, record: Record, consumer: Consumer) -> TokenSet | None:
+        tokens = consumer.adoptable(record)
         if tokens is None:
             return None
         self.adopted += 1
@@ -145,7 +196,7 @@ class SharedRefresh:
         if record.refresh_token and configured is not None and record.knows(self.sealer.fingerprint(configured)):
             self.grant.adopt(record.refresh_token)
 
-    async def _refresh_holding(self, lease: Lease, adopt: Adopt, build: Build) -> TokenSet:
+    async def _refresh_holding(self, lease: Lease, consumer: Consumer) -> TokenSet:
         try:
             if lease.takeover:
                 self.takeovers += 1
@@ -157,21 +208,23 @@ class SharedRefresh:
             if self._unsaved is not None:
                 await self._save(lease, self._unsaved)
             try:
-                record = await self._load()
+                record, note = await self._load()
             except StoreError as exc:
-                return await self._without_store(exc, build)
-            if record is not None and (tokens := self._adopt(record, adopt)) is not None:
+                return await self._without_store(exc, consumer)
+            if record is not None and (tokens := self._adopt(record, consumer)) is not None:
                 return tokens
+            self._honour(note)
             origins = self._choose_refresh_token(record)
             used = self.grant.refresh_token
             renewer = asyncio.create_task(self._renew(lease), name="store-lease-renewal")
             try:
                 response = await self.grant.fetch()
-            except TokenError:
+            except TokenError as exc:
                 if self.grant.refresh_token != used and record is not None:
                     # Rotated, then found wanting (an answer without a usable token): the new refresh token is
                     # all that works now, and must not be lost.
                     await self._save(lease, self._record(lease, record.response, record, origins, rotated=True))
+                await self._hold_off(exc, consumer.hold_for(exc))
                 raise
             finally:
                 renewer.cancel()
@@ -179,10 +232,26 @@ class SharedRefresh:
                     await renewer
             rotated = self.grant.refresh_token != used
             await self._save(lease, self._record(lease, response, record, origins, rotated=rotated))
-            return build(response)
+            return consumer.token_set(response)
         finally:
             with contextlib.suppress(StoreError):
                 await self.store.release(self.sealer.key, lease)
+
+    async def _hold_off(self, error: TokenError, seconds: float) -> None:
+        endpoint = error if isinstance(error, TokenEndpointError) else None
+        note = HoldOff(
+            until=self._clock.time() + seconds,
+            permanent=error.permanent,
+            code=error.code,
+            summary=endpoint.summary if endpoint else str(error),
+            flow=self.grant.flow,
+            status=endpoint.status if endpoint else None,
+            error=endpoint.error if endpoint else None,
+        )
+        try:
+            await self.store.hold_off(self.sealer.key, self.sealer.seal_note(note), seconds)
+        except StoreError as exc:
+            self._store_failed(exc)
 
     def _choose_refresh_token(self, record: Record | None) -> tuple[str, ...]:
         """Point the grant at the refresh token to use; the lineage's origins for the record to be written."""
@@ -228,7 +297,7 @@ class SharedRefresh:
 
     async def _save(self, lease: Lease, record: Record) -> None:
         try:
-            saved = await self.store.save(self.sealer.key, lease, self.sealer.seal(record))
+            saved = await self.store.save(self.sealer.key, lease, self.sealer.seal_record(record))
         except StoreError as exc:
             self._store_failed(exc)
             saved = False
@@ -256,7 +325,7 @@ class SharedRefresh:
                 )
                 return
 
-    async def _without_store(self, error: StoreError, build: Build) -> TokenSet:
+    async def _without_store(self, error: StoreError, consumer: Consumer) -> TokenSet:
         self._store_failed(error)
         if self.rotates or self.grant.rotations:
             self.rotates = True
@@ -267,7 +336,7 @@ class SharedRefresh:
             "but each sidecar now asks the token endpoint itself)"
         )
         log.warning("%s", self.problem, extra=event("store_fallback", store=self.store.name))
-        return build(await self.grant.fetch())
+        return consumer.token_set(await self.grant.fetch())
 
     def _store_failed(self, error: StoreError) -> None:
         self.errors += 1

@@ -6,7 +6,9 @@ A store keeps, per credential key, one sealed blob (the current token set and re
 - ``acquire`` takes the lease if nobody holds it and hands out a fencing value that grows with every lease;
   it says whether the previous lease ended without a release (its holder died or hung: a takeover);
 - ``renew`` extends the lease while the refresh runs, ``save`` writes the blob and ``release`` drops the lease,
-  each only if the caller's fencing value still holds it (compare-and-set, compare-and-delete).
+  each only if the caller's fencing value still holds it (compare-and-set, compare-and-delete);
+- ``hold_off`` leaves a note after a failed refresh, so that the others back off with the one that asked
+  instead of each asking the token endpoint in turn.
 
 ``RedisStore`` does this with three small Lua scripts (atomic on the server) and a lease that expires;
 ``FileStore`` with ``flock`` on a lock file: the kernel drops the lock when its holder dies, so it needs no
@@ -72,7 +74,11 @@ class Store(Protocol):
 
     name: str
 
-    async def load(self, key: str) -> bytes | None: ...
+    async def load(self, key: str) -> tuple[bytes | None, bytes | None]:
+        """The sealed token set and the hold-off note (each None when absent)."""
+
+    async def hold_off(self, key: str, note: bytes, seconds: float) -> None:
+        """Leave ``note`` for ``seconds``: the last refresh failed, nobody asks again before then."""
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None: ...
 
@@ -102,9 +108,13 @@ _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
-# KEYS: lock, state. ARGV: lease value, blob.
+# KEYS: lock, state, hold-off note. ARGV: lease value, blob. A new token set ends any hold-off.
 _SAVE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[2], ARGV[2]) return 1 end
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[2], ARGV[2])
+  redis.call('del', KEYS[3])
+  return 1
+end
 return 0
 """
 # KEYS: lock, last released fence. ARGV: lease value, fence.
@@ -160,10 +170,14 @@ class RedisStore:
         except OSError as exc:
             raise StoreError(self.name, f"{doing}: {exc.strerror or exc}") from None
 
-    async def load(self, key: str) -> bytes | None:
+    async def load(self, key: str) -> tuple[bytes | None, bytes | None]:
         async with self._errors("reading the token set"):
-            value = await self._redis.get(f"{key}:state")
-        return value.encode() if isinstance(value, str) else value
+            state, note = await self._redis.mget([f"{key}:state", f"{key}:hold"])
+        return _bytes(state), _bytes(note)
+
+    async def hold_off(self, key: str, note: bytes, seconds: float) -> None:
+        async with self._errors("writing the hold-off note"):
+            await self._redis.set(f"{key}:hold", note, px=max(1, int(seconds * 1000)))
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None:
         async with self._errors("taking the refresh lease"):
@@ -183,7 +197,7 @@ class RedisStore:
 
     async def save(self, key: str, lease: Lease, blob: bytes) -> bool:
         async with self._errors("writing the token set"):
-            return bool(await self._save(keys=[f"{key}:lock", f"{key}:state"], args=[lease.value, blob]))
+            return bool(await self._save(keys=[f"{key}:lock", f"{key}:state", f"{key}:hold"], args=[lease.value, blob]))
 
     async def release(self, key: str, lease: Lease) -> None:
         async with self._errors("releasing the refresh lease"):
@@ -200,6 +214,12 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _bytes(value: object) -> bytes | None:
+    if isinstance(value, str):
+        return value.encode()
+    return value if isinstance(value, bytes) else None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -221,8 +241,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 class FileStore:
     """The store in a directory, for processes on one host or containers sharing a volume.
 
-    Per key: ``<key>.state`` (the sealed blob, 0600), ``<key>.lock`` (held with ``flock`` for the lease) and
-    ``<key>.fence`` ("issued released"). Files are small and local: they are read and written inline.
+    Per key: ``<key>.state`` (the sealed blob, 0600), ``<key>.lock`` (held with ``flock`` for the lease),
+    ``<key>.fence`` ("issued released") and ``<key>.hold`` (the hold-off note after a failed refresh). Files are
+    small and local: they are read and written inline. ``flock`` needs one kernel: one host, or a local volume
+    shared by containers (not NFS).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -252,13 +274,22 @@ class FileStore:
     def _wrap(self, doing: str, exc: OSError) -> StoreError:
         return StoreError(self.name, f"{doing}: {exc.strerror or exc}")
 
-    async def load(self, key: str) -> bytes | None:
+    async def load(self, key: str) -> tuple[bytes | None, bytes | None]:
+        return self._read(key, "state"), self._read(key, "hold")  # the note says until when it holds
+
+    def _read(self, key: str, suffix: str) -> bytes | None:
         try:
-            return self._path(key, "state").read_bytes()
+            return self._path(key, suffix).read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise self._wrap("reading the token set", exc) from None
+            raise self._wrap(f"reading {self._path(key, suffix).name}", exc) from None
+
+    async def hold_off(self, key: str, note: bytes, seconds: float) -> None:
+        try:
+            _write_atomically(self._path(key, "hold"), note)
+        except OSError as exc:
+            raise self._wrap("writing the hold-off note", exc) from None
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None:
         try:
@@ -305,6 +336,8 @@ class FileStore:
             return False
         try:
             _write_atomically(self._path(key, "state"), blob)
+            with contextlib.suppress(FileNotFoundError):
+                self._path(key, "hold").unlink()  # a new token set ends any hold-off
         except OSError as exc:
             raise self._wrap("writing the token set", exc) from None
         return True

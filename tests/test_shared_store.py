@@ -182,6 +182,25 @@ async def test_unreachable_redis_with_rotation_never_refreshes_without_the_lease
             assert all(s.parts.tokens.outcomes["permanent"] == 0 for s in sidecars)
 
 
+async def test_a_refused_refresh_holds_the_whole_fleet_off(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
+    clock = FakeClock()
+    async with run_stack() as stack:
+        stack.use_clock(clock)
+        stack.emulator.cognito.revoke_all()  # every refresh is refused with invalid_grant
+        async with fleet(stack, 3, clock, token_store=redis_srv.url) as sidecars:
+            for sidecar in sidecars:
+                answer = await client.get(f"{sidecar.url}/a")
+                assert (answer.status_code, answer.json()["error"]) == (503, "token_rejected")
+            assert stack.token_requests == 1  # one asked; the others took its refusal from the store
+            held = [s for s in sidecars if s.parts.grant.endpoint.outcomes["permanent"] == 0]
+            assert len(held) == 2
+            ready = await client.get(f"{held[0].url}/-/readyz")
+            assert "Another sidecar sharing this credential was refused" in ready.json()["detail"]
+            for _ in range(3):  # each round: the hold lapses, one sidecar asks again, the others follow it
+                await clock.settle(61)
+            assert stack.token_requests == 4
+
+
 async def test_file_store_shares_one_token_in_a_private_directory(tmp_path: Path, client: httpx2.AsyncClient) -> None:
     directory = tmp_path / "store"
     async with run_stack() as stack, fleet(stack, 2, token_store=f"file:{directory}") as sidecars:
@@ -231,21 +250,21 @@ def test_sealing_refuses_another_key_tampering_and_plaintext() -> None:
         rotates=True,
     )
     sealer = Sealer("url\nclient\nrefresh_token\n", b"key one")
-    blob = sealer.seal(record)
+    blob = sealer.seal_record(record)
     assert b"rt-secret" not in blob and b"a.b.c" not in blob
-    assert sealer.open(blob) == record
+    assert sealer.open_record(blob) == record
     with pytest.raises(UnreadableRecord):
-        Sealer("url\nclient\nrefresh_token\n", b"key two").open(blob)
+        Sealer("url\nclient\nrefresh_token\n", b"key two").open_record(blob)
     tampered = blob[:-1] + bytes([blob[-1] ^ 1])
     with pytest.raises(UnreadableRecord):
-        sealer.open(tampered)
+        sealer.open_record(tampered)
     other = Sealer("url\nanother-client\nrefresh_token\n", b"key one")
     assert other.key != sealer.key
     with pytest.raises(UnreadableRecord):
-        other.open(blob)  # a blob moved to another credential's key
+        other.open_record(blob)  # a blob moved to another credential's key
     plain = Sealer("url\nclient\nrefresh_token\n", None)
     with pytest.raises(UnreadableRecord):
-        sealer.open(plain.seal(record))  # planted in clear
+        sealer.open_record(plain.seal_record(record))  # planted in clear
     assert "rt-secret" not in repr(record) and "a.b.c" not in repr(record)
 
 
