@@ -9,6 +9,8 @@ nginx (installed with apt-get when missing and running as root). It starts, on l
   token, fetched once) and counts the token requests in its log;
 - nginx as a reverse proxy on CPU 0 (proxy_set_header Authorization, upstream keepalive): the reference;
 - the sidecar on CPU 0, one uvicorn worker, default settings (access log on);
+- with ``--workers 2`` (the default), also the sidecar with SIDECAR_WORKERS=2 on CPUs 0 and 1 (so sharing CPU 1
+  with wrk and the upstream): what a second worker buys on this machine;
 - "bare": the featureless prototype the first issue measured (ASGI callable over aiohttp), on CPU 0;
 - for the upload, a receiver on CPU 1 that counts the body bytes and drops them, and a sidecar pointed at it.
 wrk and curl run on CPU 1. Rounds rotate the order of direct, nginx, bare and sidecar. It prints one table, exits 1 if
@@ -341,6 +343,7 @@ def main() -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="size of the upload and download, GiB")
     parser.add_argument("--streaming-only", action="store_true", help="skip the request-rate rounds")
     parser.add_argument("--stream-rounds", type=int, default=3, help="transfers each way per target; the best counts")
+    parser.add_argument("--workers", type=int, default=2, help="also measure SIDECAR_WORKERS=N on CPUs 0,1 (1: skip)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     ensure_tools()
@@ -400,7 +403,9 @@ def main() -> int:
 
         # 3. The sidecar on CPU 0, default settings, but no body limit: the 1 GiB transfers measure streaming
         # (API Gateway itself takes 10 MB at most, the default SIDECAR_MAX_BODY_BYTES).
-        def start_sidecar(upstream: int = up) -> subprocess.Popen[bytes]:
+        def start_sidecar(
+            upstream: int = up, *, port: int = side, workers: int = 1, cpus: str = "0"
+        ) -> subprocess.Popen[bytes]:
             env = {
                 **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
                 "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{upstream}",
@@ -408,14 +413,15 @@ def main() -> int:
                 "SIDECAR_CLIENT_ID": "bench",
                 "SIDECAR_CLIENT_SECRET": "bench-secret",
                 "SIDECAR_REFRESH_TOKEN": "bench-rt",
-                "SIDECAR_LISTEN": f"127.0.0.1:{side}",
+                "SIDECAR_LISTEN": f"127.0.0.1:{port}",
                 "SIDECAR_MAX_BODY_BYTES": "0",
+                "SIDECAR_WORKERS": str(workers),
             }
             with open(work / "sidecar.log", "ab") as log:
                 proc = subprocess.Popen(
-                    ["taskset", "-c", "0", sys.executable, "-m", "proxy", "serve"], env=env, stderr=log, stdout=log
+                    ["taskset", "-c", cpus, sys.executable, "-m", "proxy", "serve"], env=env, stderr=log, stdout=log
                 )
-            wait_port(side)
+            wait_port(port)
             return proc
 
         ref_pids = children(procs[-1].pid) or [procs[-1].pid]
@@ -426,6 +432,17 @@ def main() -> int:
         )
         procs.append(bare)
         wait_port(bare_port)
+        extra: dict[str, tuple[str, list[int]]] = {}
+        if args.workers > 1:
+            # SIDECAR_WORKERS on both cores: CPU 1 is shared with wrk and the upstream nginx, so this says what a
+            # second worker buys on this 2-core machine, not what it would on an idle one. Started (and its one
+            # token fetched) before the token log is emptied: the steady count is the one-worker sidecar's.
+            pair_port = free_port()
+            pair = start_sidecar(port=pair_port, workers=args.workers, cpus="0,1")
+            procs.append(pair)
+            if httpx2.get(f"http://127.0.0.1:{pair_port}/warm-up").status_code != 200:
+                failures.append("warm-up request through the workers sidecar failed")
+            extra[f"{args.workers}workers"] = (f"http://127.0.0.1:{pair_port}/item", children(pair.pid))
         token_log.write_text("")
         sidecar = start_sidecar()
         procs.append(sidecar)
@@ -434,6 +451,7 @@ def main() -> int:
             "nginx": (f"http://127.0.0.1:{ref}/item", ref_pids),
             "bare": (f"http://127.0.0.1:{bare_port}/item", [bare.pid]),
             "sidecar": (f"http://127.0.0.1:{side}/item", [sidecar.pid]),
+            **extra,
         }
         for url, _ in targets.values():
             if httpx2.get(url, headers={"Authorization": token} if f":{up}/" in url else {}).status_code != 200:
@@ -476,7 +494,7 @@ def main() -> int:
                     f"{best(name, conns, 'rss_mib'):.1f}",
                     f"{ratio:.3f}",
                 )
-                print(f"{name:8} " + " ".join(f"{c:>10}" for c in cells))
+                print(f"{name:8.8} " + " ".join(f"{c:>10}" for c in cells))
         if not args.streaming_only:
             shares = ", ".join(
                 f"{conns} conns {best('sidecar', conns, 'rps') / best('bare', conns, 'rps'):.2f}"

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from proxy.cache import RefreshPolicy, TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.connection import ConnectionLimits
-from proxy.credentials import Grant, Secret, grant_from_settings, secret_file_warnings, secret_files
+from proxy.credentials import Grant, RefreshTokenGrant, Secret, grant_from_settings, secret_file_warnings, secret_files
 from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.guard import CallerGuard, Refusal
@@ -338,6 +338,8 @@ def _shared(store: Store, settings: Settings, route: RouteSettings, grant: Grant
     scopes = route.scopes if route.grant == "client_credentials" else ""
     identity = "\n".join((route.token_url, route.client_id, route.grant, scopes))
     material = settings.token_store_key or route.client_secret
+    if isinstance(grant, RefreshTokenGrant):
+        grant.kept_elsewhere = True  # the store keeps rotated refresh tokens
     sealer = Sealer(identity, material.get_secret_value().encode() if material is not None else None)
     return SharedRefresh(store, sealer, grant, lease_seconds=settings.token_store_lease, clock=clock)
 

@@ -99,6 +99,8 @@ class RefreshPolicy:
                 wait = max(wait, self.throttled_wait)
             if error.retry_after is not None:
                 wait = max(wait, min(error.retry_after, RETRY_AFTER_MAX))
+        if error.retry_within is not None:
+            wait = min(wait, error.retry_within)
         return wait
 
 

@@ -235,6 +235,8 @@ class RefreshTokenGrant:
         self.shared_warning: str | None = None
         self._lock = FileUseLock(refresh_token.path) if refresh_token.path else None
         self._configured = refresh_token.value
+        # A shared token store keeps rotated refresh tokens: no file is then no reason to warn.
+        self.kept_elsewhere = False
 
     def __repr__(self) -> str:
         return f"RefreshTokenGrant(endpoint={self._endpoint!r}, file={self._token.path})"
@@ -312,7 +314,7 @@ class RefreshTokenGrant:
                     persist_ms=round(self.last_persist_window * 1000, 2),
                 ),
             )
-        elif self._token.path is None:
+        elif self._token.path is None and not self.kept_elsewhere:
             # Said at every rotation, and shown by /-/readyz: each one makes the configured value older.
             self.persist_error = (
                 "Cognito rotated the refresh token, which came from SIDECAR_REFRESH_TOKEN, not a file: the new one "

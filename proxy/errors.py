@@ -61,6 +61,9 @@ class TokenError(SidecarError):
     code = "token_unavailable"
     permanent = False
     failure_kind = "unavailable"
+    # Seconds after which trying again costs the token endpoint nothing (the failure was elsewhere, e.g. the token
+    # store): the refresher then looks again at least this often, whatever the backoff says. None: back off.
+    retry_within: float | None = None
 
 
 class TokenEndpointError(TokenError):

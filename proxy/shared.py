@@ -43,6 +43,9 @@ log = logging.getLogger("proxy.shared")
 DEFAULT_LEASE = 5.0
 # How often a sidecar waiting for another's refresh looks at the store (and at whether the lease is gone).
 POLL_INTERVAL = 0.05
+# While the store is out of reach, a rotating credential's refresher looks again at least this often: a look costs
+# the token endpoint nothing, and the fleet is back within this long of the store.
+STORE_RETRY = 1.0
 
 
 class Consumer(Protocol):
@@ -63,6 +66,7 @@ class StoreUnavailableError(TransientTokenError):
 
     code = "store_unavailable"
     failure_kind = "store_unavailable"
+    retry_within = STORE_RETRY
 
     def __init__(self, error: StoreError, flow: str) -> None:
         self.store_error = error

@@ -4,9 +4,11 @@
 error body and status), ``/oauth2/authorize`` (logs the configured test user in without a browser),
 ``/oauth2/revoke`` and the JWKS. Tokens are RS256 JWTs with Cognito's claims. Lifetimes go down to
 seconds, refresh token rotation has a grace period, ``fail_next`` makes it answer any error (with any
-headers, e.g. ``Retry-After``, and any delay), ``latency`` slows or hangs every answer, and ``skew`` sets its
-clock off from the sidecar's.
-It counts the token requests it served, for tests and the benchmark.
+headers, e.g. ``Retry-After``, and any delay), ``latency`` slows or hangs every request before Cognito acts on it
+(a client that leaves meanwhile is never served, as a request lost on the way), ``answer_latency`` delays the
+answer after it acted (a rotation is done, the answer still on its way), and ``skew`` sets its clock off from the
+sidecar's.
+It counts the token requests it served and how refreshes ended, for tests and the benchmark.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
@@ -108,8 +110,12 @@ class CognitoEmulator:
         self._refresh: dict[str, _RefreshRecord] = {}
         self._codes: dict[str, _CodeRecord] = {}
         self.faults: deque[Fault] = deque()
-        # Seconds every token answer waits, to widen the window in which requests pile up (or, large, a hang).
+        # Seconds every token request waits before it is acted on, to widen the window in which requests pile up
+        # (or, large, a hang); and seconds its answer waits after it (a rotation has happened, the answer not arrived).
         self.latency = 0.0
+        self.answer_latency = 0.0
+        # Refresh grants by result: "ok", or the error code; "abandoned": the client left before Cognito acted.
+        self.refresh_outcomes: Counter[str] = Counter()
         # Seconds this pool's clock is off from ``clock`` (negative: behind): tokens carry iat/exp from it.
         self.skew = 0.0
         self.token_requests = 0
@@ -245,7 +251,17 @@ class CognitoEmulator:
             return Response(fault.body, status_code=fault.status, media_type=fault.content_type, headers=fault.headers)
         if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
             return _error("invalid_request")
-        form = await _form(request)
+        try:
+            form = await _form(request)
+        except ClientDisconnect:
+            self.refresh_outcomes["abandoned"] += 1
+            return Response(status_code=499)  # nobody to answer
+        response = self._answer(request, form)
+        if self.answer_latency:
+            await asyncio.sleep(self.answer_latency)
+        return response
+
+    def _answer(self, request: Request, form: dict[str, str]) -> Response:
         client, problem = self._authenticate(request, form)
         if client is None:
             return _error(problem)
@@ -301,10 +317,15 @@ class CognitoEmulator:
             return _error("invalid_request")
         record = self._refresh.get(token)
         now = self.now()
-        if record is None or record.client_id != client.client_id or now >= record.expires_at:
+        if (
+            record is None
+            or record.client_id != client.client_id
+            or now >= record.expires_at
+            or (record.retired_at is not None and now >= record.retired_at + client.grace_period)
+        ):
+            self.refresh_outcomes["invalid_grant"] += 1
             return _error("invalid_grant")
-        if record.retired_at is not None and now >= record.retired_at + client.grace_period:
-            return _error("invalid_grant")
+        self.refresh_outcomes["ok"] += 1
         body = self._user_tokens(client.client_id, record.username, record.sub, record.scope, record.auth_time)
         if client.rotate_refresh_tokens:
             if record.retired_at is None:
