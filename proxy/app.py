@@ -256,8 +256,16 @@ def _error(status: int, code: str, detail: str) -> Response:
     )
 
 
-def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, clock: Clock = SYSTEM_CLOCK) -> Sidecar:
-    """Assemble the sidecar's parts from settings (no I/O happens here)."""
+def build_sidecar(
+    settings: Settings,
+    *,
+    policy: RefreshPolicy | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    private_store: bool = False,
+) -> Sidecar:
+    """Assemble the sidecar's parts from settings (no I/O happens here). ``private_store``: the token store is the
+    one ``SIDECAR_WORKERS`` made for its workers, removed at exit (rotated refresh tokens must still reach the
+    refresh token file)."""
     routes = settings.effective_routes()
     if not routes:
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
@@ -282,7 +290,7 @@ def build_sidecar(settings: Settings, *, policy: RefreshPolicy | None = None, cl
                 wait_limit=settings.token_timeout,
                 policy=policy,
                 clock=clock,
-                shared=_shared(store, settings, route, grant, clock) if store is not None else None,
+                shared=_shared(store, settings, route, grant, clock, durable=not private_store) if store else None,
             )
     upstream_routes = [
         UpstreamRoute(
@@ -333,13 +341,15 @@ def _open_store(settings: Settings) -> Store | None:
         raise ConfigError([f"SIDECAR_TOKEN_STORE: {exc.reason}"]) from None
 
 
-def _shared(store: Store, settings: Settings, route: RouteSettings, grant: Grant, clock: Clock) -> SharedRefresh:
+def _shared(
+    store: Store, settings: Settings, route: RouteSettings, grant: Grant, clock: Clock, *, durable: bool
+) -> SharedRefresh:
     """The store side of one credential: its key and seal come from its identity and the key material."""
     scopes = route.scopes if route.grant == "client_credentials" else ""
     identity = "\n".join((route.token_url, route.client_id, route.grant, scopes))
     material = settings.token_store_key or route.client_secret
     if isinstance(grant, RefreshTokenGrant):
-        grant.kept_elsewhere = True  # the store keeps rotated refresh tokens
+        grant.kept_elsewhere = durable  # the store keeps rotated refresh tokens
     sealer = Sealer(identity, material.get_secret_value().encode() if material is not None else None)
     return SharedRefresh(store, sealer, grant, lease_seconds=settings.token_store_lease, clock=clock)
 
@@ -351,10 +361,11 @@ def create_app(
     clock: Clock = SYSTEM_CLOCK,
     watch_interval: float = SECRET_POLL_INTERVAL,
     metrics_port: int | None = None,
+    private_store: bool = False,
 ) -> SidecarApp:
     """The sidecar as an ASGI app. ``metrics_port``: the bound port of ``SIDECAR_METRICS_LISTEN``, if any (requests
     arriving there get the ``/-/`` routes only). ``policy``, ``clock`` and ``watch_interval`` are for tests."""
-    sidecar = build_sidecar(settings, policy=policy, clock=clock)
+    sidecar = build_sidecar(settings, policy=policy, clock=clock, private_store=private_store)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -64,16 +64,20 @@ def _serve(env: Mapping[str, str]) -> int:
     try:
         if settings.workers > 1:
             return run_workers(settings, sockets, _serve_on)
-        return _serve_on(settings, sockets)
+        return _serve_on(settings, sockets, False)
     finally:
         if settings.unix_socket is not None:
             with contextlib.suppress(OSError):
                 os.unlink(settings.unix_socket)
 
 
-def _serve_on(settings: Settings, sockets: Sequence[socket.socket]) -> int:
+def _serve_on(settings: Settings, sockets: Sequence[socket.socket], private_store: bool) -> int:
     """One serving process on bound ``sockets`` (the forwarding listener, then the metrics one if any)."""
-    app = create_app(settings, metrics_port=sockets[1].getsockname()[1] if len(sockets) > 1 else None)
+    app = create_app(
+        settings,
+        metrics_port=sockets[1].getsockname()[1] if len(sockets) > 1 else None,
+        private_store=private_store,
+    )
     log.info(
         "cognito-sidecar listening on %s, forwarding to %s with the %s in the %s header",
         bound_url(sockets[0]),

@@ -235,7 +235,8 @@ class RefreshTokenGrant:
         self.shared_warning: str | None = None
         self._lock = FileUseLock(refresh_token.path) if refresh_token.path else None
         self._configured = refresh_token.value
-        # A shared token store keeps rotated refresh tokens: no file is then no reason to warn.
+        # A durable shared token store keeps rotated refresh tokens: the file is then a second copy, and no file
+        # (or a read-only one) no reason to warn.
         self.kept_elsewhere = False
 
     def __repr__(self) -> str:
@@ -330,6 +331,15 @@ class RefreshTokenGrant:
         try:
             write_secret_file(self._token.path, self._unsaved)
         except OSError as exc:
+            if self.kept_elsewhere:
+                self._unsaved = None  # the file was only a second copy (a read-only Secret, typically)
+                log.info(
+                    "the token store keeps the rotated refresh token; %s cannot be written (%s) and keeps the "
+                    "configured one, which the store recognises",
+                    self._token.path,
+                    exc.strerror,
+                )
+                return False
             self.persist_failures += 1
             self.persist_error = (
                 f"the rotated refresh token could not be written to {self._token.path} ({exc.strerror}); it is "

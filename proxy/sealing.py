@@ -37,9 +37,10 @@ _SEALED = b"s1:"
 _PLAIN = b"p1:"
 # Fingerprints of refresh tokens the stored lineage has had: every origin (a configured value, e.g. a login) is
 # kept, so that a replica that still reads an old Secret never takes it for a new login; of rotated ones, the last
-# few (the refresh token file a process re-reads holds one of these).
+# 64 (the refresh token file a process re-reads holds one of these; a sidecar holding one the store never
+# recorded knows the store lost its latest writes).
 MAX_ORIGINS = 16
-MAX_RECENT = 16
+MAX_RECENT = 64
 
 
 class UnreadableRecord(ValueError):

@@ -110,6 +110,7 @@ class SharedRefresh:
         self.adopted = 0
         self.problem: str | None = None  # the store's trouble while it lasts, for readiness
         self._look_past_note = False
+        self._distrust_held = False
 
     def __repr__(self) -> str:
         return f"SharedRefresh(store={self.store.name!r}, key={self.sealer.key!r})"
@@ -157,18 +158,16 @@ class SharedRefresh:
 
     def _honour(self, note: HoldOff | None) -> None:
         """Raise the failure a hold-off note describes while it lasts, unless secrets changed since."""
-        if note is None:
-            return
-        if self._look_past_note:
-            self._look_past_note = False
+        if note is None or self._look_past_note:
             return
         left = note.until - self._clock.time()
         if left <= 0:
             return
         if note.permanent:
+            # status None: the answer was the other sidecar's (``TokenEndpointError`` would quote it as this one's).
             raise PermanentTokenError(
                 flow=note.flow,
-                status=note.status,
+                status=None,
                 error=note.error,
                 body="",
                 summary=f"Another sidecar sharing this credential was refused: {note.summary}",
@@ -177,7 +176,7 @@ class SharedRefresh:
             )
         raise TransientTokenError(
             flow=note.flow,
-            status=note.status,
+            status=None,
             error=note.error,
             body="",
             summary=f"Another sidecar sharing this credential just failed to refresh it ({note.summary}); this "
@@ -218,6 +217,7 @@ class SharedRefresh:
             if record is not None and (tokens := self._adopt(record, consumer)) is not None:
                 return tokens
             self._honour(note)
+            self._look_past_note = False  # looked past once: this refresh is the new look
             origins = self._choose_refresh_token(record)
             used = self.grant.refresh_token
             renewer = asyncio.create_task(self._renew(lease), name="store-lease-renewal")
@@ -271,6 +271,23 @@ class SharedRefresh:
             )
             return (mine,)
         if record.knows(mine):
+            held = self.grant.refresh_token
+            if (
+                held is not None
+                and held not in (configured, record.refresh_token)
+                and not record.knows(self.sealer.fingerprint(held))
+                and not self._distrust_held
+            ):
+                # This sidecar holds a refresh token the store never recorded, newer than the stored one: the store
+                # went back in time (a Redis that lost its last writes). Cognito accepts only the newer one.
+                log.warning(
+                    "the token store's refresh token is older than the one this sidecar holds (the store lost its "
+                    "latest writes): refreshing with this sidecar's",
+                    extra=event("store_rolled_back", store=self.store.name),
+                )
+                self._distrust_held = True  # once: if Cognito refuses it, the store's is tried next
+                return record.origins
+            self._distrust_held = False
             self.grant.adopt(record.refresh_token)
             return record.origins
         log.warning(

@@ -34,7 +34,8 @@ MAX_QUICK_DEATHS = 5
 # orphans serving with the credential).
 _PR_SET_PDEATHSIG = 1
 
-ServeOne = Callable[[Settings, Sequence[socket.socket]], int]
+# Serves one process on the sockets; the flag says the token store is the private one made here.
+ServeOne = Callable[[Settings, Sequence[socket.socket], bool], int]
 
 
 def shared_settings(settings: Settings) -> tuple[Settings, str | None]:
@@ -54,8 +55,11 @@ def _die_with_parent() -> None:
 class Supervisor:
     """Forks and watches the workers."""
 
-    def __init__(self, settings: Settings, sockets: Sequence[socket.socket], serve_one: ServeOne) -> None:
+    def __init__(
+        self, settings: Settings, sockets: Sequence[socket.socket], serve_one: ServeOne, *, private_store: bool
+    ) -> None:
         self._settings = settings
+        self._private_store = private_store
         self._sockets = sockets
         self._serve_one = serve_one
         self._children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started at)
@@ -69,7 +73,7 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()
-                code = self._serve_one(self._settings, self._sockets)
+                code = self._serve_one(self._settings, self._sockets, self._private_store)
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -131,7 +135,7 @@ def run_workers(settings: Settings, sockets: Sequence[socket.socket], serve_one:
     """Serve with ``settings.workers`` processes; returns the exit status once they have all ended."""
     settings, private = shared_settings(settings)
     try:
-        return Supervisor(settings, sockets, serve_one).run()
+        return Supervisor(settings, sockets, serve_one, private_store=private is not None).run()
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)

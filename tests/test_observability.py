@@ -31,7 +31,6 @@ from proxy.stats import Histogram
 from tests.conftest import (
     BREAKS_OFF,
     FakeClock,
-    RunningSidecar,
     SilentUpstream,
     Stack,
     answering,
@@ -401,16 +400,15 @@ def _selected_metrics(node: object) -> Iterator[str]:
 
 
 async def test_the_alert_rules_parse_and_select_only_metrics_the_sidecar_exports(
-    stack: Stack, sidecar: RunningSidecar, client: httpx2.AsyncClient
+    stack: Stack, client: httpx2.AsyncClient, tmp_path: Path
 ):
-    # A request and a refusal first, so that every labelled family has a sample.
-    assert (await client.get(f"{sidecar.url}/x")).status_code == 200
-    assert (await client.get(f"{sidecar.url}/x", headers={"Host": "evil.example"})).status_code == 421
-    exported = {
-        sample.name
-        for family in text_string_to_metric_families((await client.get(f"{sidecar.url}/-/metrics")).text)
-        for sample in family.samples
-    }
+    # With a token store, so that its metrics are exported too.
+    async with run_sidecar(stack.settings(token_store=f"file:{tmp_path}/store")) as sidecar:
+        # A request and a refusal first, so that every labelled family has a sample.
+        assert (await client.get(f"{sidecar.url}/x")).status_code == 200
+        assert (await client.get(f"{sidecar.url}/x", headers={"Host": "evil.example"})).status_code == 421
+        text = (await client.get(f"{sidecar.url}/-/metrics")).text
+    exported = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
     groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     assert {rule["alert"] for rule in rules} >= {
@@ -418,6 +416,7 @@ async def test_the_alert_rules_parse_and_select_only_metrics_the_sidecar_exports
         "CognitoSidecarTokenRefreshFailing",
         "CognitoSidecarTokenExpiringSoon",
         "CognitoSidecarAnswering5xx",
+        "CognitoSidecarTokenStoreTrouble",
     }
     for rule in rules:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]

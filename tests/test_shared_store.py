@@ -182,6 +182,28 @@ async def test_unreachable_redis_with_rotation_never_refreshes_without_the_lease
             assert all(s.parts.tokens.outcomes["permanent"] == 0 for s in sidecars)
 
 
+async def test_a_store_that_lost_its_latest_writes_does_not_lose_the_credential(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        async with fleet(stack, 2, clock, token_store=redis_srv.url) as sidecars:
+            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
+            before = stored_values(redis_srv)  # holds the first rotated refresh token
+            await clock.settle(HOUR - 250)
+            await clock.settle(60)
+            assert stack.emulator.cognito.refresh_outcomes["ok"] == 2  # rotated again: the stored one is retired
+            with redis.Redis(port=redis_srv.port) as raw:
+                raw.mset(before)  # as a Redis restarted from a snapshot older than its last write
+            await clock.settle(HOUR - 250)
+            await clock.settle(60)
+            assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
+            assert stack.emulator.cognito.refresh_outcomes == {"ok": 3}  # nothing refused: nothing lost
+            said = [s.parts.tokens.shared for s in sidecars]
+            assert all(each is not None for each in said)
+
+
 async def test_a_refused_refresh_holds_the_whole_fleet_off(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
     clock = FakeClock()
     async with run_stack() as stack:
@@ -199,6 +221,34 @@ async def test_a_refused_refresh_holds_the_whole_fleet_off(redis_srv: RedisServe
             for _ in range(3):  # each round: the hold lapses, one sidecar asks again, the others follow it
                 await clock.settle(61)
             assert stack.token_requests == 4
+
+
+async def test_new_secrets_on_disk_look_past_the_fleets_hold_off(
+    redis_srv: RedisServer, client: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    async with run_stack() as stack:
+        stack.emulator.cognito.revoke_all()
+        files = [tmp_path / f"refresh_token_{i}" for i in range(2)]
+        for each in files:
+            each.write_text(stack.emulator.refresh_token + "\n")
+        async with contextlib.AsyncExitStack() as stacked:
+            sidecars = [
+                await stacked.enter_async_context(
+                    run_sidecar(stack.settings(token_store=redis_srv.url, refresh_token_file=each))
+                )
+                for each in files
+            ]
+            for sidecar in sidecars:
+                assert (await client.get(f"{sidecar.url}/a")).status_code == 503  # refused, then held off
+            assert stack.token_requests == 1
+            fresh = stack.emulator.cognito.issue_refresh_token(stack.emulator.client.client_id)
+            for each in files:  # a person logged in again and updated every replica's Secret
+                each.write_text(fresh + "\n")
+            for sidecar in sidecars:
+                async with asyncio.timeout(10):
+                    await sidecar.parts.secrets_changed.wait()
+                assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+            assert stack.token_requests == 2  # the first to look refreshed; the other took its tokens
 
 
 async def test_file_store_shares_one_token_in_a_private_directory(tmp_path: Path, client: httpx2.AsyncClient) -> None:
