@@ -304,19 +304,24 @@ async def cold(form: str, count: int, requests: int, redis: RedisServer | None) 
 
 
 async def sustained(form: str, count: int, redis: RedisServer | None) -> tuple[str, int]:
+    """Token requests made while traffic flows for 3 token lifetimes (the first token, fetched at start, apart)."""
     lifetime = int(SUSTAINED["lifetime"])
+    window = lifetime * SUSTAINED["lifetimes"]
     async with run_stack(token_lifetime=lifetime) as stack:
         env = fleet_env(stack, lifetime=SUSTAINED, redis=redis)
         async with fleet_of(form, stack, env, count, redis) as fleet:
             load = Load(fleet, concurrency=20)
             async with load.running():
-                await asyncio.sleep(lifetime * SUSTAINED["lifetimes"] + 1)
+                at_start = stack.token_requests
+                await asyncio.sleep(window)
+                during = stack.token_requests - at_start
     sidecars = 2 if form == "workers" else count
     line = (
-        f"sustained  {sidecars:>2} {fleet.name:8} {int(SUSTAINED['lifetimes'])} token lifetimes of {lifetime} s: "
-        f"{stack.token_requests} token requests (answers: {load.summary()})"
+        f"sustained  {sidecars:>2} {fleet.name:8} {window:g} s of traffic, {int(SUSTAINED['lifetimes'])} token "
+        f"lifetimes of {lifetime} s (refresh margin {SUSTAINED['margin']:g} s): {during} token requests during it, "
+        f"{at_start} at start (answers: {load.summary()})"
     )
-    return line, stack.token_requests
+    return line, during
 
 
 async def kills(form: str, count: int, rounds: int, redis: RedisServer | None, *, answer_lost: bool) -> str:
@@ -400,11 +405,11 @@ async def main(args: argparse.Namespace) -> None:
         for form in forms:
             store = redis if form == "redis" else None
             print(await cold(form, args.sidecars, args.requests, store), flush=True)
-            line, shared = await sustained(form, args.sidecars, store)
+            line, _ = await sustained(form, args.sidecars, store)
             print(line, flush=True)
             if form == "redis" and args.baseline:
                 line, alone = await sustained("memory", args.sidecars, None)
-                print(line + f"; the shared store makes {alone / max(shared, 1):.1f}x fewer", flush=True)
+                print(line + f"; {alone / args.sidecars:.1f} per sidecar on its own", flush=True)
             print(await kills(form, args.sidecars, args.kills, store, answer_lost=False), flush=True)
             print(await kills(form, args.sidecars, args.kills, store, answer_lost=True), flush=True)
             if form == "redis":

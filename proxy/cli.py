@@ -46,11 +46,11 @@ from proxy.logs import configure_logging
 from proxy.serving import GracefulServer, bind_listen, bound_url, config_for, running, tune_gc
 from proxy.settings import Settings, load_settings, read_secret_file, settings_help
 from proxy.tokens import TokenEndpoint
-from proxy.workers import run_workers
+from proxy.workers import CONFIG_EXIT, run_workers
 
 log = logging.getLogger("proxy")
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = CONFIG_EXIT
 EXIT_FAILURE = 1
 
 

@@ -29,6 +29,7 @@ from tests.conftest import (
     Stack,
     assert_hidden,
     metric,
+    run_cli,
     run_sidecar,
     run_stack,
     sidecar_process,
@@ -334,6 +335,22 @@ def test_a_public_client_on_redis_needs_a_store_key() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({**env, "SIDECAR_TOKEN_STORE": "file:relative"})
     assert "absolute" in str(caught.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_store_that_cannot_be_used_stops_the_sidecar_with_a_plain_message(workers: str) -> None:
+    async with run_stack() as stack:
+        env = stack_env(
+            stack,
+            SIDECAR_WORKERS=workers,
+            SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token,
+            SIDECAR_TOKEN_STORE="file:/etc/hostname/store",  # under a file: no directory can be made there
+        )
+        code, _, said = await run_cli("serve", env=env)
+    assert code == 2
+    assert "SIDECAR_TOKEN_STORE: cannot create the directory" in said
+    assert "Traceback" not in said
 
 
 def _children(pid: int) -> list[int]:
