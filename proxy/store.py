@@ -26,12 +26,12 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import redis.asyncio as aioredis
-import redis.exceptions
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.errors import SidecarError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 # A store operation that takes longer than this has failed: the refresher must be able to fall back or report
 # while the token in hand is still valid.
@@ -142,6 +142,11 @@ class RedisStore:
     """The store in Redis (redis-py's asyncio client). TLS with ``rediss://``; AUTH from the URL or ``password``."""
 
     def __init__(self, url: str, *, password: str | None = None, timeout: float = STORE_TIMEOUT) -> None:
+        # Imported here: redis-py costs every process about 7 MiB, and only a Redis store needs it.
+        import redis.asyncio as aioredis
+        import redis.exceptions
+
+        self._redis_error = redis.exceptions.RedisError
         self.name = redis_display_name(url)
         options: dict[str, Any] = {
             "socket_timeout": timeout,
@@ -164,7 +169,7 @@ class RedisStore:
     async def _errors(self, doing: str) -> Any:
         try:
             yield
-        except redis.exceptions.RedisError as exc:
+        except self._redis_error as exc:
             reason = str(exc).split("\n")[0] or type(exc).__name__
             raise StoreError(self.name, f"{doing}: {reason}") from None
         except OSError as exc:
