@@ -378,8 +378,8 @@ class TokenProvider:
             return None
         return tokens if self._clock.monotonic() < tokens.refresh_at else None
 
-    def hold_for(self, error: TokenError) -> float:
-        return self._policy.backoff(self.failures_in_row + 1, error, self._rng)
+    def hold_for(self, error: TokenError, failures: int) -> float:
+        return self._policy.backoff(max(failures, self.failures_in_row + 1), error, self._rng)
 
     def _succeeded(self, tokens: TokenSet, seconds: float) -> None:
         self.current = tokens

@@ -116,7 +116,8 @@ class Sealer:
 @dataclass(frozen=True)
 class HoldOff:
     """Left in the store by a sidecar whose refresh failed: until ``until`` (wall clock), the others do not ask
-    the token endpoint either. The rest describes the failure (never a token or a response body)."""
+    the token endpoint either. The rest describes the failure (never a token or a response body). A token set
+    saved to the store removes it."""
 
     until: float
     permanent: bool
@@ -125,6 +126,9 @@ class HoldOff:
     flow: str
     status: int | None = None
     error: str | None = None
+    # Failed refreshes in a row across the fleet: the next holder's backoff continues from here.
+    failures: int = 1
+    kind: str = "transient"  # the failure's ``failure_kind``, for the others' metrics
 
 
 @dataclass(frozen=True)

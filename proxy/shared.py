@@ -57,8 +57,12 @@ class Consumer(Protocol):
     def token_set(self, response: TokenResponse) -> TokenSet:
         """The tokens of a fresh answer; ``TokenError`` if they cannot be used."""
 
-    def hold_for(self, error: TokenError) -> float:
-        """Seconds to wait after ``error`` before the next token request (the provider's backoff)."""
+    def hold_for(self, error: TokenError, failures: int) -> float:
+        """Seconds to wait after ``error``, the ``failures``-th in a row, before the next token request."""
+
+
+# What a record holds when a rotated refresh token must be kept but no usable answer came with it.
+EMPTY_RESPONSE = TokenResponse(id_token=None, access_token=None, refresh_token=None, expires_in=None, token_type="")
 
 
 class StoreUnavailableError(TransientTokenError):
@@ -174,7 +178,7 @@ class SharedRefresh:
                 fix="fix the credential (see that sidecar's log), then update the secret files of every sidecar "
                 "sharing it; each looks again once its files change.",
             )
-        raise TransientTokenError(
+        error = TransientTokenError(
             flow=note.flow,
             status=None,
             error=note.error,
@@ -184,6 +188,8 @@ class SharedRefresh:
             fix="see the token endpoint's health; the sidecars keep trying.",
             retry_after=left,
         )
+        error.code, error.failure_kind = note.code, note.kind  # what requests, readiness and metrics call it
+        raise error
 
     def _adopt(self, record: Record, consumer: Consumer) -> TokenSet | None:
         tokens = consumer.adoptable(record)
@@ -224,11 +230,12 @@ class SharedRefresh:
             try:
                 response = await self.grant.fetch()
             except TokenError as exc:
-                if self.grant.refresh_token != used and record is not None:
+                if self.grant.refresh_token != used:
                     # Rotated, then found wanting (an answer without a usable token): the new refresh token is
                     # all that works now, and must not be lost.
-                    await self._save(lease, self._record(lease, record.response, record, origins, rotated=True))
-                await self._hold_off(exc, consumer.hold_for(exc))
+                    previous = record.response if record is not None else EMPTY_RESPONSE
+                    await self._save(lease, self._record(lease, previous, record, origins, rotated=True))
+                await self._hold_off(exc, note, consumer)
                 raise
             finally:
                 renewer.cancel()
@@ -236,14 +243,23 @@ class SharedRefresh:
                     await renewer
             rotated = self.grant.refresh_token != used
             await self._save(lease, self._record(lease, response, record, origins, rotated=rotated))
-            return consumer.token_set(response)
+            try:
+                return consumer.token_set(response)
+            except TokenError as exc:  # clock skew, an unusable token: the others would meet it too
+                await self._hold_off(exc, note, consumer)
+                raise
         finally:
             with contextlib.suppress(StoreError):
                 await self.store.release(self.sealer.key, lease)
 
-    async def _hold_off(self, error: TokenError, seconds: float) -> None:
+    async def _hold_off(self, error: TokenError, previous: HoldOff | None, consumer: Consumer) -> None:
+        """Leave a note that holds the fleet off for the backoff of one schedule: failures count across holders."""
+        failures = (previous.failures if previous is not None else 0) + 1
+        seconds = consumer.hold_for(error, failures)
         endpoint = error if isinstance(error, TokenEndpointError) else None
         note = HoldOff(
+            failures=failures,
+            kind=error.failure_kind,
             until=self._clock.time() + seconds,
             permanent=error.permanent,
             code=error.code,
@@ -253,7 +269,7 @@ class SharedRefresh:
             error=endpoint.error if endpoint else None,
         )
         try:
-            await self.store.hold_off(self.sealer.key, self.sealer.seal_note(note), seconds)
+            await self.store.hold_off(self.sealer.key, self.sealer.seal_note(note))
         except StoreError as exc:
             self._store_failed(exc)
 

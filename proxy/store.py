@@ -33,6 +33,8 @@ from proxy.errors import SidecarError
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+# How long Redis keeps a hold-off note (past the hold itself, so that the fleet's backoff count carries on).
+NOTE_KEPT = 86400
 # A store operation that takes longer than this has failed: the refresher must be able to fall back or report
 # while the token in hand is still valid.
 STORE_TIMEOUT = 2.0
@@ -77,8 +79,8 @@ class Store(Protocol):
     async def load(self, key: str) -> tuple[bytes | None, bytes | None]:
         """The sealed token set and the hold-off note (each None when absent)."""
 
-    async def hold_off(self, key: str, note: bytes, seconds: float) -> None:
-        """Leave ``note`` for ``seconds``: the last refresh failed, nobody asks again before then."""
+    async def hold_off(self, key: str, note: bytes) -> None:
+        """Leave ``note`` (it says until when it holds): the last refresh failed. A saved token set removes it."""
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None: ...
 
@@ -180,9 +182,10 @@ class RedisStore:
             state, note = await self._redis.mget([f"{key}:state", f"{key}:hold"])
         return _bytes(state), _bytes(note)
 
-    async def hold_off(self, key: str, note: bytes, seconds: float) -> None:
+    async def hold_off(self, key: str, note: bytes) -> None:
         async with self._errors("writing the hold-off note"):
-            await self._redis.set(f"{key}:hold", note, px=max(1, int(seconds * 1000)))
+            # Kept past its end: the next failure continues the fleet's backoff from its count. A day at most.
+            await self._redis.set(f"{key}:hold", note, ex=NOTE_KEPT)
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None:
         async with self._errors("taking the refresh lease"):
@@ -290,7 +293,7 @@ class FileStore:
         except OSError as exc:
             raise self._wrap(f"reading {self._path(key, suffix).name}", exc) from None
 
-    async def hold_off(self, key: str, note: bytes, seconds: float) -> None:
+    async def hold_off(self, key: str, note: bytes) -> None:
         try:
             _write_atomically(self._path(key, "hold"), note)
         except OSError as exc:

@@ -224,6 +224,18 @@ async def test_a_refused_refresh_holds_the_whole_fleet_off(redis_srv: RedisServe
             assert stack.token_requests == 4
 
 
+async def test_an_unusable_answer_holds_the_fleet_off_too(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
+    clock = FakeClock()
+    async with run_stack(token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        stack.emulator.cognito.skew = -(HOUR - 100)  # tokens arrive with 100 s left: inside the refresh margin
+        async with fleet(stack, 3, clock, token_store=redis_srv.url) as sidecars:
+            for sidecar in sidecars:
+                answer = await client.get(f"{sidecar.url}/a")
+                assert (answer.status_code, answer.json()["error"]) == (503, "token_clock_skew")
+            assert stack.token_requests == 1  # the others took the failure from the store
+
+
 async def test_new_secrets_on_disk_look_past_the_fleets_hold_off(
     redis_srv: RedisServer, client: httpx2.AsyncClient, tmp_path: Path
 ) -> None:
