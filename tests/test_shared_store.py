@@ -264,6 +264,30 @@ async def test_new_secrets_on_disk_look_past_the_fleets_hold_off(
             assert stack.token_requests == 2  # the first to look refreshed; the other took its tokens
 
 
+async def test_redis_auth_and_a_wrong_password_said_plainly_without_the_password(
+    client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    password = "s3cret-redis-password"
+    with redis_server(password=password) as server:
+        async with run_stack() as stack:
+            url = f"redis://:{password}@127.0.0.1:{server.port}/0"
+            async with run_sidecar(stack.settings(token_store=url)) as sidecar:
+                assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+                assert stack.token_requests == 1
+                assert any(key.endswith(b":state") for key in _values(server, password))
+            wrong = stack.settings(token_store=server.url, token_store_password=SecretStr("wrong-password"))
+            async with run_sidecar(wrong) as sidecar:
+                assert (await client.get(f"{sidecar.url}/b")).status_code == 200  # not rotating: refreshed locally
+                warning = (await client.get(f"{sidecar.url}/-/readyz")).json()["warning"]
+                assert f"the token store redis://127.0.0.1:{server.port}/0 is unavailable" in warning
+    assert_hidden(caplog.text + warning, password, "wrong-password")
+
+
+def _values(server: RedisServer, password: str) -> dict[bytes, bytes]:
+    with redis.Redis(port=server.port, password=password) as raw:
+        return {key: raw.get(key) or b"" for key in raw.keys("*")}
+
+
 async def test_file_store_shares_one_token_in_a_private_directory(tmp_path: Path, client: httpx2.AsyncClient) -> None:
     directory = tmp_path / "store"
     async with run_stack() as stack, fleet(stack, 2, token_store=f"file:{directory}") as sidecars:
