@@ -12,18 +12,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 from proxy.errors import ConfigError, PermanentTokenError
+from proxy.files import write_atomically
 from proxy.logs import event
 from proxy.settings import RouteSettings, Settings, read_secret_file
 from proxy.tokens import TokenEndpoint, TokenResponse
@@ -32,25 +31,8 @@ log = logging.getLogger("proxy.credentials")
 
 
 def write_secret_file(path: Path, value: str) -> None:
-    """Replace ``path``'s content with ``value`` atomically and durably, mode 0600."""
-    directory = path.parent
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(value + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path``'s content with ``value`` (and a newline) atomically and durably, mode 0600."""
+    write_atomically(path, (value + "\n").encode())
 
 
 class FileUseLock:

@@ -22,13 +22,13 @@ import fcntl
 import os
 import socket
 import stat
-import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.errors import SidecarError
+from proxy.files import write_atomically
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -230,22 +230,6 @@ def _bytes(value: object) -> bytes | None:
     return value if isinstance(value, bytes) else None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path``'s content atomically and durably, mode 0600."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 class FileStore:
     """The store in a directory, for processes on one host or containers sharing a volume.
 
@@ -295,7 +279,7 @@ class FileStore:
 
     async def hold_off(self, key: str, note: bytes) -> None:
         try:
-            _write_atomically(self._path(key, "hold"), note)
+            write_atomically(self._path(key, "hold"), note)
         except OSError as exc:
             raise self._wrap("writing the hold-off note", exc) from None
 
@@ -334,7 +318,7 @@ class FileStore:
             return 0, 0  # unreadable: start over; the blob's own version still tells sets apart
 
     def _write_fences(self, key: str, issued: int, released: int) -> None:
-        _write_atomically(self._path(key, "fence"), f"{issued} {released}\n".encode())
+        write_atomically(self._path(key, "fence"), f"{issued} {released}\n".encode())
 
     async def renew(self, key: str, lease: Lease, lease_seconds: float) -> bool:
         return lease.handle is not None  # a flock lasts as long as its holder: nothing expires
@@ -343,7 +327,7 @@ class FileStore:
         if lease.handle is None:
             return False
         try:
-            _write_atomically(self._path(key, "state"), blob)
+            write_atomically(self._path(key, "state"), blob)
             with contextlib.suppress(FileNotFoundError):
                 self._path(key, "hold").unlink()  # a new token set ends any hold-off
         except OSError as exc:

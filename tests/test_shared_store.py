@@ -67,6 +67,21 @@ async def fleet(
         ]
 
 
+@contextlib.asynccontextmanager
+async def rotating_fleet(
+    server: RedisServer, client: httpx2.AsyncClient
+) -> AsyncIterator[tuple[Stack, FakeClock, list[RunningSidecar]]]:
+    """Two sidecars on ``server``, refresh tokens rotating with grace 0, on one hand-moved clock; both have
+    answered once, with one token request between them."""
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        async with fleet(stack, 2, clock, token_store=server.url) as sidecars:
+            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
+            assert stack.token_requests == 1
+            yield stack, clock, sidecars
+
+
 async def test_sidecars_sharing_redis_make_one_token_request_and_store_nothing_readable(
     redis_srv: RedisServer, client: httpx2.AsyncClient
 ) -> None:
@@ -93,21 +108,18 @@ async def test_sidecars_sharing_redis_make_one_token_request_and_store_nothing_r
 async def test_rotation_with_grace_zero_loses_no_credential_across_sidecars(
     redis_srv: RedisServer, client: httpx2.AsyncClient
 ) -> None:
-    clock = FakeClock()
-    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
-        stack.use_clock(clock)
-        async with fleet(stack, 2, clock, token_store=redis_srv.url) as sidecars:
-            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
-            assert stack.token_requests == 1
-            for lifetime in range(3):
-                await clock.settle(HOUR - 250)  # both refreshers reach their background point
-                await clock.settle(60)
-                assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
-                assert stack.token_requests == 2 + lifetime
-            outcomes = [s.parts.tokens.outcomes for s in sidecars]
-            assert all(each["permanent"] == 0 for each in outcomes)
-            assert sum(s.parts.grant.rotations for s in sidecars) == 4  # each rotation seen once, by its holder
-            assert stack.emulator.cognito.grant_counts["refresh_token"] == 4
+    async with rotating_fleet(redis_srv, client) as (stack, clock, sidecars):
+        for lifetime in range(3):
+            await clock.settle(HOUR - 250)  # both refreshers reach their background point
+            await clock.settle(60)
+            assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
+            assert stack.token_requests == 2 + lifetime
+        outcomes = [s.parts.tokens.outcomes for s in sidecars]
+        assert all(each["permanent"] == 0 for each in outcomes)
+        assert sum(s.parts.grant.rotations for s in sidecars) == 4  # each rotation seen once, by its holder
+        assert stack.emulator.cognito.grant_counts["refresh_token"] == 4
+        for sidecar in sidecars:  # the store keeps the rotated token: nothing to warn about
+            assert "warning" not in (await client.get(f"{sidecar.url}/-/readyz")).json()
 
 
 async def test_a_lease_whose_holder_died_is_taken_over(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
@@ -158,51 +170,42 @@ async def test_unreachable_redis_without_rotation_refreshes_locally_and_says_so(
 async def test_unreachable_redis_with_rotation_never_refreshes_without_the_lease(
     redis_srv: RedisServer, client: httpx2.AsyncClient
 ) -> None:
-    clock = FakeClock()
-    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
-        stack.use_clock(clock)
-        async with fleet(stack, 2, clock, token_store=redis_srv.url) as sidecars:
-            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
-            assert stack.token_requests == 1
-            redis_srv.stop()
-            await clock.settle(HOUR - 250)  # refresh due, store gone: the token in hand is still sent
-            assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
-            await clock.settle(250)  # past the real expiry
-            for sidecar in sidecars:
-                answer = await client.get(f"{sidecar.url}/c")
-                assert answer.status_code == 503
-                assert answer.json()["error"] == "store_unavailable"
-                ready = await client.get(f"{sidecar.url}/-/readyz")
-                assert (ready.status_code, ready.json()["error"]) == (503, "store_unavailable")
-            assert stack.token_requests == 1  # nobody refreshed without the lease
-            redis_srv.start()  # restarted without its data: seeded again from the newest refresh token held
-            await clock.settle(5)
-            await clock.settle(5)
-            assert await get_all(client, [f"{s.url}/d" for s in sidecars]) == [200, 200]
-            assert stack.token_requests == 2
-            assert all(s.parts.tokens.outcomes["permanent"] == 0 for s in sidecars)
+    async with rotating_fleet(redis_srv, client) as (stack, clock, sidecars):
+        redis_srv.stop()
+        await clock.settle(HOUR - 250)  # refresh due, store gone: the token in hand is still sent
+        assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
+        await clock.settle(250)  # past the real expiry
+        for sidecar in sidecars:
+            answer = await client.get(f"{sidecar.url}/c")
+            assert answer.status_code == 503
+            assert answer.json()["error"] == "store_unavailable"
+            ready = await client.get(f"{sidecar.url}/-/readyz")
+            assert (ready.status_code, ready.json()["error"]) == (503, "store_unavailable")
+        assert stack.token_requests == 1  # nobody refreshed without the lease
+        redis_srv.start()  # restarted without its data: seeded again from the newest refresh token held
+        await clock.settle(5)
+        await clock.settle(5)
+        assert await get_all(client, [f"{s.url}/d" for s in sidecars]) == [200, 200]
+        assert stack.token_requests == 2
+        assert all(s.parts.tokens.outcomes["permanent"] == 0 for s in sidecars)
 
 
 async def test_a_store_that_lost_its_latest_writes_does_not_lose_the_credential(
     redis_srv: RedisServer, client: httpx2.AsyncClient
 ) -> None:
-    clock = FakeClock()
-    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
-        stack.use_clock(clock)
-        async with fleet(stack, 2, clock, token_store=redis_srv.url) as sidecars:
-            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
-            before = stored_values(redis_srv)  # holds the first rotated refresh token
-            await clock.settle(HOUR - 250)
-            await clock.settle(60)
-            assert stack.emulator.cognito.refresh_outcomes["ok"] == 2  # rotated again: the stored one is retired
-            with redis.Redis(port=redis_srv.port) as raw:
-                raw.mset(before)  # as a Redis restarted from a snapshot older than its last write
-            await clock.settle(HOUR - 250)
-            await clock.settle(60)
-            assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
-            assert stack.emulator.cognito.refresh_outcomes == {"ok": 3}  # nothing refused: nothing lost
-            said = [s.parts.tokens.shared for s in sidecars]
-            assert all(each is not None for each in said)
+    async with rotating_fleet(redis_srv, client) as (stack, clock, sidecars):
+        before = stored_values(redis_srv)  # holds the first rotated refresh token
+        await clock.settle(HOUR - 250)
+        await clock.settle(60)
+        assert stack.emulator.cognito.refresh_outcomes["ok"] == 2  # rotated again: the stored one is retired
+        with redis.Redis(port=redis_srv.port) as raw:
+            raw.mset(before)  # as a Redis restarted from a snapshot older than its last write
+        await clock.settle(HOUR - 250)
+        await clock.settle(60)
+        assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
+        assert stack.emulator.cognito.refresh_outcomes == {"ok": 3}  # nothing refused: nothing lost
+        said = [s.parts.tokens.shared for s in sidecars]
+        assert all(each is not None for each in said)
 
 
 async def test_a_refused_refresh_holds_the_whole_fleet_off(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
