@@ -26,19 +26,17 @@ from starlette.routing import Route
 from proxy.cache import RefreshPolicy, TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.connection import ConnectionLimits
-from proxy.credentials import Grant, RefreshTokenGrant, Secret, grant_from_settings, secret_file_warnings, secret_files
+from proxy.credentials import Grant, Secret, secret_file_warnings, secret_files
 from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.guard import CallerGuard, Refusal
 from proxy.logs import AccessLog, event
 from proxy.metrics import RequestMetrics, render, sidecar_registry
 from proxy.paths import BadPath, pick_route
+from proxy.providers import open_configured_store, provider_for
 from proxy.record import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
-from proxy.sealing import Sealer
-from proxy.settings import RouteSettings, Settings
-from proxy.shared import SharedRefresh
-from proxy.store import Store, StoreError, open_store
-from proxy.tokens import TokenEndpoint
+from proxy.settings import Settings
+from proxy.store import Store
 from proxy.types import Message, Receive, Scope, Send
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
@@ -270,7 +268,7 @@ def build_sidecar(
     if not routes:
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
     http = httpx2.AsyncClient(trust_env=False, follow_redirects=False, timeout=settings.token_timeout)
-    store = _open_store(settings)
+    store = open_configured_store(settings)
     providers: dict[tuple[str, ...], TokenProvider] = {}
     kinds: dict[tuple[str, ...], set[str]] = {}
     for route in routes:
@@ -279,18 +277,15 @@ def build_sidecar(
     for route in reversed(routes):
         key = route.credential_key()
         if key not in providers:
-            endpoint = TokenEndpoint(
-                http, token_url=route.token_url, client_id=route.client_id, timeout=settings.token_timeout
-            )
-            grant = grant_from_settings(route, endpoint)
-            providers[key] = TokenProvider(
-                grant,
+            providers[key] = provider_for(
+                settings,
+                route,
+                http,
                 kinds=kinds[key],
-                margin=settings.refresh_margin,
-                wait_limit=settings.token_timeout,
+                store=store,
                 policy=policy,
                 clock=clock,
-                shared=_shared(store, settings, route, grant, clock, durable=not private_store) if store else None,
+                durable=not private_store,
             )
     upstream_routes = [
         UpstreamRoute(
@@ -331,27 +326,6 @@ def build_sidecar(
         limits=limits,
         file_warnings=secret_file_warnings(settings),
     )
-
-
-def _open_store(settings: Settings) -> Store | None:
-    password = settings.token_store_password
-    try:
-        return open_store(settings.token_store, password=password.get_secret_value() if password else None)
-    except StoreError as exc:
-        raise ConfigError([f"SIDECAR_TOKEN_STORE: {exc.reason}"]) from None
-
-
-def _shared(
-    store: Store, settings: Settings, route: RouteSettings, grant: Grant, clock: Clock, *, durable: bool
-) -> SharedRefresh:
-    """The store side of one credential: its key and seal come from its identity and the key material."""
-    scopes = route.scopes if route.grant == "client_credentials" else ""
-    identity = "\n".join((route.token_url, route.client_id, route.grant, scopes))
-    material = settings.token_store_key or route.client_secret
-    if isinstance(grant, RefreshTokenGrant):
-        grant.kept_elsewhere = durable  # the store keeps rotated refresh tokens
-    sealer = Sealer(identity, material.get_secret_value().encode() if material is not None else None)
-    return SharedRefresh(store, sealer, grant, lease_seconds=settings.token_store_lease, clock=clock)
 
 
 def create_app(

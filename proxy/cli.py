@@ -25,8 +25,6 @@ from pydantic import SecretStr
 
 from proxy import __version__
 from proxy.app import create_app
-from proxy.cache import TokenProvider
-from proxy.credentials import grant_from_settings
 from proxy.doctor import format_epoch, run_checks
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import ConfigError, SidecarError
@@ -43,6 +41,7 @@ from proxy.login import (
     write_refresh_token,
 )
 from proxy.logs import configure_logging
+from proxy.providers import one_shot
 from proxy.serving import GracefulServer, bind_listen, bound_url, config_for, running, tune_gc
 from proxy.settings import Settings, load_settings, read_secret_file, settings_help
 from proxy.tokens import TokenEndpoint
@@ -307,18 +306,11 @@ async def _login(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 async def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(env, purpose="token")
     kind = {"id": "id_token", "access": "access_token", None: settings.token}[args.type]
-    async with httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http:
-        endpoint = TokenEndpoint(
-            http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
-        )
-        provider = TokenProvider(
-            grant_from_settings(settings, endpoint),
-            kinds={kind},
-            margin=settings.refresh_margin,
-            wait_limit=settings.token_timeout,
-        )
-        async with provider.running():
-            token = (await provider.get())[kind]
+    async with (
+        httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http,
+        one_shot(settings, http, {kind}) as provider,  # through the token store, if the fleet shares one
+    ):
+        token = (await provider.get())[kind]
     print(token.value)
     return 0
 

@@ -19,11 +19,12 @@ from urllib.parse import urlsplit
 
 import httpx2
 
-from proxy.cache import TokenProvider
-from proxy.credentials import grant_from_settings, secret_file_warnings
+from proxy.credentials import secret_file_warnings
 from proxy.errors import ConfigError, TokenEndpointError, TokenError
+from proxy.providers import one_shot
 from proxy.settings import Settings, load_settings
-from proxy.tokens import Token, TokenEndpoint
+from proxy.shared import SharedRefresh
+from proxy.tokens import Token
 
 Status = Literal["PASS", "WARN", "FAIL"]
 
@@ -73,8 +74,28 @@ def describe_token(token: Token) -> str:
     return ", ".join(parts)
 
 
-def rotation_advice(settings: Settings) -> Finding:
-    """Cognito rotated the refresh token during the check: say what rotation needs."""
+def store_finding(shared: SharedRefresh) -> Finding:
+    """What the check saw of the shared token store."""
+    if shared.problem is not None:
+        return Finding("WARN", f"the token store {shared.store.name} is out of reach", shared.problem)
+    how = (
+        "the token came from it (another sidecar refreshed it)"
+        if shared.adopted
+        else "this check refreshed under its lease and stored the answer for the others"
+    )
+    return Finding("PASS", f"the token store {shared.store.name} answers", how)
+
+
+def rotation_advice(settings: Settings, *, shared: bool = False) -> Finding:
+    """Cognito rotates the refresh token: say what rotation needs."""
+    if shared:
+        return Finding(
+            "PASS",
+            "Cognito rotates this app client's refresh tokens; the token store keeps the newest",
+            "with Redis, run it with persistence (appendonly): the store holds the only copy of the current "
+            "refresh token. Set the app client's grace period (RetryGracePeriodSeconds) above the store's lease "
+            "(SIDECAR_TOKEN_STORE_LEASE) plus one refresh.",
+        )
     where = (
         f"the new one is in {settings.refresh_token_file}"
         if settings.refresh_token_file
@@ -132,34 +153,28 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
     findings.append(await _reachable(settings.token_url))
     if findings[-1].status == "FAIL":
         return findings
+    flow = settings.grant.replace("_token", "")  # refresh, client_credentials
     async with httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http:
-        endpoint = TokenEndpoint(
-            http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
-        )
-        provider = TokenProvider(
-            grant_from_settings(settings, endpoint),
-            kinds={settings.token},
-            margin=settings.refresh_margin,
-            wait_limit=settings.token_timeout,
-        )
         try:
-            async with provider.running():
+            # Through the token store when the fleet shares one: a refresh outside it would rotate the shared
+            # refresh token out from under the other sidecars.
+            async with one_shot(settings, http, {settings.token}) as provider:
                 token = (await provider.get())[settings.token]
         except TokenEndpointError as exc:
             reached = exc.status is not None
             if reached:
                 findings.append(Finding("PASS", "the token endpoint answers HTTP"))
-            findings.append(Finding("FAIL", f"a real {provider.grant.flow} failed", str(exc)))
+            findings.append(Finding("FAIL", f"a real {flow} failed", str(exc)))
             return findings
         except TokenError as exc:
-            findings.append(Finding("FAIL", f"a real {provider.grant.flow} gave no usable token", str(exc)))
+            findings.append(Finding("FAIL", f"a real {flow} gave no usable token", str(exc)))
             return findings
-        findings.append(
-            Finding("PASS", f"a real {provider.grant.flow} worked: {settings.token}", describe_token(token))
-        )
+        if provider.shared is not None:
+            findings.append(store_finding(provider.shared))
+        findings.append(Finding("PASS", f"a real {flow} worked: {settings.token}", describe_token(token)))
         findings.append(kind_advice(settings, token))
-        if provider.grant.rotations:
-            findings.append(rotation_advice(settings))
+        if provider.grant.rotations or (provider.shared is not None and provider.shared.rotates):
+            findings.append(rotation_advice(settings, shared=provider.shared is not None))
         if path is not None and settings.upstream_url:
             findings.append(await _probe(http, settings, token, path))
     return findings

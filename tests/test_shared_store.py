@@ -377,6 +377,26 @@ def test_a_public_client_on_redis_needs_a_store_key() -> None:
 
 
 @pytest.mark.slow
+async def test_token_and_check_go_through_the_store(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0) as stack:
+        async with run_sidecar(stack.settings(token_store=redis_srv.url)) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200  # rotated: the seed is retired
+            env = stack_env(
+                stack, SIDECAR_TOKEN_STORE=redis_srv.url, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token
+            )
+            code, out, said = await run_cli("token", env=env)
+            assert code == 0, said
+            held = sidecar.parts.tokens.usable()
+            assert held is not None and out.strip() == held["id_token"].value  # the fleet's token, not a new one
+            code, out, said = await run_cli("check", env=env)
+            assert code == 0, out + said
+            assert f"PASS  the token store {redis_srv.url} answers" in out
+            assert "the token store keeps the newest" in out
+        assert stack.token_requests == 1  # neither command asked Cognito, nor used the retired seed
+        assert stack.emulator.cognito.refresh_outcomes == {"ok": 1}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_store_that_cannot_be_used_stops_the_sidecar_with_a_plain_message(workers: str) -> None:
     async with run_stack() as stack:

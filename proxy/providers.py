@@ -1,0 +1,83 @@
+"""Token providers from settings: the token endpoint client, the grant and, with a shared token store, the store
+side of the credential.
+
+The app builds one provider per credential with ``provider_for``; the one-shot commands (``token``, ``check``) use
+``one_shot``. Those go through the store too: a refresh outside it would rotate a shared refresh token out from
+under every sidecar that shares it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+
+import httpx2
+
+from proxy.cache import RefreshPolicy, TokenProvider
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.credentials import RefreshTokenGrant, grant_from_settings
+from proxy.errors import ConfigError
+from proxy.sealing import Sealer
+from proxy.settings import RouteSettings, Settings
+from proxy.shared import SharedRefresh
+from proxy.store import Store, StoreError, open_store
+from proxy.tokens import TokenEndpoint
+
+
+def open_configured_store(settings: Settings) -> Store | None:
+    """The store ``SIDECAR_TOKEN_STORE`` names (None for ``memory``); no connection is made yet."""
+    password = settings.token_store_password
+    try:
+        return open_store(settings.token_store, password=password.get_secret_value() if password else None)
+    except StoreError as exc:
+        raise ConfigError([f"SIDECAR_TOKEN_STORE: {exc.reason}"]) from None
+
+
+def provider_for(
+    settings: Settings,
+    credential: Settings | RouteSettings,
+    http: httpx2.AsyncClient,
+    *,
+    kinds: Iterable[str],
+    store: Store | None,
+    policy: RefreshPolicy | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    durable: bool = True,
+) -> TokenProvider:
+    """The provider of ``credential``'s tokens. ``durable``: the store keeps rotated refresh tokens across restarts
+    (not so the private one ``SIDECAR_WORKERS`` makes and removes)."""
+    endpoint = TokenEndpoint(
+        http, token_url=credential.token_url, client_id=credential.client_id, timeout=settings.token_timeout
+    )
+    grant = grant_from_settings(credential, endpoint)
+    shared = None
+    if store is not None:
+        # The credential's key and seal come from its identity and the key material (see proxy.sealing).
+        scopes = credential.scopes if credential.grant == "client_credentials" else ""
+        identity = "\n".join((credential.token_url, credential.client_id, credential.grant, scopes))
+        material = settings.token_store_key or credential.client_secret
+        sealer = Sealer(identity, material.get_secret_value().encode() if material is not None else None)
+        if isinstance(grant, RefreshTokenGrant):
+            grant.kept_elsewhere = durable
+        shared = SharedRefresh(store, sealer, grant, lease_seconds=settings.token_store_lease, clock=clock)
+    return TokenProvider(
+        grant,
+        kinds=kinds,
+        margin=settings.refresh_margin,
+        wait_limit=settings.token_timeout,
+        policy=policy,
+        clock=clock,
+        shared=shared,
+    )
+
+
+@contextlib.asynccontextmanager
+async def one_shot(settings: Settings, http: httpx2.AsyncClient, kinds: Iterable[str]) -> AsyncIterator[TokenProvider]:
+    """A running provider of the top-level credential, through the configured store, for one command."""
+    store = open_configured_store(settings)
+    try:
+        async with provider_for(settings, settings, http, kinds=kinds, store=store).running() as provider:
+            yield provider
+    finally:
+        if store is not None:
+            await store.aclose()
