@@ -7,6 +7,8 @@ polled; nothing is kept on disk, so a restart comes back empty, as a Redis witho
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import shutil
 import signal
 import socket
@@ -15,6 +17,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 READY = "Ready to accept connections"
 START_LIMIT = 20.0
@@ -27,26 +35,78 @@ def _free_port() -> int:
         return port
 
 
+def _self_signed(directory: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in ``directory``."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: x509.Name,
+        signer: ec.EllipticCurvePrivateKey,
+        *,
+        ca: bool,
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = certificate("test CA", ca_key, ca_name, ca_key, ca=True)
+    server = certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(server.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
 class RedisServer:
-    def __init__(self, *, password: str | None = None) -> None:
+    """``tls``: TLS only (``rediss://``), with a certificate from a CA of its own (``ca_file``)."""
+
+    def __init__(self, *, password: str | None = None, tls: bool = False) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
         self._executable = executable
         self.port = _free_port()
         self.password = password
+        self.tls = tls
         self._directory = tempfile.mkdtemp(prefix="sidecar-redis-")
         self.process: subprocess.Popen[str] | None = None
+        if tls:
+            _self_signed(Path(self._directory))
+
+    @property
+    def ca_file(self) -> str:
+        return str(Path(self._directory) / "ca.pem")
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start (or restart, empty) on the same port; returns once the server says it accepts connections."""
+        port = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
         command = [
             self._executable,
-            "--port", str(self.port),
+            *port,
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
@@ -55,6 +115,14 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             command += ["--requirepass", self.password]
+        if self.tls:
+            folder = Path(self._directory)
+            command += [
+                "--tls-cert-file", str(folder / "server.pem"),
+                "--tls-key-file", str(folder / "server.key"),
+                "--tls-ca-cert-file", str(folder / "ca.pem"),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + START_LIMIT
         seen = []
@@ -84,8 +152,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(*, password: str | None = None) -> Iterator[RedisServer]:
-    server = RedisServer(password=password)
+def redis_server(*, password: str | None = None, tls: bool = False) -> Iterator[RedisServer]:
+    server = RedisServer(password=password, tls=tls)
     try:
         server.start()
         yield server

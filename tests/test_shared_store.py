@@ -286,6 +286,20 @@ async def test_redis_auth_and_a_wrong_password_said_plainly_without_the_password
     assert_hidden(caplog.text + warning, password, "wrong-password")
 
 
+async def test_redis_over_tls_with_a_private_ca(client: httpx2.AsyncClient) -> None:
+    with redis_server(tls=True) as server:
+        async with run_stack() as stack, fleet(stack, 2, token_store=server.url) as sidecars:
+            assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
+            assert stack.token_requests == 1
+            assert all(s.parts.tokens.shared and s.parts.tokens.shared.problem is None for s in sidecars)
+        # Without the CA, the server's certificate is refused, and said so.
+        untrusted = server.url.split("?")[0]
+        async with run_stack() as stack, run_sidecar(stack.settings(token_store=untrusted)) as sidecar:
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200  # not rotating: refreshed locally
+            warning = (await client.get(f"{sidecar.url}/-/readyz")).json()["warning"]
+            assert "certificate verify failed" in warning
+
+
 def _values(server: RedisServer, password: str) -> dict[bytes, bytes]:
     with redis.Redis(port=server.port, password=password) as raw:
         return {key: raw.get(key) or b"" for key in raw.keys("*")}
