@@ -5,11 +5,13 @@ happened, the likely causes, and what to do. None of them ever holds a secret or
 
     SidecarError
     ├── ConfigError(ValueError)          settings are missing or invalid; lists every problem
+    ├── StoreError(OSError)              the shared token store cannot be reached or read
     └── TokenError                       no token could be had
         ├── TokenEndpointError           the token endpoint answered, or could not be reached
         │   ├── PermanentTokenError      invalid_grant, invalid_client, ...: a person must act
         │   └── TransientTokenError      network, 5xx, 429, malformed answers: worth retrying
-        │       └── TokenClockSkewError  a token arrived (nearly) expired by this machine's clock
+        │       ├── TokenClockSkewError  a token arrived (nearly) expired by this machine's clock
+        │       └── StoreUnavailableError  the store is out of reach and the refresh token rotates
         └── TokenUnusableError           the answer lacked the configured token kind, or it is not a JWT
 
 ``failure_kind`` names each kind of failure in metrics (the ``outcome`` of ``sidecar_token_requests_total`` and
@@ -168,6 +170,43 @@ class TokenUnusableError(TokenError):
 
     code = "token_unusable"
     failure_kind = "unusable"
+
+
+class StoreError(SidecarError, OSError):
+    """The token store could not be reached, or answered something unreadable. ``store`` names it (no password)."""
+
+    code = "store_unavailable"
+
+    def __init__(self, store: str, reason: str) -> None:
+        self.store = store
+        self.reason = reason
+        SidecarError.__init__(self, f"the token store {store} is unavailable: {reason}")
+
+
+# While the store is out of reach, a rotating credential's refresher looks again at least this often: a look costs
+# the token endpoint nothing, and the fleet is back within this long of the store.
+STORE_RETRY = 1.0
+
+
+class StoreUnavailableError(TransientTokenError):
+    """The token store is unreachable and the credential rotates: refreshing without the lease could lose it."""
+
+    code = "store_unavailable"
+    failure_kind = "store_unavailable"
+    retry_within = STORE_RETRY
+
+    def __init__(self, error: StoreError, flow: str) -> None:
+        self.store_error = error
+        super().__init__(
+            flow=flow,
+            status=None,
+            error=None,
+            body="",
+            summary=f"{error}. This credential's refresh token rotates, so it is never refreshed without the "
+            "store's lease (another sidecar could be refreshing it).",
+            fix="bring the token store back (a restarted Redis that lost its data is seeded again from this "
+            "sidecar's refresh token); the sidecar keeps trying.",
+        )
 
 
 def error_body(code: str, detail: str, request_id: str = "") -> bytes:

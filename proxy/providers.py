@@ -16,11 +16,11 @@ import httpx2
 from proxy.cache import RefreshPolicy, TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.credentials import RefreshTokenGrant, grant_from_settings
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, StoreError
 from proxy.sealing import Sealer
 from proxy.settings import RouteSettings, Settings
 from proxy.shared import SharedRefresh
-from proxy.store import Store, StoreError, open_store
+from proxy.store import Store, open_store
 from proxy.tokens import TokenEndpoint
 
 

@@ -11,9 +11,10 @@
 3. everyone else polls the store until the new set appears, never calling the token endpoint. A holder that
    died leaves a lease that expires (Redis) or is dropped by the kernel (file store); the next caller takes it
    over and refreshes with the newest refresh token that was written, which is the newest Cognito accepted;
-4. a holder whose refresh failed leaves a hold-off note for as long as its own backoff: the others take the
-   failure from it instead of asking the token endpoint in turn, so an outage or a refusal costs the fleet the
-   token requests of one sidecar. A sidecar whose secret files changed looks past the note once.
+4. a holder whose refresh failed leaves a hold-off note for the backoff's wait, its failure count carried on
+   from the previous note: the others take the failure from it instead of asking the token endpoint in turn, so
+   an outage or a refusal costs the fleet the token requests of one sidecar on one backoff schedule. A sidecar
+   whose secret files changed looks past the note once.
 
 When the store cannot be reached, the caller keeps the token it holds until its real expiry (the provider's
 usual backoff applies); a credential known to rotate is never refreshed without the lease (the provider then
@@ -30,22 +31,24 @@ from typing import Protocol
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.credentials import Grant
-from proxy.errors import PermanentTokenError, TokenEndpointError, TokenError, TransientTokenError
+from proxy.errors import (
+    PermanentTokenError,
+    StoreError,
+    StoreUnavailableError,
+    TokenEndpointError,
+    TokenError,
+    TransientTokenError,
+)
 from proxy.logs import event
 from proxy.sealing import MAX_ORIGINS, MAX_RECENT, HoldOff, Record, Sealer, UnreadableRecord, lineage
-from proxy.store import Lease, Store, StoreError
+from proxy.settings import DEFAULT_STORE_LEASE
+from proxy.store import Lease, Store
 from proxy.tokens import TokenResponse, TokenSet
 
 log = logging.getLogger("proxy.shared")
 
-# How long one refresh lease lasts unless renewed; it is renewed every third of this while the refresh runs.
-# A holder killed mid-refresh delays the others by at most this long.
-DEFAULT_LEASE = 5.0
 # How often a sidecar waiting for another's refresh looks at the store (and at whether the lease is gone).
 POLL_INTERVAL = 0.05
-# While the store is out of reach, a rotating credential's refresher looks again at least this often: a look costs
-# the token endpoint nothing, and the fleet is back within this long of the store.
-STORE_RETRY = 1.0
 
 
 class Consumer(Protocol):
@@ -65,27 +68,6 @@ class Consumer(Protocol):
 EMPTY_RESPONSE = TokenResponse(id_token=None, access_token=None, refresh_token=None, expires_in=None, token_type="")
 
 
-class StoreUnavailableError(TransientTokenError):
-    """The token store is unreachable and the credential rotates: refreshing without the lease could lose it."""
-
-    code = "store_unavailable"
-    failure_kind = "store_unavailable"
-    retry_within = STORE_RETRY
-
-    def __init__(self, error: StoreError, flow: str) -> None:
-        self.store_error = error
-        super().__init__(
-            flow=flow,
-            status=None,
-            error=None,
-            body="",
-            summary=f"{error}. This credential's refresh token rotates, so it is never refreshed without the "
-            "store's lease (another sidecar could be refreshing it).",
-            fix="bring the token store back (a restarted Redis that lost its data is seeded again from this "
-            "sidecar's refresh token); the sidecar keeps trying.",
-        )
-
-
 class SharedRefresh:
     """The store side of one credential's refresh. Counters are read by /-/metrics."""
 
@@ -95,7 +77,7 @@ class SharedRefresh:
         sealer: Sealer,
         grant: Grant,
         *,
-        lease_seconds: float = DEFAULT_LEASE,
+        lease_seconds: float = DEFAULT_STORE_LEASE,
         poll_interval: float = POLL_INTERVAL,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:

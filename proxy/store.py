@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from proxy.errors import SidecarError
+from proxy.errors import StoreError
 from proxy.files import write_atomically
 
 if TYPE_CHECKING:
@@ -38,17 +38,6 @@ NOTE_KEPT = 86400
 # A store operation that takes longer than this has failed: the refresher must be able to fall back or report
 # while the token in hand is still valid.
 STORE_TIMEOUT = 2.0
-
-
-class StoreError(SidecarError, OSError):
-    """The token store could not be reached, or answered something unreadable. ``store`` names it (no password)."""
-
-    code = "store_unavailable"
-
-    def __init__(self, store: str, reason: str) -> None:
-        self.store = store
-        self.reason = reason
-        super().__init__(f"the token store {store} is unavailable: {reason}")
 
 
 @dataclass(frozen=True)
