@@ -48,13 +48,25 @@ def shared_settings(settings: Settings) -> tuple[Settings, str | None]:
     if settings.token_store != "memory":
         return settings, None
     base = os.environ.get("XDG_RUNTIME_DIR") or None
-    directory = tempfile.mkdtemp(prefix="cognito-sidecar-", dir=base)  # mode 0700
+    try:
+        directory = tempfile.mkdtemp(prefix="cognito-sidecar-", dir=base)  # mode 0700
+    except OSError as exc:
+        raise ConfigError(
+            [
+                f"SIDECAR_WORKERS: the workers share their token through a file store in a private directory, and "
+                f"none can be made in {base or tempfile.gettempdir()} ({exc.strerror}). Give the sidecar a writable "
+                "temporary directory (a tmpfs on /tmp with a read-only root filesystem), or set "
+                "SIDECAR_TOKEN_STORE=file:/a/writable/dir"
+            ]
+        ) from None
     return settings.model_copy(update={"token_store": f"file:{directory}"}), directory
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request above took effect
+        os._exit(0)
 
 
 class Supervisor:
@@ -71,13 +83,14 @@ class Supervisor:
         self._stopping = False
 
     def _spawn(self, number: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                _die_with_parent()
+                _die_with_parent(parent)
                 code = self._serve_one(self._settings, self._sockets, self._private_store)
             except ConfigError as exc:
                 print(f"cognito-sidecar: {exc}", file=sys.stderr)

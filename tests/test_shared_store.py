@@ -411,18 +411,27 @@ async def test_token_and_check_go_through_the_store(redis_srv: RedisServer, clie
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", ["1", "2"])
-async def test_a_store_that_cannot_be_used_stops_the_sidecar_with_a_plain_message(workers: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "said_first"),
+    [
+        # A store directory that cannot be made (under a file), with one process and with workers.
+        ({"SIDECAR_TOKEN_STORE": "file:/etc/hostname/store"}, "SIDECAR_TOKEN_STORE: cannot create the directory"),
+        (
+            {"SIDECAR_TOKEN_STORE": "file:/etc/hostname/store", "SIDECAR_WORKERS": "2"},
+            "SIDECAR_TOKEN_STORE: cannot create the directory",
+        ),
+        # Workers with no writable place for their private store (a read-only root filesystem).
+        ({"SIDECAR_WORKERS": "2", "XDG_RUNTIME_DIR": "/etc/hostname"}, "SIDECAR_WORKERS: the workers share"),
+    ],
+)
+async def test_a_store_that_cannot_be_used_stops_the_sidecar_with_a_plain_message(
+    extra: dict[str, str], said_first: str
+) -> None:
     async with run_stack() as stack:
-        env = stack_env(
-            stack,
-            SIDECAR_WORKERS=workers,
-            SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token,
-            SIDECAR_TOKEN_STORE="file:/etc/hostname/store",  # under a file: no directory can be made there
-        )
+        env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, **extra)
         code, _, said = await run_cli("serve", env=env)
     assert code == 2
-    assert "SIDECAR_TOKEN_STORE: cannot create the directory" in said
+    assert said_first in said
     assert "Traceback" not in said
 
 
