@@ -205,10 +205,6 @@ class RedisStore:
             value = await self._redis.get(f"{key}:lock")
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
-    async def ping(self) -> None:
-        async with self._errors("connecting"):
-            await self._redis.ping()
-
     async def aclose(self) -> None:
         await self._redis.aclose()
 
