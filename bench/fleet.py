@@ -1,6 +1,7 @@
 """The fleet: sidecar processes sharing one credential through a token store, measured from outside.
 
     python bench/fleet.py [--sidecars 10] [--requests 500] [--kills 10] [--only redis|workers] [--no-baseline]
+                          [--scenarios cold,sustained,kills,answer-lost,emptied,outage]
 
 The emulated Cognito and API Gateway run in this process on ephemeral loopback ports (they count the token
 requests and how every refresh ended); a redis-server of this script's own runs on an ephemeral port; every
@@ -14,6 +15,8 @@ sidecar is a ``cognito-sidecar serve`` process. Two forms: ``redis``, --sidecars
   for 1 s before acting), the lease holder is SIGKILLed and a new sidecar started in its place (the supervisor
   restarts a worker itself): the refreshes Cognito refused (a lost credential), the takeovers, failed requests;
 - answer lost: the same, killed after Cognito rotated the token (its answer held 1 s on the way back), grace 10 s;
+- emptied: the store loses everything while the fleet runs, rotation on (Redis restarted without persistence,
+  the file store's files deleted): the refreshes Cognito refused, the answers;
 - outage (redis only): Redis stopped for longer than a token's life, rotation on, then started again empty:
   the answers during the outage, the time until every sidecar serves again, the refreshes Cognito refused.
 
@@ -237,7 +240,8 @@ class WorkersFleet(Fleet):
                 await asyncio.sleep(0.05)
         line = next(line for line in sidecar.said if "workers serving" in line)
         directory = line.split("through file:")[1].split()[0]
-        self._store = FileStore(Path(directory))
+        self.directory = Path(directory)
+        self._store = FileStore(self.directory)
         self._key = await _store_key({**self.env, "SIDECAR_TOKEN_STORE": f"file:{directory}"})
 
     async def holder(self) -> int | None:
@@ -309,7 +313,12 @@ async def sustained(form: str, count: int, redis: RedisServer | None) -> tuple[s
     window = lifetime * SUSTAINED["lifetimes"]
     async with run_stack(token_lifetime=lifetime) as stack:
         env = fleet_env(stack, lifetime=SUSTAINED, redis=redis)
-        async with fleet_of(form, stack, env, count, redis) as fleet:
+        async with (
+            fleet_of(form, stack, env, count, redis) as fleet,
+            httpx2.AsyncClient(trust_env=False, timeout=30) as client,
+        ):
+            for url in fleet.urls:  # every sidecar holds its first token before the window opens
+                (await client.get(f"{url}/warm-up")).raise_for_status()
             load = Load(fleet, concurrency=20)
             async with load.running():
                 at_start = stack.token_requests
@@ -399,20 +408,55 @@ async def outage(count: int, redis: RedisServer) -> str:
     )
 
 
+async def emptied(form: str, count: int, redis: RedisServer | None) -> str:
+    """The store loses everything while the fleet runs (rotation on): the next refresh seeds it again."""
+    lifetime = int(OUTAGE["lifetime"])
+    async with run_stack(token_lifetime=lifetime, rotate_refresh_tokens=True) as stack:
+        env = fleet_env(stack, lifetime=OUTAGE, redis=redis)
+        async with fleet_of(form, stack, env, count, redis) as fleet:
+            load = Load(fleet, concurrency=10)
+            async with load.running():
+                await asyncio.sleep(2)
+                if redis is not None:
+                    redis.stop()  # and at once back, empty: a restart without persistence
+                    redis.start()
+                else:
+                    assert isinstance(fleet, WorkersFleet)
+                    for path in [*fleet.directory.glob("*.state"), *fleet.directory.glob("*.hold")]:
+                        path.unlink()  # the data; the lock file stays (a lock file replaced under a holder is no lock)
+                await asyncio.sleep(2 * lifetime)
+    outcomes = stack.emulator.cognito.refresh_outcomes
+    return (
+        f"emptied    {2 if form == 'workers' else count:>2} {form:8} the store emptied under a rotating credential, "
+        f"then 2 token lifetimes of {lifetime} s: refreshes {outcomes['ok']} ok, {outcomes['invalid_grant']} refused "
+        f"(credentials lost); answers: {load.summary()}"
+    )
+
+
+SCENARIOS = ("cold", "sustained", "kills", "answer-lost", "emptied", "outage")
+
+
 async def main(args: argparse.Namespace) -> None:
     forms = [args.only] if args.only else ["redis", "workers"]
+    chosen = args.scenarios.split(",") if args.scenarios else SCENARIOS
     with redis_server() as redis:
         for form in forms:
             store = redis if form == "redis" else None
-            print(await cold(form, args.sidecars, args.requests, store), flush=True)
-            line, _ = await sustained(form, args.sidecars, store)
-            print(line, flush=True)
-            if form == "redis" and args.baseline:
-                line, alone = await sustained("memory", args.sidecars, None)
-                print(line + f"; {alone / args.sidecars:.1f} per sidecar on its own", flush=True)
-            print(await kills(form, args.sidecars, args.kills, store, answer_lost=False), flush=True)
-            print(await kills(form, args.sidecars, args.kills, store, answer_lost=True), flush=True)
-            if form == "redis":
+            if "cold" in chosen:
+                print(await cold(form, args.sidecars, args.requests, store), flush=True)
+            if "sustained" in chosen:
+                line, _ = await sustained(form, args.sidecars, store)
+                print(line, flush=True)
+                if form == "redis" and args.baseline:
+                    line, alone = await sustained("memory", args.sidecars, None)
+                    print(line + f"; {alone / args.sidecars:.1f} per sidecar on its own", flush=True)
+            if "kills" in chosen:
+                print(await kills(form, args.sidecars, args.kills, store, answer_lost=False), flush=True)
+            if "answer-lost" in chosen:
+                print(await kills(form, args.sidecars, args.kills, store, answer_lost=True), flush=True)
+            if "emptied" in chosen:
+                print(await emptied(form, args.sidecars, store), flush=True)
+            if "outage" in chosen and form == "redis":
                 print(await outage(args.sidecars, redis), flush=True)
 
 
@@ -423,4 +467,5 @@ if __name__ == "__main__":
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--only", choices=("redis", "workers"), default=None)
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--scenarios", default="", help=f"comma-separated, of {','.join(SCENARIOS)} (default: all)")
     asyncio.run(main(parser.parse_args()))
