@@ -9,11 +9,13 @@ same credential share it) and the refresher's schedule. Requests read the set:
   ``wait_limit`` seconds. When backoff has put the next attempt later, it gets the last failure at once.
 
 The refresher is one task and the only caller of the token endpoint, so there is one token request at a
-time by construction, however many requests wait. It sleeps on the injected ``Clock`` until the next
-attempt is due:
+time by construction, however many requests wait. With a shared token store (``proxy.shared``) an attempt
+first looks at the store, and the store's lease makes that one request at a time across every sidecar sharing
+the credential. The refresher sleeps on the injected ``Clock`` until the next attempt is due:
 
-- at a random point 90-100% into the token's usable life (sidecars sharing a credential drift apart), or at
-  once when there is no valid token, when API Gateway refused the token, or when secret files changed;
+- at a random point 90-100% into the token's usable life (sidecars sharing a credential drift apart; 98-100%
+  with a shared store), or at once when there is no valid token, when API Gateway refused the token, or when
+  secret files changed;
 - never sooner than ``min_interval`` after the previous token request, whatever happens;
 - after failures, later: exponential backoff with jitter across the whole outage, up to ``max_wait``;
   at least what the endpoint asked for in ``Retry-After``; at least ``permanent_hold`` after a refusal
