@@ -161,8 +161,7 @@ class RedisStore:
         try:
             yield
         except self._redis_error as exc:
-            reason = str(exc).split("\n")[0] or type(exc).__name__
-            raise StoreError(self.name, f"{doing}: {reason}") from None
+            raise StoreError(self.name, f"{doing}: {_reason(exc)}") from None
         except OSError as exc:
             raise StoreError(self.name, f"{doing}: {exc.strerror or exc}") from None
 
@@ -207,6 +206,16 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    """A redis-py error's first line, with the network or TLS error under it when the message lacks it (older
+    redis-py says only "Error 1 connecting to host:port. 1.")."""
+    text = str(exc).split("\n")[0] or type(exc).__name__
+    inner = exc.__cause__ or exc.__context__
+    if isinstance(inner, OSError) and str(inner) and str(inner) not in text:
+        text = f"{text} ({inner})"
+    return text
 
 
 def _bytes(value: object) -> bytes | None:
