@@ -133,11 +133,10 @@ class HoldOff:
 
 @dataclass(frozen=True)
 class Record:
-    """One credential's shared state. ``version``: the fencing value of the lease that wrote it; ``received``: when
-    the answer arrived, on the writer's wall clock; ``rotates``: Cognito has rotated this credential's refresh token
-    (from then on it is never refreshed without the lease)."""
+    """One credential's shared state. ``received``: when the answer arrived, on the writer's wall clock;
+    ``rotates``: Cognito has rotated this credential's refresh token (from then on it is never refreshed without
+    the lease). Only the lease's holder writes it: the store checks the fencing value, the record need not carry it."""
 
-    version: int
     received: float
     response: TokenResponse = field(repr=False)
     refresh_token: str | None = field(repr=False)
@@ -152,7 +151,6 @@ class Record:
         r = self.response
         return {
             "format": FORMAT,
-            "version": self.version,
             "received": self.received,
             "response": {
                 "id_token": r.id_token,
@@ -172,7 +170,6 @@ class Record:
             raise ValueError("format")
         answer = data["response"]
         return cls(
-            version=int(data["version"]),
             received=float(data["received"]),
             response=TokenResponse(
                 id_token=answer.get("id_token"),

@@ -216,7 +216,7 @@ class SharedRefresh:
                     # Rotated, then found wanting (an answer without a usable token): the new refresh token is
                     # all that works now, and must not be lost.
                     previous = record.response if record is not None else EMPTY_RESPONSE
-                    await self._save(lease, self._record(lease, previous, record, origins, rotated=True))
+                    await self._save(lease, self._record(previous, record, origins, rotated=True))
                 await self._hold_off(exc, note, consumer)
                 raise
             finally:
@@ -224,7 +224,7 @@ class SharedRefresh:
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewer
             rotated = self.grant.refresh_token != used
-            await self._save(lease, self._record(lease, response, record, origins, rotated=rotated))
+            await self._save(lease, self._record(response, record, origins, rotated=rotated))
             try:
                 return consumer.token_set(response)
             except TokenError as exc:  # clock skew, an unusable token: the others would meet it too
@@ -297,7 +297,7 @@ class SharedRefresh:
         return lineage(record.origins, mine, MAX_ORIGINS)
 
     def _record(
-        self, lease: Lease, response: TokenResponse, previous: Record | None, origins: tuple[str, ...], *, rotated: bool
+        self, response: TokenResponse, previous: Record | None, origins: tuple[str, ...], *, rotated: bool
     ) -> Record:
         refresh_token = self.grant.refresh_token
         self.rotates = self.rotates or rotated or (previous is not None and previous.rotates)
@@ -305,7 +305,6 @@ class SharedRefresh:
         if refresh_token:
             recent = lineage(recent, self.sealer.fingerprint(refresh_token), MAX_RECENT)
         return Record(
-            version=lease.fence,
             received=self._clock.time(),
             response=response,
             refresh_token=refresh_token,

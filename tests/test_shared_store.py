@@ -347,7 +347,6 @@ async def test_a_new_login_replaces_the_stored_credential_and_old_seeds_follow_i
 
 def test_sealing_refuses_another_key_tampering_and_plaintext() -> None:
     record = Record(
-        version=3,
         received=1.0,
         response=TokenResponse(id_token="a.b.c", access_token=None, refresh_token=None, expires_in=60, token_type="x"),
         refresh_token="rt-secret",
