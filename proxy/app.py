@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -33,10 +33,11 @@ from proxy.guard import CallerGuard, Refusal
 from proxy.logs import AccessLog, event
 from proxy.metrics import RequestMetrics, render, sidecar_registry
 from proxy.paths import BadPath, pick_route
-from proxy.providers import open_configured_store, provider_for
+from proxy.providers import open_configured_store, provider_for, token_http, token_tls
 from proxy.record import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
-from proxy.settings import Settings
+from proxy.settings import RouteSettings, Settings
 from proxy.store import Store
+from proxy.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
 from proxy.types import Message, Receive, Scope, Send
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
@@ -76,14 +77,18 @@ class Sidecar:
     draining: bool = False
     # The token store shared with other sidecars (None: memory, each process on its own).
     store: Store | None = None
+    # Every TLS context with files of its own (trusted CAs, client certificates), each once: re-read on change.
+    tls: list[TlsContext] = field(default_factory=list)
     forwarders: list[Forwarder] = field(init=False)
     # Set whenever a re-read brought a new value (tests wait on it).
     secrets_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def reload_secrets(self) -> bool:
-        """Re-read every secret file (SIGHUP, or the watcher saw one change); True when a value changed."""
+        """Re-read every secret and TLS file (SIGHUP, or the watcher saw one change); True when a value changed."""
         # Every file is re-read (a list, not any(): no short-circuit).
-        results = [provider.reload_credentials() for provider in self.providers]
+        results = [context.reload() for context in self.tls]
+        results += [forwarder.reload_tls() for forwarder in self.forwarders]
+        results += [provider.reload_credentials() for provider in self.providers]
         results += [forwarder.reload_secrets() for forwarder in self.forwarders]
         if self.guard.caller_token is not None:
             results.append(self.guard.caller_token.reload())
@@ -267,7 +272,12 @@ def build_sidecar(
     routes = settings.effective_routes()
     if not routes:
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
-    http = httpx2.AsyncClient(trust_env=False, follow_redirects=False, timeout=settings.token_timeout)
+    egress = settings.egress()
+    tls = TlsContexts()
+    token_context = token_tls(settings)
+    if token_context is not None:
+        tls.contexts[token_context.files] = token_context
+    http = token_http(settings, token_context)
     store = open_configured_store(settings)
     providers: dict[tuple[str, ...], TokenProvider] = {}
     kinds: dict[tuple[str, ...], set[str]] = {}
@@ -304,6 +314,9 @@ def build_sidecar(
                 max_body_bytes=settings.max_body_bytes,
                 methods=route.methods,
                 paths=route.paths,
+                api_id=route.api_id,
+                proxy=egress.proxy_for(route.upstream_url),
+                tls=tls.for_route(route),
             ),
         )
         for route in routes
@@ -325,7 +338,28 @@ def build_sidecar(
         guard=guard,
         limits=limits,
         file_warnings=secret_file_warnings(settings),
+        tls=list(tls.contexts.values()),
     )
+
+
+class TlsContexts:
+    """One ``TlsContext`` per distinct set of TLS files: routes that name the same files share it."""
+
+    def __init__(self) -> None:
+        self.contexts: dict[TlsFiles, TlsContext] = {}
+
+    def for_route(self, route: RouteSettings) -> TlsContext | None:
+        names = TOP_LEVEL_NAMES
+        if route.prefix != "/":
+            label = f"route {route.prefix}:"
+            names = (f"{label} ca_file", f"{label} client_cert_file", f"{label} client_key_file")
+        files = route.tls_files(names)
+        if not files.custom:
+            return None
+        key = replace(files, names=TOP_LEVEL_NAMES)
+        if key not in self.contexts:
+            self.contexts[key] = TlsContext(files)
+        return self.contexts[key]
 
 
 def create_app(
@@ -388,7 +422,7 @@ def create_app(
                 provider.grant.claim()  # with a store, sharing the refresh token is the point
             provider.start()
         flusher = asyncio.create_task(access_log.run()) if access_log else None
-        files = secret_files(settings)
+        files = list(dict.fromkeys([*secret_files(settings), *(p for c in sidecar.tls for p in c.files.paths())]))
         watcher = (
             asyncio.create_task(watch_files(files, sidecar.reload_secrets, interval=watch_interval)) if files else None
         )

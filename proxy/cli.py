@@ -41,7 +41,7 @@ from proxy.login import (
     write_refresh_token,
 )
 from proxy.logs import configure_logging
-from proxy.providers import one_shot
+from proxy.providers import one_shot, token_http
 from proxy.serving import GracefulServer, bind_listen, bound_url, config_for, running, tune_gc
 from proxy.settings import Settings, load_settings, read_secret_file, settings_help
 from proxy.tokens import TokenEndpoint
@@ -264,9 +264,13 @@ async def _login(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             ["--out: say where to save the refresh token (or set SIDECAR_REFRESH_TOKEN_FILE, or --print)"]
         )
     secret = settings.client_secret.get_secret_value() if settings.client_secret else None
-    async with httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http:
+    async with token_http(settings) as http:
         endpoint = TokenEndpoint(
-            http, token_url=settings.token_url, client_id=settings.client_id, timeout=settings.token_timeout
+            http,
+            token_url=settings.token_url,
+            client_id=settings.client_id,
+            timeout=settings.token_timeout,
+            proxy=settings.egress().proxy_for(settings.token_url),
         )
         verifier = args.code_verifier
         code = args.code
@@ -307,7 +311,7 @@ async def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(env, purpose="token")
     kind = {"id": "id_token", "access": "access_token", None: settings.token}[args.type]
     async with (
-        httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http,
+        token_http(settings) as http,
         one_shot(settings, http, {kind}) as provider,  # through the token store, if the fleet shares one
     ):
         token = (await provider.get())[kind]

@@ -108,11 +108,18 @@ def secret_files(settings: Settings) -> list[Path]:
     """Every secret file the settings name (top level and routes), each once."""
     paths: dict[Path, None] = {}
     for holder in (settings, *settings.routes):
-        for path in (holder.client_secret_file, holder.refresh_token_file, holder.api_key_file):
+        for path in (
+            holder.client_secret_file,
+            holder.refresh_token_file,
+            holder.api_key_file,
+            holder.client_key_file,
+            holder.client_key_password_file,
+        ):
             if path is not None:
                 paths[Path(path)] = None
-    if settings.caller_token_file is not None:
-        paths[Path(settings.caller_token_file)] = None
+    for path in (settings.caller_token_file, settings.egress_proxy_file):
+        if path is not None:
+            paths[Path(path)] = None
     return list(paths)
 
 

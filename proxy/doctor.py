@@ -21,7 +21,7 @@ import httpx2
 
 from proxy.credentials import secret_file_warnings
 from proxy.errors import ConfigError, TokenEndpointError, TokenError
-from proxy.providers import one_shot
+from proxy.providers import one_shot, token_http
 from proxy.settings import Settings, load_settings
 from proxy.shared import SharedRefresh
 from proxy.tokens import Token
@@ -154,7 +154,7 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
     if findings[-1].status == "FAIL":
         return findings
     flow = settings.grant.replace("_token", "")  # refresh, client_credentials
-    async with httpx2.AsyncClient(trust_env=False, timeout=settings.token_timeout) as http:
+    async with token_http(settings) as http:
         try:
             # Through the token store when the fleet shares one: a refresh outside it would rotate the shared
             # refresh token out from under the other sidecars.

@@ -11,7 +11,8 @@ happened, the likely causes, and what to do. None of them ever holds a secret or
         │   ├── PermanentTokenError      invalid_grant, invalid_client, ...: a person must act
         │   └── TransientTokenError      network, 5xx, 429, malformed answers: worth retrying
         │       ├── TokenClockSkewError  a token arrived (nearly) expired by this machine's clock
-        │       └── StoreUnavailableError  the store is out of reach and the refresh token rotates
+        │       ├── StoreUnavailableError  the store is out of reach and the refresh token rotates
+        │       └── EgressError          the egress proxy or TLS failed before the endpoint could answer
         └── TokenUnusableError           the answer lacked the configured token kind, or it is not a JWT
 
 ``failure_kind`` names each kind of failure in metrics (the ``outcome`` of ``sidecar_token_requests_total`` and
@@ -207,6 +208,16 @@ class StoreUnavailableError(TransientTokenError):
             fix="bring the token store back (a restarted Redis that lost its data is seeded again from this "
             "sidecar's refresh token); the sidecar keeps trying.",
         )
+
+
+class EgressError(TransientTokenError):
+    """The way to the token endpoint failed before it could answer: the egress proxy refused or cannot be reached, or
+    a certificate did not verify (``proxy.egress.describe_failure``). ``code`` names which, as the forwarder's own
+    answers do for the upstream (``egress_proxy_refused``, ``token_endpoint_tls_untrusted``, ...)."""
+
+    def __init__(self, *, code: str, **fields: Any) -> None:
+        self.code = code
+        super().__init__(**fields)
 
 
 def error_body(code: str, detail: str, request_id: str = "") -> bytes:

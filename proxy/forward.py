@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
+import ssl
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -26,11 +28,13 @@ import aiohttp
 from yarl import URL
 
 from proxy.credentials import Secret
+from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal
 from proxy.errors import TokenError, error_body
 from proxy.guard import CALLER_HEADER
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
 from proxy.logs import event
 from proxy.record import REQUEST_ID_HEADER, SANE_REQUEST_ID, RequestRecord
+from proxy.tls import TlsContext
 from proxy.tokens import Token
 from proxy.types import Receive, Scope, Send
 
@@ -114,18 +118,36 @@ class Forwarder:
         max_body_bytes: int = 0,
         methods: Iterable[str] | None = None,
         paths: Iterable[str] | None = None,
+        api_id: str | None = None,
+        proxy: EgressProxy | None = None,
+        tls: TlsContext | None = None,
     ) -> None:
         parts = urlsplit(upstream_url)
         self._scheme = parts.scheme
         self.host = parts.hostname or ""
         self._port = parts.port
         self._base_path = parts.path.rstrip("/")
+        # host:port as messages name it.
+        self.target = f"[{self.host}]" if ":" in self.host else self.host
+        self.target += f":{parts.port or (443 if parts.scheme == 'https' else 80)}"
         self.tokens = tokens
         self._header = header.lower()
         self._prefix = header_prefix
         self._strip = len(strip_prefix.rstrip("/"))
         self._api_key = api_key
+        self.api_id = api_id
         self._extra = self._extra_headers()
+        # The egress proxy on the way to the upstream (None: direct), and its Proxy-Authorization.
+        self.proxy = proxy
+        self.proxy_url = URL(proxy.url) if proxy is not None else None
+        authorization = proxy.authorization() if proxy is not None else None
+        self.proxy_headers = {"Proxy-Authorization": authorization} if authorization else None
+        # The trusted CAs and client certificate (None: the default store, no certificate); every new connection
+        # takes the current context, so a re-read certificate is used without a restart.
+        self.tls = tls
+        self.ssl_context: ssl.SSLContext | bool = tls.context if tls is not None else True
+        # Failures on the way (egress proxy, TLS) by code (for /-/metrics).
+        self.egress_failures: Counter[str] = Counter()
         # Names a client may not set (the sidecar sets them), and the headers set for the current token:
         # built once per token, not per request.
         # The caller token is the sidecar's business alone: never forwarded, whatever the settings. The request id
@@ -158,8 +180,10 @@ class Forwarder:
         self.replays = 0
 
     def _extra_headers(self) -> tuple[tuple[str, str], ...]:
-        # API Gateway usage plans: the configured key replaces any the client sent.
-        return (("x-api-key", self._api_key.value),) if self._api_key else ()
+        # API Gateway usage plans: the configured key replaces any the client sent. A private API reached through a
+        # VPC endpoint's own DNS name: API Gateway routes on x-apigw-api-id.
+        extra = (("x-api-key", self._api_key.value),) if self._api_key else ()
+        return (*extra, ("x-apigw-api-id", self.api_id)) if self.api_id else extra
 
     def headers_for(self, token: Token) -> tuple[tuple[str, str], ...]:
         cached = self._token_headers
@@ -168,6 +192,13 @@ class Forwarder:
         headers = ((self._header, self._prefix + token.value), *self._extra)
         self._token_headers = (token, headers)
         return headers
+
+    def reload_tls(self) -> bool:
+        """Take up the TLS context's re-read files (the context re-reads them); True when a new one is in use."""
+        if self.tls is None or self.ssl_context is self.tls.context:
+            return False
+        self.ssl_context = self.tls.context
+        return True
 
     def reload_secrets(self) -> bool:
         """Re-read the API key file (SIGHUP); True when it changed."""
@@ -364,6 +395,8 @@ class Exchange:
             raise ForwardError(503, exc.code, f"no token could be had: {exc}") from None
         response = await self._send_upstream(session, url, token)
         try:
+            if response.status == 407 and forwarder.proxy is not None:  # http:// upstream: the proxy answered
+                raise _egress_failure(forwarder, proxy_refusal(forwarder.proxy, 407, forwarder.target))
             if response.status == 401 and _authorizer_refused(response):
                 if not self.replayable:
                     tokens.refused(token)
@@ -396,7 +429,15 @@ class Exchange:
         sent = time.perf_counter()
         try:
             return await session.request(
-                self.method, url, headers=headers, data=self.body, allow_redirects=False, compress=None
+                self.method,
+                url,
+                headers=headers,
+                data=self.body,
+                allow_redirects=False,
+                compress=None,
+                ssl=forwarder.ssl_context,
+                proxy=forwarder.proxy_url,
+                proxy_headers=forwarder.proxy_headers,
             )
         except (aiohttp.ClientError, TimeoutError, ForwardError, ClientGone) as exc:
             # A failure of the request body (too large, stalled, client gone) is what the client hears about,
@@ -439,6 +480,17 @@ class Exchange:
 def _upstream_failure(exc: BaseException, forwarder: Forwarder) -> ForwardError:
     """The one mapping from an upstream client failure to the sidecar's answer."""
     host = forwarder.host
+    failure = describe_failure(
+        exc,
+        target=forwarder.target,
+        what="upstream",
+        proxy=forwarder.proxy,
+        proxy_status=exc.status if isinstance(exc, aiohttp.ClientHttpProxyError) else None,
+        connect_error=isinstance(exc, aiohttp.ClientConnectorError),
+        trust_setting="SIDECAR_CA_FILE (per route: ca_file)",
+    )
+    if failure is not None:
+        return _egress_failure(forwarder, failure)
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return ForwardError(
             504,
@@ -453,6 +505,11 @@ def _upstream_failure(exc: BaseException, forwarder: Forwarder) -> ForwardError:
             f"could not connect to the upstream {host} ({_reason(exc)}); check SIDECAR_UPSTREAM_URL and the network",
         )
     return ForwardError(502, "upstream_error", f"the upstream {host} broke the connection ({_reason(exc)})")
+
+
+def _egress_failure(forwarder: Forwarder, failure: EgressFailure) -> ForwardError:
+    forwarder.egress_failures[failure.code] += 1
+    return ForwardError(502, failure.code, f"{failure.summary}; {failure.fix}")
 
 
 def _reason(exc: BaseException) -> str:

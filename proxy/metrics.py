@@ -16,7 +16,7 @@ import platform
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -74,9 +74,21 @@ class RequestMetrics:
             histogram.sum += upstream
 
 
+class _Route(Protocol):
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def forwarder(self) -> Forwarder: ...
+
+
 class _Parts(Protocol):
     providers: list[TokenProvider]
     forwarders: list[Forwarder]
+
+    @property
+    def routes(self) -> list[Any]: ...
+
     draining: bool
     requests: RequestMetrics
 
@@ -235,6 +247,7 @@ class SidecarCollector(Collector):
             "Requests replayed once after API Gateway refused the token",
             value=float(sum(f.replays for f in forwarders)),
         )
+        yield from self._egress()
         errors = CounterMetricFamily("sidecar_errors", "The sidecar's own error answers, by code", labels=["code"])
         for code, count in sorted(self._parts.errors.items()):
             errors.add_metric([code], count)
@@ -243,6 +256,38 @@ class SidecarCollector(Collector):
         info = GaugeMetricFamily("sidecar_build_info", "Always 1: the running version", labels=["version", "python"])
         info.add_metric([__version__, platform.python_version()], 1.0)
         yield info
+
+    def _egress(self) -> Iterator[Metric]:
+        failures = CounterMetricFamily(
+            "sidecar_egress_failures",
+            "Requests that failed on the way out, before the target answered, by target (token_endpoint, upstream) "
+            "and code: the egress proxy refused (egress_proxy_refused, egress_proxy_auth_required), could not be "
+            "reached (egress_proxy_unreachable) or could not reach the target (egress_proxy_cannot_reach); a "
+            "certificate did not verify (*_tls_untrusted); the upstream refused the client certificate "
+            "(upstream_tls_refused)",
+            labels=["target", "code"],
+        )
+        by_target = (
+            ("token_endpoint", [provider.grant.endpoint.egress_failures for provider in self._parts.providers]),
+            ("upstream", [forwarder.egress_failures for forwarder in self._parts.forwarders]),
+        )
+        for target, counters in by_target:
+            total: Counter[str] = Counter()
+            for counter in counters:
+                total.update(counter)
+            for code, count in sorted(total.items()):
+                failures.add_metric([target, code], count)
+        yield failures
+        expiry = GaugeMetricFamily(
+            "sidecar_client_certificate_expiry_timestamp_seconds",
+            "When the client certificate presented to the upstream (mutual TLS) expires, as a Unix time, by route",
+            labels=["route"],
+        )
+        for route in self._parts.routes:
+            tls = route.forwarder.tls
+            if tls is not None and tls.certificate is not None:
+                expiry.add_metric([route.label], tls.certificate.expires_at)
+        yield expiry
 
 
 def sidecar_registry(parts: _Parts, clock: Clock = SYSTEM_CLOCK) -> CollectorRegistry:

@@ -21,7 +21,20 @@ from proxy.sealing import Sealer
 from proxy.settings import RouteSettings, Settings
 from proxy.shared import SharedRefresh
 from proxy.store import Store, open_store
+from proxy.tls import TlsContext, TlsFiles
 from proxy.tokens import TokenEndpoint
+from proxy.transport import token_client
+
+
+def token_tls(settings: Settings) -> TlsContext | None:
+    """The token endpoints' TLS context: the default store plus ``SIDECAR_CA_FILE`` (None: the default store)."""
+    return TlsContext(TlsFiles(ca_file=settings.ca_file)) if settings.ca_file is not None else None
+
+
+def token_http(settings: Settings, tls: TlsContext | None = None) -> httpx2.AsyncClient:
+    """The HTTP client for token endpoints: through the egress proxy, trusting ``SIDECAR_CA_FILE`` (``tls``, if the
+    caller keeps it to re-read it)."""
+    return token_client(settings.egress(), tls or token_tls(settings), timeout=settings.token_timeout)
 
 
 def open_configured_store(settings: Settings) -> Store | None:
@@ -47,7 +60,11 @@ def provider_for(
     """The provider of ``credential``'s tokens. ``durable``: the store keeps rotated refresh tokens across restarts
     (not so the private one ``SIDECAR_WORKERS`` makes and removes)."""
     endpoint = TokenEndpoint(
-        http, token_url=credential.token_url, client_id=credential.client_id, timeout=settings.token_timeout
+        http,
+        token_url=credential.token_url,
+        client_id=credential.client_id,
+        timeout=settings.token_timeout,
+        proxy=settings.egress().proxy_for(credential.token_url),
     )
     grant = grant_from_settings(credential, endpoint)
     shared = None

@@ -14,9 +14,13 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -123,18 +127,38 @@ def bind_listen(listen: str, *, socket_mode: int = 0o660) -> socket.socket:
     return bind(*parse_listen(listen))
 
 
-def bound_url(sock: socket.socket) -> str:
+def bound_url(sock: socket.socket, *, https: bool = False) -> str:
     if sock.family == socket.AF_UNIX:
         return f"unix:{sock.getsockname()}"
     host, port = sock.getsockname()[:2]
-    return f"http://{format_address(host, port)}"
+    return f"{'https' if https else 'http'}://{format_address(host, port)}"
 
 
-def config_for(app: ASGIApp, *, grace: int = DEFAULT_GRACE, limits: ConnectionLimits | None = None) -> uvicorn.Config:
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for a server the emulator or a test runs: its certificate and key, and the CA whose client certificates it
+    requires (``client_ca_file``; None: none asked for)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+def config_for(
+    app: ASGIApp, *, grace: int = DEFAULT_GRACE, limits: ConnectionLimits | None = None, tls: ServerTls | None = None
+) -> uvicorn.Config:
     """uvicorn settings shared by every server: no Server/Date headers of its own (the upstream's pass through),
     no access log of its own (the sidecar's ``AccessLog`` is cheaper). ``limits``: the sidecar's connection
-    limits (``proxy.connection``); the emulator's servers run without."""
+    limits (``proxy.connection``); the emulator's servers run without. ``tls``: serve HTTPS (the emulator)."""
     quiet_uvicorn()
+    tls_options: dict[str, Any] = {}
+    if tls is not None:
+        tls_options = {
+            "ssl_certfile": str(tls.cert_file),
+            "ssl_keyfile": str(tls.key_file),
+            "ssl_ca_certs": str(tls.client_ca_file) if tls.client_ca_file else None,
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE,
+        }
     return uvicorn.Config(
         app,
         lifespan="on",
@@ -150,6 +174,7 @@ def config_for(app: ASGIApp, *, grace: int = DEFAULT_GRACE, limits: ConnectionLi
         log_config=None,
         timeout_graceful_shutdown=grace,
         timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
+        **tls_options,
     )
 
 
@@ -238,13 +263,15 @@ async def running(
     limits: ConnectionLimits | None = None,
     sock: socket.socket | None = None,
     also: Sequence[socket.socket] = (),
+    tls: ServerTls | None = None,
 ) -> AsyncIterator[str]:
     """Serve ``app`` in this loop (on ``sock``, or a new socket on ``host:port``, and on the sockets ``also``);
-    yields ``sock``'s base URL (``unix:/path`` for a Unix socket) once its lifespan startup is done."""
+    yields ``sock``'s base URL (``unix:/path`` for a Unix socket; ``https://`` with ``tls``) once its lifespan
+    startup is done."""
     sock = sock or bind(host, port)
-    url = bound_url(sock)
+    url = bound_url(sock, https=tls is not None)
     started = asyncio.Event()
-    server = _EmbeddedServer(config_for(_notify_startup(app, started), grace=grace, limits=limits))
+    server = _EmbeddedServer(config_for(_notify_startup(app, started), grace=grace, limits=limits, tls=tls))
     task = asyncio.create_task(server.serve(sockets=[sock, *also]), name=f"uvicorn {url}")
     waiter = asyncio.create_task(started.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)

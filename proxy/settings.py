@@ -34,15 +34,28 @@ from pydantic import (
     field_validator,
 )
 
+from proxy.egress import Egress, ProxyEnvironment
 from proxy.errors import ConfigError
 from proxy.listen import parse_listen
+from proxy.tls import TOP_LEVEL_NAMES, TlsFiles
 
 ENV_PREFIX = "SIDECAR_"
 
 # Keys whose value may come from a file (`SIDECAR_X_FILE` / `x_file`): the secrets.
-FILE_KEYS = ("client_secret", "refresh_token", "api_key", "caller_token", "token_store_key", "token_store_password")
+FILE_KEYS = (
+    "client_secret",
+    "refresh_token",
+    "api_key",
+    "caller_token",
+    "token_store_key",
+    "token_store_password",
+    "client_key_password",
+    "egress_proxy",
+)
 # Of those, the ones a route may set for itself.
-ROUTE_FILE_KEYS = ("client_secret", "refresh_token", "api_key")
+ROUTE_FILE_KEYS = ("client_secret", "refresh_token", "api_key", "client_key_password")
+# Settings whose value is a path (not a secret read from one): the TLS files.
+PATH_KEYS = ("ca_file", "client_cert_file", "client_key_file")
 
 # Default safety margin before expiry: AWS's own SDKs refresh when less than 5 minutes remain.
 DEFAULT_REFRESH_MARGIN = 300.0
@@ -86,6 +99,8 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # A route prefix: RFC 3986 path characters, no percent-encoding, no query (logs and metrics carry it as it is).
 _PREFIX = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
 _METHOD = re.compile(r"^[A-Z]+$")
+# An API Gateway API id (the first label of its execute-api host): ten lower-case letters and digits.
+_API_ID = re.compile(r"[a-z0-9]{10}")
 # Requests the sidecar never forwards: TRACE echoes the request (token included) back to the client, and
 # CONNECT would turn the sidecar into a tunnel.
 FORBIDDEN_METHODS = frozenset({"TRACE", "CONNECT"})
@@ -151,6 +166,42 @@ class _Credentialed(BaseModel):
     api_key_file: Path | None = None
     header: str = "Authorization"
     header_prefix: str = ""
+    # TLS to the upstream: a CA bundle trusted besides the default store, and a client certificate (mutual TLS).
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = Field(default=None, validate_default=True)
+    client_key_password: SecretStr | None = None
+    client_key_password_file: Path | None = None
+    # A private REST API reached through an interface VPC endpoint's DNS name: sent as x-apigw-api-id.
+    api_id: str | None = None
+
+    @field_validator("api_id")
+    @classmethod
+    def _api_id(cls, value: str | None) -> str | None:
+        if value is not None and not _API_ID.fullmatch(value):
+            raise ValueError(
+                "must be an API Gateway API id: ten lower-case letters and digits, the first label of the API's "
+                "execute-api host (e.g. a1b2c3d4e5)"
+            )
+        return value
+
+    @field_validator("client_key_file")
+    @classmethod
+    def _client_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("client_cert_file") is None):
+            raise ValueError("the client certificate and its key go together: set both files, or neither")
+        return value
+
+    def tls_files(self, names: tuple[str, str, str] | None = None) -> TlsFiles:
+        """The TLS files this route (or the top level) uses for its upstream."""
+        password = self.client_key_password
+        return TlsFiles(
+            self.ca_file,
+            self.client_cert_file,
+            self.client_key_file,
+            password.get_secret_value() if password else None,
+            names=names or TOP_LEVEL_NAMES,
+        )
 
     @field_validator("cognito_domain")
     @classmethod
@@ -330,6 +381,20 @@ class Settings(_Credentialed):
     # Last of the store's settings: its validator checks them together.
     token_store_key: SecretStr | None = Field(default=None, validate_default=True)
     token_store_key_file: Path | None = None
+    # The egress proxy for every outbound HTTP request (not Redis), over the standard variables; "none" ignores them.
+    # A secret: the URL may carry the proxy's password.
+    egress_proxy: SecretStr | None = None
+    egress_proxy_file: Path | None = None
+    # HTTPS_PROXY, HTTP_PROXY and NO_PROXY as load_settings found them in the environment (not SIDECAR_ settings).
+    proxy_environment: ProxyEnvironment = ProxyEnvironment()
+
+    def egress(self) -> Egress:
+        """The proxies for outbound requests; raises ``ConfigError`` naming the variable of an unusable proxy URL."""
+        override = self.egress_proxy.get_secret_value() if self.egress_proxy else None
+        try:
+            return Egress.resolve(override, self.proxy_environment)
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
 
     @field_validator("token_store")
     @classmethod
@@ -468,7 +533,9 @@ _INHERITED = tuple(_Credentialed.model_fields)
 # the top level's to send there.
 _CREDENTIALS = ("client_secret", "client_secret_file", "refresh_token", "refresh_token_file")
 _ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {f"{k}_file" for k in ROUTE_FILE_KEYS}
-_KNOWN_KEYS = frozenset(Settings.model_fields) | {"config"}
+# Read from the standard variables (HTTPS_PROXY, ...), never from a SIDECAR_ setting or the TOML file.
+_FROM_ENVIRONMENT = frozenset({"proxy_environment"})
+_KNOWN_KEYS = (frozenset(Settings.model_fields) - _FROM_ENVIRONMENT) | {"config"}
 
 
 # One line per setting, for `serve --help` (the README's table says more).
@@ -515,6 +582,13 @@ SETTING_HELP = {
     "token_store_password": "Redis AUTH password (or put it in the URL)",
     "token_store_lease": "seconds one refresh lease lasts unless renewed (a killed holder delays others this long)",
     "token_store_plaintext": "1: a public client with no store key keeps refresh tokens in Redis in clear",
+    "egress_proxy": "forward proxy for outbound HTTP(S), http://[user:password@]host:port (over HTTPS_PROXY, "
+    "HTTP_PROXY; NO_PROXY applies); none: ignore those",
+    "ca_file": "PEM bundle of CAs trusted besides the default store (token endpoint, upstream, rediss://)",
+    "client_cert_file": "client certificate (PEM) presented to the upstream: mutual TLS",
+    "client_key_file": "the client certificate's private key (PEM)",
+    "client_key_password": "password of an encrypted client key",
+    "api_id": "private REST API id, sent as x-apigw-api-id (upstream URL: the VPC endpoint's DNS name)",
 }
 
 
@@ -529,6 +603,10 @@ def settings_help() -> str:
         name = _env_name(key) + (f" / {_env_name(key)}_FILE" if key in FILE_KEYS else "")
         shown = f" (default: {default})" if default not in ("", ()) else ""
         lines.append(f"  {name}\n      {meaning}{shown}")
+    lines.append(
+        "  HTTPS_PROXY, HTTP_PROXY, NO_PROXY (or lower case, which wins)\n      the standard proxy variables, read as "
+        "curl reads them, unless SIDECAR_EGRESS_PROXY is set"
+    )
     return "\n".join(lines)
 
 
@@ -658,7 +736,11 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
     environment = {key[len(ENV_PREFIX) :].lower(): value for key, value in env.items() if key.startswith(ENV_PREFIX)}
     layers = [_Layer(environment, _env_name), _Layer(file_data, lambda key: f"{key} in SIDECAR_CONFIG")]
     failed: set[str] = set()
-    keys = [key for key in Settings.model_fields if key != "routes" and not key.endswith("_file")]
+    keys = [
+        key
+        for key in Settings.model_fields
+        if key not in ("routes", *_FROM_ENVIRONMENT) and (not key.endswith("_file") or key in PATH_KEYS)
+    ]
     raw = _merge(layers, keys, problems, failed, frozenset({"refresh_token"} if purpose == "login" else ()))
 
     tables = file_data.get("routes", [])
@@ -689,6 +771,7 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
         route_dicts.append(route)
     if route_dicts:
         raw["routes"] = route_dicts
+    raw["proxy_environment"] = ProxyEnvironment.from_env(env)
     try:
         settings = Settings.model_validate(raw, context={"purpose": purpose})
     except ValidationError as exc:
@@ -703,6 +786,10 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
                 message = "unknown setting"
             problems.append(f"{place[0]}: {message}")
         raise ConfigError(problems) from None
+    try:
+        settings.egress()
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
     return settings
@@ -719,6 +806,7 @@ def _place(loc: tuple[int | str, ...], labels: Sequence[str]) -> tuple[str, str]
 __all__ = [
     "FILE_KEYS",
     "FORBIDDEN_METHODS",
+    "PATH_KEYS",
     "ConfigError",
     "RouteSettings",
     "Settings",

@@ -23,7 +23,9 @@ from typing import Any
 import httpx2
 import jwt
 
+from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal
 from proxy.errors import (
+    EgressError,
     PermanentTokenError,
     TokenClockSkewError,
     TokenEndpointError,
@@ -31,6 +33,7 @@ from proxy.errors import (
     TokenUnusableError,
     TransientTokenError,
 )
+from proxy.transport import proxy_status
 
 # Raw error bodies are quoted to the person; anything longer than this is an HTML page or worse.
 BODY_EXCERPT_CHARS = 300
@@ -304,13 +307,25 @@ def _excerpt(text: str, secrets: tuple[str, ...]) -> str:
 class TokenEndpoint:
     """Client of one app client at one token endpoint. Holds no refresh token itself."""
 
-    def __init__(self, client: httpx2.AsyncClient, *, token_url: str, client_id: str, timeout: float) -> None:
+    def __init__(
+        self,
+        client: httpx2.AsyncClient,
+        *,
+        token_url: str,
+        client_id: str,
+        timeout: float,
+        proxy: EgressProxy | None = None,
+    ) -> None:
         self._client = client
         self.token_url = token_url
         self.client_id = client_id
         self._timeout = timeout
+        # The egress proxy requests to the token URL go through (the client chooses it; this names it in errors).
+        self.proxy = proxy
         # HTTP requests by outcome: "success" or the failure's ``failure_kind`` (for /-/metrics).
         self.outcomes: Counter[str] = Counter()
+        # Failures on the way (egress proxy, TLS) by code (for /-/metrics).
+        self.egress_failures: Counter[str] = Counter()
         self.last_answer_at = 0.0
 
     def __repr__(self) -> str:
@@ -396,6 +411,16 @@ class TokenEndpoint:
                 fix="check network access to the Cognito domain; the sidecar keeps retrying.",
             ) from None
         except httpx2.HTTPError as exc:
+            failure = describe_failure(
+                exc,
+                target=self._target(),
+                what="token_endpoint",
+                proxy=self.proxy,
+                proxy_status=proxy_status(exc),
+                connect_error=isinstance(exc, httpx2.ConnectError),
+            )
+            if failure is not None:
+                raise self._egress_error(flow, failure) from None
             raise TransientTokenError(
                 flow=flow,
                 status=None,
@@ -405,12 +430,31 @@ class TokenEndpoint:
                 f"{_excerpt(str(exc), secrets) or 'no detail'}).",
                 fix="check DNS, proxy and firewall settings for the Cognito domain; the sidecar keeps retrying.",
             ) from None
+        if response.status_code == 407 and self.proxy is not None:  # a plain-http endpoint: the proxy answered
+            raise self._egress_error(flow, proxy_refusal(self.proxy, 407, self._target()))
         # When the whole answer was in hand: the start of the window in which a rotated refresh token exists
         # only in this process's memory.
         self.last_answer_at = time.perf_counter()
         if response.status_code == 200:
             return self._parse_success(flow, response, on_refresh_token)
         raise self._classify(flow, response, secrets)
+
+    def _target(self) -> str:
+        parts = urllib.parse.urlsplit(self.token_url)
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+        return f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+    def _egress_error(self, flow: str, failure: EgressFailure) -> EgressError:
+        self.egress_failures[failure.code] += 1
+        return EgressError(
+            code=failure.code,
+            flow=flow,
+            status=None,
+            error=None,
+            body="",
+            summary=f"Could not reach the token endpoint {self.token_url}: {failure.summary}.",
+            fix=failure.fix + "; the sidecar keeps retrying.",
+        )
 
     def _parse_success(
         self, flow: str, response: httpx2.Response, on_refresh_token: Callable[[str], None] | None

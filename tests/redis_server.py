@@ -7,8 +7,6 @@ polled; nothing is kept on disk, so a restart comes back empty, as a Redis witho
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import shutil
 import signal
 import socket
@@ -19,10 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from proxy.emulator.pki import TestCA
 
 READY = "Ready to accept connections"
 START_LIMIT = 20.0
@@ -33,62 +28,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _self_signed(directory: Path) -> None:
-    """A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in ``directory``."""
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(
-        subject: str,
-        key: ec.EllipticCurvePrivateKey,
-        issuer: x509.Name,
-        signer: ec.EllipticCurvePrivateKey,
-        *,
-        ca: bool,
-    ) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=not ca,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=ca,
-                    crl_sign=ca,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-        )
-        if not ca:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-            ).add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = certificate("test CA", ca_key, ca_name, ca_key, ca=True)
-    server = certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server.pem").write_bytes(server.public_bytes(pem))
-    (directory / "server.key").write_bytes(
-        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
 
 
 class RedisServer:
@@ -105,11 +44,13 @@ class RedisServer:
         self._directory = tempfile.mkdtemp(prefix="sidecar-redis-")
         self.process: subprocess.Popen[str] | None = None
         if tls:
-            _self_signed(Path(self._directory))
+            authority = TestCA(Path(self._directory))
+            self._certificate = authority.server(names=("127.0.0.1",))
+            self._ca_file = authority.ca_file
 
     @property
     def ca_file(self) -> str:
-        return str(Path(self._directory) / "ca.pem")
+        return str(self._ca_file)
 
     @property
     def url(self) -> str:
@@ -132,11 +73,10 @@ class RedisServer:
         if self.password:
             command += ["--requirepass", self.password]
         if self.tls:
-            folder = Path(self._directory)
             command += [
-                "--tls-cert-file", str(folder / "server.pem"),
-                "--tls-key-file", str(folder / "server.key"),
-                "--tls-ca-cert-file", str(folder / "ca.pem"),
+                "--tls-cert-file", str(self._certificate.cert_file),
+                "--tls-key-file", str(self._certificate.key_file),
+                "--tls-ca-cert-file", self.ca_file,
                 "--tls-auth-clients", "no",
             ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -15,7 +15,7 @@ import pytest
 
 from proxy import __version__
 from proxy.errors import ConfigError
-from proxy.settings import SETTING_HELP, Settings, load_settings
+from proxy.settings import PATH_KEYS, SETTING_HELP, Settings, load_settings
 from tests.conftest import Stack, assert_hidden, cli_env, run_cli, sidecar_process, stack_env
 
 SECRET = "s3cr3t-client-secret"
@@ -194,8 +194,13 @@ def test_version_and_serve_help_list_every_setting():
     text = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    keys = {key for key in Settings.model_fields if key != "routes" and not key.endswith("_file")}
+    keys = {
+        key
+        for key in Settings.model_fields
+        if key not in ("routes", "proxy_environment") and (not key.endswith("_file") or key in PATH_KEYS)
+    }
     assert keys <= set(SETTING_HELP), keys - set(SETTING_HELP)
+    assert "HTTPS_PROXY" in text and "NO_PROXY" in text
     for key in keys:
         assert f"SIDECAR_{key.upper()}" in text
     assert "SIDECAR_MAX_BODY_BYTES\n      largest request body, bytes (0: no limit) (default: 10485760)" in text

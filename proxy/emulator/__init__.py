@@ -35,11 +35,13 @@ def make_stack(
     grace_period: float = 0.0,
     machine_to_machine: bool = False,
     api_key: str | None = None,
+    api_id: str | None = None,
 ) -> EmulatorStack:
     """A pool with one app client (a random secret unless given, none if ``public_client``) and its refresh token.
 
     ``machine_to_machine`` makes it a client_credentials app client with scopes ``api/read api/write`` (and no
-    refresh token); ``api_key`` makes the API stage require that ``x-api-key``.
+    refresh token); ``api_key`` makes the API stage require that ``x-api-key``; ``api_id`` makes it a private API
+    reached through a VPC endpoint (403 without ``x-apigw-api-id``).
     """
     cognito = CognitoEmulator(token_lifetime=token_lifetime)
     secret = None if public_client else (client_secret or secrets.token_urlsafe(32))
@@ -60,6 +62,11 @@ def make_stack(
         )
         token = cognito.issue_refresh_token(client_id, value=refresh_token)
     apigw = ApiGatewayEmulator(
-        issuer=cognito.issuer, public_key=cognito.public_key, audiences=[client_id], stage=stage, api_key=api_key
+        issuer=cognito.issuer,
+        public_key=cognito.public_key,
+        audiences=[client_id],
+        stage=stage,
+        api_key=api_key,
+        api_id=api_id,
     )
     return EmulatorStack(cognito, apigw, client, token)

@@ -40,6 +40,7 @@ class ApiGatewayEmulator:
         stage: str = "prod",
         header: str = "Authorization",
         api_key: str | None = None,
+        api_id: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.issuer = issuer
@@ -48,6 +49,9 @@ class ApiGatewayEmulator:
         self.stage = stage
         self._header = header.lower().encode()
         self._api_key = api_key
+        # A private API behind an interface VPC endpoint: requests to the endpoint's own DNS name must say which API
+        # they are for (x-apigw-api-id, or a Host of the API's own name), or get 403 Forbidden.
+        self.api_id = api_id
         self._clock = clock
         self.requests = 0
         self.authorized = 0
@@ -74,6 +78,10 @@ class ApiGatewayEmulator:
             return
         self.requests += 1
         self.seen.set()
+        if self.api_id is not None and not self._names_api(scope["headers"]):
+            await _drain(receive)
+            await _answer(send, 403, {"message": "Forbidden"}, "ForbiddenException")
+            return
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         prefix = f"/{self.stage}".encode()
         if not (raw_path == prefix or raw_path.startswith(prefix + b"/")):
@@ -141,6 +149,15 @@ class ApiGatewayEmulator:
             "claims": claims,
         }
         await _answer(send, 200, echo, None)
+
+    def _names_api(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        api_id = (self.api_id or "").encode()
+        for name, value in headers:
+            if (name == b"x-apigw-api-id" and value == api_id) or (
+                name == b"host" and value.startswith(api_id + b".execute-api.")
+            ):
+                return True
+        return False
 
     def _verify(self, token: str) -> tuple[dict[str, Any] | None, str]:
         try:

@@ -1,0 +1,356 @@
+"""The way out: which egress proxy a request to a URL goes through, and what a failure on the way means.
+
+Corporate networks let traffic out only through a forward proxy. The proxy is chosen as curl chooses it:
+
+- ``SIDECAR_EGRESS_PROXY`` (or its ``_FILE``) names one proxy for every scheme and wins over the environment;
+  ``none`` ignores the environment;
+- otherwise ``https_proxy`` for https:// targets and ``http_proxy`` for http:// targets, the lower-case name
+  winning over ``HTTPS_PROXY``/``HTTP_PROXY`` where both are set;
+- ``no_proxy``/``NO_PROXY`` exempts hosts (``NoProxy``): names, ``.suffix`` or ``suffix``, IP addresses, CIDR
+  ranges, each with an optional ``:port``, or ``*`` for all. Loopback is proxied like any other host unless named.
+
+The proxy's credentials (the URL's ``user:password@``, sent as Basic) never appear in a repr, a log line or a
+message: ``EgressProxy.display`` is the URL without them. ``describe_failure`` names each way a request can fail
+before it reaches its target (the proxy refused or cannot be reached, a certificate that does not verify, a
+client certificate the server refused) with a code, what happened and what to do.
+
+Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import ssl
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+# The proxy variables, lower case first: curl takes the lower-case one where both are set.
+HTTPS_PROXY_NAMES = ("https_proxy", "HTTPS_PROXY")
+HTTP_PROXY_NAMES = ("http_proxy", "HTTP_PROXY")
+NO_PROXY_NAMES = ("no_proxy", "NO_PROXY")
+# SIDECAR_EGRESS_PROXY's value that ignores the proxy variables.
+NO_EGRESS_PROXY = "none"
+# A forward proxy's usual port when its URL names none (Squid's default).
+DEFAULT_PROXY_PORT = 3128
+
+# Hosts a Cognito sidecar must reach, for the message that asks a proxy's owners to allow them.
+COGNITO_HOSTS = "*.amazoncognito.com"
+
+
+@dataclass(frozen=True)
+class ProxyEnvironment:
+    """The standard proxy variables as the process found them (tests pass their own), and their names."""
+
+    https_proxy: str | None = field(default=None, repr=False)
+    http_proxy: str | None = field(default=None, repr=False)
+    no_proxy: str = ""
+    https_name: str = "HTTPS_PROXY"
+    http_name: str = "HTTP_PROXY"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ProxyEnvironment:
+        def first(names: tuple[str, ...]) -> tuple[str | None, str]:
+            for name in names:
+                if env.get(name, "").strip():
+                    return env[name].strip(), name
+            return None, names[1]
+
+        https, https_name = first(HTTPS_PROXY_NAMES)
+        http, http_name = first(HTTP_PROXY_NAMES)
+        no_proxy, _ = first(NO_PROXY_NAMES)
+        return cls(https, http, no_proxy or "", https_name, http_name)
+
+
+@dataclass(frozen=True)
+class EgressProxy:
+    """One forward proxy: its URL without credentials, and the credentials (Basic) kept apart."""
+
+    url: str
+    source: str  # the setting or variable it came from, for messages
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, value: str, source: str) -> EgressProxy:
+        """Raises ``ValueError`` with a message that never quotes the value (it may hold a password)."""
+        text = value.strip()
+        if "://" not in text:
+            text = "http://" + text  # curl's reading of a bare host:port
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise ValueError(
+                f"{source}: is not a valid proxy URL (expected http://[user:password@]host:port)"
+            ) from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(
+                f"{source}: proxy scheme {parts.scheme}:// is not supported; use http://host:port (https:// to "
+                "reach the proxy itself over TLS)"
+            )
+        if not parts.hostname:
+            raise ValueError(f"{source}: the proxy URL names no host (expected http://[user:password@]host:port)")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{source}: the proxy URL must be scheme://host:port, without a path or query")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        port = port or (443 if parts.scheme == "https" else DEFAULT_PROXY_PORT)
+        username = unquote(parts.username) if parts.username is not None else None
+        password = unquote(parts.password) if parts.password is not None else None
+        return cls(f"{parts.scheme}://{host}:{port}", source, username, password)
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None
+
+    @property
+    def display(self) -> str:
+        """The proxy as logs, errors and ``check`` show it: never its password."""
+        return self.url + (" (with credentials)" if self.has_credentials else "")
+
+    def authorization(self) -> str | None:
+        """The ``Proxy-Authorization`` value (Basic), or None without credentials."""
+        if self.username is None:
+            return None
+        pair = f"{self.username}:{self.password or ''}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def _split_host_port(entry: str) -> tuple[str, int | None]:
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest.removeprefix(":")
+        return host, int(port) if port.isdigit() else None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        if port.isdigit():
+            return host, int(port)
+    return entry, None  # a bare IPv6 address or a host without a port
+
+
+class NoProxy:
+    """``NO_PROXY`` as curl reads it; ``matches(host, port)`` says whether a target goes direct."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        self.everything = False
+        self._names: list[tuple[str, int | None]] = []
+        self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = []
+        for raw in value.replace(" ", ",").split(","):
+            entry = raw.strip().lower()
+            if not entry:
+                continue
+            if entry == "*":
+                self.everything = True
+                continue
+            host, port = _split_host_port(entry)
+            host = host.strip("[]")
+            try:
+                self._networks.append((ipaddress.ip_network(host, strict=False), port))
+                continue
+            except ValueError:
+                pass
+            name = host.lstrip(".").rstrip(".")
+            if name:
+                self._names.append((name, port))
+
+    def __repr__(self) -> str:
+        return f"NoProxy({self.value!r})"
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.everything:
+            return True
+        host = host.strip("[]").lower().rstrip(".")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is not None:
+            return any(address in network and want in (None, port) for network, want in self._networks)
+        return any((host == name or host.endswith("." + name)) and want in (None, port) for name, want in self._names)
+
+
+@dataclass(frozen=True)
+class Egress:
+    """The proxies for https:// and http:// targets (None: direct) and the exemptions."""
+
+    https: EgressProxy | None = None
+    http: EgressProxy | None = None
+    no_proxy: NoProxy = field(default_factory=lambda: NoProxy(""))
+
+    @classmethod
+    def resolve(cls, override: str | None, environment: ProxyEnvironment) -> Egress:
+        """From ``SIDECAR_EGRESS_PROXY`` (``override``; ``none`` to ignore the environment) or the environment.
+        Raises ``ValueError`` naming the variable when a proxy URL is unusable."""
+        no_proxy = NoProxy(environment.no_proxy)
+        if override is not None and override.strip():
+            if override.strip().lower() == NO_EGRESS_PROXY:
+                return cls(None, None, no_proxy)
+            proxy = EgressProxy.parse(override, "SIDECAR_EGRESS_PROXY")
+            return cls(proxy, proxy, no_proxy)
+        https = EgressProxy.parse(environment.https_proxy, environment.https_name) if environment.https_proxy else None
+        http = EgressProxy.parse(environment.http_proxy, environment.http_name) if environment.http_proxy else None
+        return cls(https, http, no_proxy)
+
+    def proxy_for(self, url: str) -> EgressProxy | None:
+        """The proxy a request to ``url`` goes through, or None for a direct connection."""
+        parts = urlsplit(url)
+        proxy = self.https if parts.scheme == "https" else self.http
+        if proxy is None:
+            return None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return None if self.no_proxy.matches(parts.hostname or "", port) else proxy
+
+    def proxies(self) -> Iterator[EgressProxy]:
+        """Each distinct proxy configured."""
+        seen: set[str] = set()
+        for proxy in (self.https, self.http):
+            if proxy is not None and proxy.url not in seen:
+                seen.add(proxy.url)
+                yield proxy
+
+
+@dataclass(frozen=True)
+class EgressFailure:
+    """A failure on the way to a target, before any answer of the target's: ``code`` for ``X-Sidecar-Error`` and
+    metrics, ``summary`` what happened, ``fix`` what to do."""
+
+    code: str
+    summary: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.summary}; {self.fix}"
+
+
+# TLS alerts a server sends when it refuses the client certificate, and what each means.
+_CLIENT_CERT_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "it requires a client certificate and none was presented",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "it refused the handshake (often: a client certificate is required)",
+    "TLSV1_ALERT_UNKNOWN_CA": "it does not trust the CA that issued the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client certificate has expired",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "it refused the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "it refused the client certificate",
+    "TLSV1_ALERT_ACCESS_DENIED": "it refused the client certificate (access denied)",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the client certificate is revoked",
+}
+
+
+# Where exceptions keep the error they wrap: Python's chaining, and aiohttp's connector errors.
+_WRAPPED = ("__cause__", "__context__", "os_error", "certificate_error", "_os_error", "_certificate_error")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, and the attributes client libraries keep them in."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for attribute in (
+            "__cause__",
+            "__context__",
+            "os_error",
+            "certificate_error",
+            "_os_error",
+            "_certificate_error",
+        ):
+            inner = getattr(current, attribute, None)
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+        todo.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
+
+
+def tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error under ``exc``, if any."""
+    return next((inner for inner in _chain(exc) if isinstance(inner, ssl.SSLError)), None)
+
+
+def describe_failure(
+    exc: BaseException,
+    *,
+    target: str,
+    what: str,
+    proxy: EgressProxy | None,
+    proxy_status: int | None = None,
+    connect_error: bool = False,
+    trust_setting: str = "SIDECAR_CA_FILE",
+) -> EgressFailure | None:
+    """What ``exc`` (raised on the way to ``target``, a ``host:port``) means, or None when it is none of the egress
+    failures (a plain refused connection, a timeout, a broken answer: the caller's own words fit those).
+
+    ``what`` names the target for codes and messages: ``upstream`` or ``token_endpoint``. ``proxy_status`` is the
+    proxy's answer to ``CONNECT`` when the client library reported one; ``connect_error``: no connection was made
+    (with a proxy, the connection that failed is the one to the proxy).
+    """
+    if proxy is not None and proxy_status is not None:
+        return proxy_refusal(proxy, proxy_status, target)
+    cause = tls_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        reason = cause.verify_message or cause.reason or "certificate verify failed"
+        via = f" (through the egress proxy {proxy.display}, which may inspect TLS)" if proxy is not None else ""
+        return EgressFailure(
+            f"{what}_tls_untrusted",
+            f"the certificate {target} presented{via} does not verify: {reason}",
+            f"if a company CA (a TLS-inspecting proxy or a private CA) issued it, add that CA's PEM bundle with "
+            f"{trust_setting}; `cognito-sidecar check` shows who issued the certificate. Verification is never "
+            "switched off",
+        )
+    if cause is not None and cause.reason in _CLIENT_CERT_ALERTS:
+        return EgressFailure(
+            f"{what}_tls_refused",
+            f"{target} refused the TLS handshake: {_CLIENT_CERT_ALERTS[cause.reason]} ({cause.reason})",
+            "present a client certificate the server trusts with SIDECAR_CLIENT_CERT_FILE and SIDECAR_CLIENT_KEY_FILE "
+            "(per route: client_cert_file, client_key_file); `cognito-sidecar check` shows the certificate in use",
+        )
+    if proxy is not None and connect_error:
+        return EgressFailure(
+            "egress_proxy_unreachable",
+            f"could not connect to the egress proxy {proxy.display} (from {proxy.source}) on the way to {target}",
+            f"check the proxy's host and port in {proxy.source}, and that the proxy is up; set NO_PROXY to reach "
+            "a host directly",
+        )
+    return None
+
+
+def proxy_refusal(proxy: EgressProxy, status: int, target: str) -> EgressFailure:
+    """What the proxy's refusal (its answer ``status`` to a request for ``target``) means."""
+    if status == 407:
+        return EgressFailure(
+            "egress_proxy_auth_required",
+            f"the egress proxy {proxy.display} asked for credentials (407) to reach {target}: "
+            + ("the ones in the proxy URL were refused" if proxy.has_credentials else "the proxy URL carries none"),
+            f"put the proxy's user and password in the URL, in a file named by SIDECAR_EGRESS_PROXY_FILE "
+            f"(http://user:password@proxy:{DEFAULT_PROXY_PORT}), never on a command line",
+        )
+    if status >= 500:
+        return EgressFailure(
+            "egress_proxy_cannot_reach",
+            f"the egress proxy {proxy.display} could not reach {target} (it answered {status})",
+            "the proxy's own route or DNS to that host fails: check the host name, and ask the proxy's owners "
+            "whether it can reach it",
+        )
+    return EgressFailure(
+        "egress_proxy_refused",
+        f"the egress proxy {proxy.display} refused the connection to {target} ({status})",
+        f"the proxy's allowlist does not include that host: ask its owners to allow {COGNITO_HOSTS} and the API's "
+        "host (e.g. *.execute-api.<region>.amazonaws.com), port 443",
+    )
+
+
+__all__ = [
+    "COGNITO_HOSTS",
+    "NO_EGRESS_PROXY",
+    "Egress",
+    "EgressFailure",
+    "EgressProxy",
+    "NoProxy",
+    "ProxyEnvironment",
+    "describe_failure",
+    "proxy_refusal",
+    "tls_cause",
+]
