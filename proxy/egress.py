@@ -266,8 +266,10 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def tls_cause(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS error under ``exc``, if any."""
-    return next((inner for inner in _chain(exc) if isinstance(inner, ssl.SSLError)), None)
+    """The TLS error under ``exc``, if any: the one the ``ssl`` module raised (client libraries' own subclasses wrap
+    it without its fields)."""
+    found = [inner for inner in _chain(exc) if isinstance(inner, ssl.SSLError)]
+    return next((inner for inner in found if type(inner).__module__ == "ssl"), found[0] if found else None)
 
 
 def describe_failure(
@@ -291,7 +293,7 @@ def describe_failure(
         return proxy_refusal(proxy, proxy_status, target)
     cause = tls_cause(exc)
     if isinstance(cause, ssl.SSLCertVerificationError):
-        reason = cause.verify_message or cause.reason or "certificate verify failed"
+        reason = getattr(cause, "verify_message", None) or cause.reason or "certificate verify failed"
         via = f" (through the egress proxy {proxy.display}, which may inspect TLS)" if proxy is not None else ""
         return EgressFailure(
             f"{what}_tls_untrusted",
@@ -319,10 +321,10 @@ def describe_failure(
 
 def proxy_refusal(proxy: EgressProxy, status: int, target: str) -> EgressFailure:
     """What the proxy's refusal (its answer ``status`` to a request for ``target``) means."""
-    if status == 407:
+    if status in (401, 407):  # 407 is the standard answer; some proxies (tinyproxy) answer 401
         return EgressFailure(
             "egress_proxy_auth_required",
-            f"the egress proxy {proxy.display} asked for credentials (407) to reach {target}: "
+            f"the egress proxy {proxy.display} asked for credentials ({status}) to reach {target}: "
             + ("the ones in the proxy URL were refused" if proxy.has_credentials else "the proxy URL carries none"),
             f"put the proxy's user and password in the URL, in a file named by SIDECAR_EGRESS_PROXY_FILE "
             f"(http://user:password@proxy:{DEFAULT_PROXY_PORT}), never on a command line",

@@ -127,9 +127,9 @@ class Forwarder:
         self.host = parts.hostname or ""
         self._port = parts.port
         self._base_path = parts.path.rstrip("/")
-        # host:port as messages name it.
-        self.target = f"[{self.host}]" if ":" in self.host else self.host
-        self.target += f":{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        # The host as a URL carries it (an IPv6 literal in brackets), and host:port as messages name it.
+        self._url_host = f"[{self.host}]" if ":" in self.host else self.host
+        self.target = f"{self._url_host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         self.tokens = tokens
         self._header = header.lower()
         self._prefix = header_prefix
@@ -254,7 +254,7 @@ class Forwarder:
         # the host. encoded=True keeps the path and query byte for byte.
         return URL.build(
             scheme=self._scheme,
-            host=self.host,
+            host=self._url_host,
             port=self._port,
             path=self._base_path + path,
             query_string=query,

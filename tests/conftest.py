@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from proxy.app import Sidecar, create_app
 from proxy.cache import RefreshPolicy
 from proxy.emulator import EmulatorStack, make_stack
-from proxy.serving import bind_listen, bound_url, running
+from proxy.serving import ServerTls, bind_listen, bound_url, running
 from proxy.settings import Settings
 
 # Retries in tests: the same code path, with waits of milliseconds instead of seconds. The refusal hold and
@@ -117,9 +117,13 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def run_stack(**options: Any) -> AsyncIterator[Stack]:
+async def run_stack(*, tls: ServerTls | None = None, host: str = "127.0.0.1", **options: Any) -> AsyncIterator[Stack]:
+    """The emulator's Cognito and API Gateway, over HTTPS with ``tls``."""
     emulator = make_stack(**options)
-    async with running(emulator.cognito.app) as cognito_url, running(emulator.apigw) as api_url:
+    async with (
+        running(emulator.cognito.app, tls=tls, host=host) as cognito_url,
+        running(emulator.apigw, tls=tls, host=host) as api_url,
+    ):
         yield Stack(emulator, cognito_url, api_url)
 
 
@@ -137,13 +141,14 @@ async def run_sidecar(
     clock: FakeClock | None = None,
     policy: RefreshPolicy = FAST_POLICY,
     watch_interval: float = 0.05,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[RunningSidecar]:
     kwargs: dict[str, Any] = {"policy": policy, "watch_interval": watch_interval}
     if clock is not None:
         kwargs["clock"] = clock
     also = [bind_listen(settings.metrics_listen)] if settings.metrics_listen else []
     app = create_app(settings, metrics_port=also[0].getsockname()[1] if also else None, **kwargs)
-    async with running(app, limits=app.state.sidecar.limits, also=also) as url:
+    async with running(app, host=host, limits=app.state.sidecar.limits, also=also) as url:
         yield RunningSidecar(url, app.state.sidecar, bound_url(also[0]) if also else None)
 
 
