@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ from urllib.parse import urlsplit
 import httpx2
 
 from proxy.credentials import secret_file_warnings
-from proxy.errors import ConfigError, TokenEndpointError, TokenError
+from proxy.egress import EgressProxy, describe_failure
+from proxy.errors import ConfigError, EgressError, TokenEndpointError, TokenError
 from proxy.providers import one_shot, token_http
-from proxy.settings import Settings, load_settings
+from proxy.settings import RouteSettings, Settings, load_settings
 from proxy.shared import SharedRefresh
+from proxy.tls import EXPIRY_WARNING_DAYS, CertificateInfo, TlsContext
 from proxy.tokens import Token
+from proxy.transport import proxy_status, token_client
 
 Status = Literal["PASS", "WARN", "FAIL"]
 
@@ -131,6 +135,104 @@ def kind_advice(settings: Settings, token: Token) -> Finding:
     return Finding("PASS", f"the access token carries scopes {' '.join(custom)}")
 
 
+def egress_findings(settings: Settings) -> list[Finding]:
+    """How the token endpoint and each upstream are reached: directly or through which proxy (never its password)."""
+    egress = settings.egress()
+    targets = [("the token endpoint", settings.token_url)]
+    targets += [(f"the upstream of route {route.prefix}", route.upstream_url) for route in settings.effective_routes()]
+    findings: list[Finding] = []
+    for name, url in targets:
+        proxy = egress.proxy_for(url)
+        how = f"through the egress proxy {proxy.display} (from {proxy.source})" if proxy else "directly (no proxy)"
+        findings.append(Finding("PASS", f"{name} {urlsplit(url).netloc} is reached {how}"))
+    return findings
+
+
+def tls_findings(settings: Settings, now: float) -> list[Finding]:
+    """Each route's trusted CA file and client certificate: readable, a matching pair, and how long it has left."""
+    findings: list[Finding] = []
+    seen: set[object] = set()
+    for route in settings.effective_routes():
+        files = route.tls_files()
+        if not files.custom or files in seen:
+            continue
+        seen.add(files)
+        try:
+            context = TlsContext(files)
+        except ConfigError as exc:
+            findings.extend(Finding("FAIL", "a TLS file cannot be used", problem) for problem in exc.problems)
+            continue
+        if files.ca_file is not None:
+            findings.append(Finding("PASS", f"the CA file {files.ca_file} is trusted besides the default store"))
+        info = context.certificate
+        if info is not None:
+            findings.append(certificate_finding(info, now, route))
+    return findings
+
+
+def certificate_finding(info: CertificateInfo, now: float, route: RouteSettings) -> Finding:
+    days = info.days_left(now)
+    title = f"the client certificate for route {route.prefix}"
+    if days <= 0:
+        return Finding("FAIL", f"{title} has expired", info.describe(now) + ": renew it (the upstream refuses it)")
+    if days < EXPIRY_WARNING_DAYS:
+        return Finding(
+            "WARN",
+            f"{title} expires in {days:.0f} days",
+            info.describe(now) + ": renew it (with cert-manager, check the Certificate's status); the sidecar "
+            "takes up the renewed files without a restart",
+        )
+    return Finding("PASS", f"{title} is valid", info.describe(now))
+
+
+async def presented_certificate(url: str, proxy: EgressProxy | None, *, limit: float) -> CertificateInfo | None:
+    """The certificate the server at ``url`` presents (through ``proxy`` when one is in the way), read without
+    verifying it and with nothing sent after the handshake: to tell a person who issued it. None when it cannot be
+    had."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 443
+    try:
+        async with asyncio.timeout(limit):
+            if proxy is not None:
+                proxy_parts = urlsplit(proxy.url)
+                reader, writer = await asyncio.open_connection(proxy_parts.hostname, proxy_parts.port)
+                target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                authorization = proxy.authorization()
+                head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+                head += f"Proxy-Authorization: {authorization}\r\n" if authorization else ""
+                writer.write((head + "\r\n").encode())
+                answer = await reader.readuntil(b"\r\n\r\n")
+                if answer.split(b" ", 2)[1:2] != [b"200"]:
+                    writer.close()
+                    return None
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
+            # Only to read the certificate for the person: never used to send anything.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            await writer.start_tls(context, server_hostname=host)
+            ssl_object = writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            writer.close()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        return None
+    return CertificateInfo.from_der(der) if der else None
+
+
+async def _untrusted_finding(url: str, proxy: EgressProxy | None, limit: float, setting: str) -> Finding:
+    info = await presented_certificate(url, proxy, limit=limit)
+    host = urlsplit(url).netloc
+    if info is None:
+        return Finding("WARN", f"the certificate {host} presented could not be read for a closer look")
+    return Finding(
+        "FAIL",
+        f"{host} presented a certificate issued by {info.issuer}, which this machine does not trust",
+        f"subject {info.subject}. If that issuer is your company's CA (a TLS-inspecting proxy re-signs every "
+        f"certificate with it), put its CA certificate (PEM) in a file and set {setting} to it.",
+    )
+
+
 async def _reachable(url: str) -> Finding:
     host = urlsplit(url).hostname or ""
     port = urlsplit(url).port or (443 if url.startswith("https") else 80)
@@ -150,9 +252,18 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
         return findings
     findings.append(Finding("PASS", "settings are valid", f"token endpoint {settings.token_url}"))
     findings.extend(Finding("WARN", "a secret file is open to other users", w) for w in secret_file_warnings(settings))
-    findings.append(await _reachable(settings.token_url))
-    if findings[-1].status == "FAIL":
+    try:
+        findings.extend(egress_findings(settings))
+    except ConfigError as exc:
+        findings.extend(Finding("FAIL", "setting", problem) for problem in exc.problems)
         return findings
+    tls = tls_findings(settings, time.time())
+    findings.extend(tls)
+    token_proxy = settings.egress().proxy_for(settings.token_url)
+    if token_proxy is None:  # through a proxy, the proxy resolves the name
+        findings.append(await _reachable(settings.token_url))
+        if findings[-1].status == "FAIL":
+            return findings
     flow = settings.grant.replace("_token", "")  # refresh, client_credentials
     async with token_http(settings) as http:
         try:
@@ -164,7 +275,10 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
             reached = exc.status is not None
             if reached:
                 findings.append(Finding("PASS", "the token endpoint answers HTTP"))
-            findings.append(Finding("FAIL", f"a real {flow} failed", str(exc)))
+            findings.append(Finding("FAIL", f"a real {flow} failed ({exc.code})", str(exc)))
+            if isinstance(exc, EgressError) and exc.code.endswith("_tls_untrusted"):
+                timeout = settings.connect_timeout
+                findings.append(await _untrusted_finding(settings.token_url, token_proxy, timeout, "SIDECAR_CA_FILE"))
             return findings
         except TokenError as exc:
             findings.append(Finding("FAIL", f"a real {flow} gave no usable token", str(exc)))
@@ -175,20 +289,44 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
         findings.append(kind_advice(settings, token))
         if provider.grant.rotations or (provider.shared is not None and provider.shared.rotates):
             findings.append(rotation_advice(settings, shared=provider.shared is not None))
-        if path is not None and settings.upstream_url:
-            findings.append(await _probe(http, settings, token, path))
+    if path is not None and settings.upstream_url and not any(f.status == "FAIL" for f in tls):
+        files = settings.tls_files()
+        upstream_tls = TlsContext(files) if files.custom else None
+        async with token_client(settings.egress(), upstream_tls, timeout=settings.read_timeout) as upstream:
+            findings.extend(await _probe(upstream, settings, token, path))
     return findings
 
 
-async def _probe(http: httpx2.AsyncClient, settings: Settings, token: Token, path: str) -> Finding:
+async def _probe(http: httpx2.AsyncClient, settings: Settings, token: Token, path: str) -> list[Finding]:
     url = (settings.upstream_url or "").rstrip("/") + "/" + path.lstrip("/")
     headers = {settings.header: settings.header_prefix + token.value}
     if settings.api_key:
         headers["x-api-key"] = settings.api_key.get_secret_value()
+    if settings.api_id:
+        headers["x-apigw-api-id"] = settings.api_id
     try:
         response = await http.get(url, headers=headers, timeout=settings.read_timeout)
     except httpx2.HTTPError as exc:
-        return Finding("FAIL", f"GET {url} did not get an answer", f"{type(exc).__name__}: {exc}")
+        parts = urlsplit(url)
+        proxy = settings.egress().proxy_for(url)
+        failure = describe_failure(
+            exc,
+            target=f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}",
+            what="upstream",
+            proxy=proxy,
+            proxy_status=proxy_status(exc),
+            connect_error=isinstance(exc, httpx2.ConnectError),
+        )
+        if failure is None:
+            return [Finding("FAIL", f"GET {url} did not get an answer", f"{type(exc).__name__}: {exc}")]
+        found = [Finding("FAIL", f"GET {url} did not get an answer ({failure.code})", str(failure))]
+        if failure.code.endswith("_tls_untrusted"):
+            found.append(await _untrusted_finding(url, proxy, settings.connect_timeout, "SIDECAR_CA_FILE"))
+        return found
+    return [_answer_finding(url, response)]
+
+
+def _answer_finding(url: str, response: httpx2.Response) -> Finding:
     if response.status_code < 400:
         return Finding("PASS", f"GET {url} answered {response.status_code} with the token")
     try:

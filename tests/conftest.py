@@ -190,9 +190,14 @@ async def raw_request(url: str, request: bytes) -> tuple[int, dict[str, list[str
     return status, headers, body
 
 
+# The proxy variables of the machine running the tests: never inherited by a sidecar process (loopback traffic
+# would go to the machine's proxy); tests that want a proxy set their own.
+PROXY_VARIABLES = frozenset({"https_proxy", "http_proxy", "no_proxy", "all_proxy"})
+
+
 def cli_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any SIDECAR_ setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    """The test process's environment without any SIDECAR_ setting or proxy variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_") and k.lower() not in PROXY_VARIABLES}
     env.update(extra)
     return env
 

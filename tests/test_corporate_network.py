@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from proxy.egress import ProxyEnvironment
 from proxy.emulator.pki import TestCA
 from proxy.serving import ServerTls
-from tests.conftest import assert_hidden, metric, run_sidecar, run_stack
+from tests.conftest import assert_hidden, metric, run_cli, run_sidecar, run_stack, stack_env
 from tests.forward_proxy import tinyproxy
 from tests.redis_server import _free_port
 from tests.tls_upstream import mtls_upstream
@@ -332,3 +332,36 @@ async def test_ipv6_token_endpoint_upstream_and_listener(client: httpx2.AsyncCli
             assert sidecar.url.startswith("http://[::1]:")
             answer = await get(client, f"{sidecar.url}/hello")
     assert answer.status_code == 200 and answer.json()["path"] == "/hello"
+
+
+async def test_check_explains_the_corporate_path(company_ca: TestCA, server_tls: ServerTls, tmp_path: Path):
+    (tmp_path / "clients").mkdir()
+    client_ca = TestCA(tmp_path / "clients", "Client CA")
+    soon = client_ca.client("soon", "legacy-service", days=5)
+    proxy_file = tmp_path / "proxy-url"
+    async with run_stack(tls=server_tls) as stack:
+        with tinyproxy(user="svc-sidecar", password=PROXY_PASSWORD) as proxy:
+            proxy_file.write_text(proxy.url + "\n")
+            proxy_file.chmod(0o600)
+            env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+            env["SIDECAR_EGRESS_PROXY_FILE"] = str(proxy_file)
+            # No company CA yet: the check says who issued the certificate it was shown, and which setting to use.
+            code, out, err = await run_cli("check", env=env)
+            assert code == 1, out + err
+            assert "through the egress proxy http://127.0.0.1:" in out and "(with credentials)" in out
+            assert "token_endpoint_tls_untrusted" in out
+            assert "issued by CN=Example Corp Issuing CA" in out and "SIDECAR_CA_FILE" in out
+            env |= {
+                "SIDECAR_CA_FILE": str(company_ca.ca_file),
+                "SIDECAR_CLIENT_CERT_FILE": str(soon.cert_file),
+                "SIDECAR_CLIENT_KEY_FILE": str(soon.key_file),
+            }
+            code, out, err = await run_cli("check", env=env)
+            assert code == 0, out + err
+            assert "WARN  the client certificate for route / expires in 5 days" in out
+            assert "issuer CN=Client CA" in out
+            assert_hidden(out + err, PROXY_PASSWORD)
+            # A proxy that wants other credentials: one line with the code and the fix.
+            proxy_file.write_text(f"http://svc-sidecar:wrong@127.0.0.1:{proxy.port}\n")
+            code, out, _ = await run_cli("check", env=env)
+            assert code == 1 and "egress_proxy_auth_required" in out and "SIDECAR_EGRESS_PROXY_FILE" in out
