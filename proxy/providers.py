@@ -41,7 +41,11 @@ def open_configured_store(settings: Settings) -> Store | None:
     """The store ``SIDECAR_TOKEN_STORE`` names (None for ``memory``); no connection is made yet."""
     password = settings.token_store_password
     try:
-        return open_store(settings.token_store, password=password.get_secret_value() if password else None)
+        return open_store(
+            settings.token_store,
+            password=password.get_secret_value() if password else None,
+            ca_file=str(settings.ca_file) if settings.ca_file else None,
+        )
     except StoreError as exc:
         raise ConfigError([f"SIDECAR_TOKEN_STORE: {exc.reason}"]) from None
 

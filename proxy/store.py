@@ -132,7 +132,9 @@ def redis_display_name(url: str) -> str:
 class RedisStore:
     """The store in Redis (redis-py's asyncio client). TLS with ``rediss://``; AUTH from the URL or ``password``."""
 
-    def __init__(self, url: str, *, password: str | None = None, timeout: float = STORE_TIMEOUT) -> None:
+    def __init__(
+        self, url: str, *, password: str | None = None, timeout: float = STORE_TIMEOUT, ca_file: str | None = None
+    ) -> None:
         # Imported here: redis-py costs every process about 7 MiB, and only a Redis store needs it.
         import redis.asyncio as aioredis
         import redis.exceptions
@@ -146,6 +148,8 @@ class RedisStore:
         }
         if password is not None:
             options["password"] = password
+        if ca_file is not None and url.startswith("rediss://") and "ssl_ca_certs=" not in url:
+            options["ssl_ca_certs"] = ca_file  # SIDECAR_CA_FILE: trusted besides the default store
         self._redis: aioredis.Redis = aioredis.from_url(url, **options)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
@@ -361,12 +365,13 @@ class FileStore:
         """Nothing held between calls."""
 
 
-def open_store(spec: str, *, password: str | None = None) -> RedisStore | FileStore | None:
-    """The store ``SIDECAR_TOKEN_STORE`` names; ``None`` for ``memory`` (each process on its own)."""
+def open_store(spec: str, *, password: str | None = None, ca_file: str | None = None) -> RedisStore | FileStore | None:
+    """The store ``SIDECAR_TOKEN_STORE`` names; ``None`` for ``memory`` (each process on its own). ``ca_file``: a CA
+    bundle ``rediss://`` trusts besides the default store, unless its URL names one (``?ssl_ca_certs=``)."""
     if spec == "memory":
         return None
     if spec.startswith(("redis://", "rediss://")):
-        return RedisStore(spec, password=password)
+        return RedisStore(spec, password=password, ca_file=ca_file)
     if spec.startswith("file:"):
         store = FileStore(Path(spec.removeprefix("file:")))
         store.prepare()

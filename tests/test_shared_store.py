@@ -298,6 +298,12 @@ async def test_redis_over_tls_with_a_private_ca(client: httpx2.AsyncClient) -> N
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200  # not rotating: refreshed locally
             warning = (await client.get(f"{sidecar.url}/-/readyz")).json()["warning"]
             assert "certificate verify failed" in warning
+        # SIDECAR_CA_FILE is trusted by rediss:// too.
+        settings = {"token_store": untrusted, "ca_file": Path(server.ca_file)}
+        async with run_stack() as stack, run_sidecar(stack.settings(**settings)) as sidecar:
+            assert (await client.get(f"{sidecar.url}/c")).status_code == 200
+            assert sidecar.parts.tokens.shared and sidecar.parts.tokens.shared.problem is None
+            assert "warning" not in (await client.get(f"{sidecar.url}/-/readyz")).json()
 
 
 def _values(server: RedisServer, password: str) -> dict[bytes, bytes]:
