@@ -3,6 +3,7 @@
     git worktree add /tmp/before HEAD~1
     python bench/ab.py /tmp/before . [bare] [--rounds 10] [--duration 2] [--connections 32]
     python bench/ab.py . .@SIDECAR_LOG_FORMAT=json .@SIDECAR_ACCESS_LOG=0   # settings compared on one tree
+    python bench/ab.py . .@SIDECAR_EGRESS_PROXY=tinyproxy   # direct against through a forward proxy (tinyproxy)
 
 Each tree (a checkout of this repository, with ``@NAME=VALUE`` settings appended if any; ``bare`` is the
 prototype from ``bench/bench.py``) runs as its own sidecar on CPU 0, against one nginx upstream on CPU 1 that
@@ -22,7 +23,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import BARE, cpu_seconds, ensure_tools, free_port, stop_all, token_upstream, tree_env, wait_port, wrk
+from bench import (
+    BARE,
+    cpu_seconds,
+    egress_proxy,
+    ensure_tools,
+    free_port,
+    stop_all,
+    token_upstream,
+    tree_env,
+    wait_port,
+    wrk,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +61,7 @@ def main() -> int:
     try:
         up, token = token_upstream(work, procs)
         targets: list[tuple[str, subprocess.Popen[bytes], int]] = []
+        proxy_port = egress_proxy(work, procs) if any("=tinyproxy" in tree for tree in args.trees) else None
         for tree in args.trees:
             port = free_port()
             if tree == "bare":
@@ -57,6 +70,8 @@ def main() -> int:
                 env["BARE_PORT"] = str(port)
             else:
                 cwd, env = tree_env(tree, up, port)
+                if env.get("SIDECAR_EGRESS_PROXY") == "tinyproxy":
+                    env["SIDECAR_EGRESS_PROXY"] = f"http://127.0.0.1:{proxy_port}"
                 command = [sys.executable, "-m", "proxy", "serve"]
             proc = subprocess.Popen(
                 ["taskset", "-c", "0", *command], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -65,13 +80,12 @@ def main() -> int:
             wait_port(port)
             targets.append((tree, proc, port))
         results: dict[str, list[dict[str, float]]] = {tree: [] for tree, _, _ in targets}
+        failed = dict.fromkeys(results, 0)  # non-2xx answers and socket errors: printed, and the exit status
         for rnd in range(args.rounds):
             for tree, proc, port in targets[rnd % len(targets) :] + targets[: rnd % len(targets)]:
                 cpu0, (w0, r0) = cpu_seconds([proc.pid]), syscalls(proc.pid)
                 run = wrk(f"http://127.0.0.1:{port}/item", args.connections, args.duration)
-                if run["failed"]:
-                    print(f"{tree}: {int(run['failed'])} requests failed")
-                    return 1
+                failed[tree] += int(run["failed"])
                 w1, r1 = syscalls(proc.pid)
                 run["cpu_us"] = (cpu_seconds([proc.pid]) - cpu0) / run["requests"] * 1e6
                 run["writes"], run["reads"] = (w1 - w0) / run["requests"], (r1 - r0) / run["requests"]
@@ -87,8 +101,9 @@ def main() -> int:
                 f"CPU us/req median {median('cpu_us'):6.1f} best {min(r['cpu_us'] for r in runs):6.1f}   "
                 f"p50 {median('p50'):.2f} ms p99 {median('p99'):.1f} ms   "
                 f"syscalls/req write {median('writes'):.2f} read {median('reads'):.2f}"
+                + (f"   FAILED {failed[tree]} requests" if failed[tree] else "")
             )
-        return 0
+        return 1 if any(failed.values()) else 0
     finally:
         stop_all(procs, work)
 

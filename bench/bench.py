@@ -254,6 +254,22 @@ def tree_env(tree: str, upstream: int, port: int) -> tuple[Path, dict[str, str]]
     }
 
 
+def egress_proxy(work: Path, procs: list[subprocess.Popen[bytes]]) -> int:
+    """A tinyproxy forward proxy on CPU 1 (scripts/check unpacks it into .cache when it is not installed); its port.
+    ``ab.py TREE@SIDECAR_EGRESS_PROXY=tinyproxy`` sends that sidecar's traffic through it."""
+    executable = shutil.which("tinyproxy") or str(ROOT / ".cache" / "tinyproxy" / "usr" / "bin" / "tinyproxy")
+    if not Path(executable).exists():
+        sys.exit("bench: tinyproxy is required (run scripts/check once, or apt-get install tinyproxy-bin)")
+    port = free_port()
+    config = work / "tinyproxy.conf"
+    config.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 1024\nLogLevel Error\n")
+    procs.append(
+        subprocess.Popen(["taskset", "-c", "1", executable, "-d", "-c", str(config)], stdout=subprocess.DEVNULL)
+    )
+    wait_port(port)
+    return port
+
+
 def wait_port(port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
