@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -52,8 +53,19 @@ class _Server(http.server.ThreadingHTTPServer):
             request.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             self.refusals.append(getattr(exc, "reason", None) or type(exc).__name__)
+            _linger(request)
             return
         super().finish_request(request, client_address)
+
+
+def _linger(request: ssl.SSLSocket) -> None:
+    """Close as TLS terminators do after an alert: stop writing, read what the client sent until it closes. Closing
+    with the client's request unread would reset the connection, and a reset can overtake the alert."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(request, socket.SHUT_WR)
+        request.settimeout(5)
+        while socket.socket.recv(request, 65536):
+            pass
 
 
 @contextlib.contextmanager
