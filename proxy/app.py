@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -272,7 +272,7 @@ def build_sidecar(
     routes = settings.effective_routes()
     if not routes:
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
-    egress = settings.egress()
+    egress = settings.egress
     tls = TlsContexts()
     token_context = token_tls(settings)
     if token_context is not None:
@@ -356,10 +356,9 @@ class TlsContexts:
         files = route.tls_files(names)
         if not files.custom:
             return None
-        key = replace(files, names=TOP_LEVEL_NAMES)
-        if key not in self.contexts:
-            self.contexts[key] = TlsContext(files)
-        return self.contexts[key]
+        if files not in self.contexts:  # the names only say how messages name the files: not compared
+            self.contexts[files] = TlsContext(files)
+        return self.contexts[files]
 
 
 def create_app(

@@ -270,7 +270,7 @@ async def _login(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             token_url=settings.token_url,
             client_id=settings.client_id,
             timeout=settings.token_timeout,
-            proxy=settings.egress().proxy_for(settings.token_url),
+            proxy=settings.egress.proxy_for(settings.token_url),
         )
         verifier = args.code_verifier
         code = args.code

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx2
 
 from proxy.credentials import secret_file_warnings
-from proxy.egress import EgressProxy, describe_failure
+from proxy.egress import EgressProxy, describe_failure, target_of
 from proxy.errors import ConfigError, EgressError, TokenEndpointError, TokenError
 from proxy.providers import one_shot, token_http
 from proxy.settings import RouteSettings, Settings, load_settings
@@ -137,7 +137,7 @@ def kind_advice(settings: Settings, token: Token) -> Finding:
 
 def egress_findings(settings: Settings) -> list[Finding]:
     """How the token endpoint and each upstream are reached: directly or through which proxy (never its password)."""
-    egress = settings.egress()
+    egress = settings.egress
     targets = [("the token endpoint", settings.token_url)]
     targets += [(f"the upstream of route {route.prefix}", route.upstream_url) for route in settings.effective_routes()]
     findings: list[Finding] = []
@@ -196,7 +196,7 @@ async def presented_certificate(url: str, proxy: EgressProxy | None, *, limit: f
             if proxy is not None:
                 proxy_parts = urlsplit(proxy.url)
                 reader, writer = await asyncio.open_connection(proxy_parts.hostname, proxy_parts.port)
-                target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                target = target_of(url)
                 authorization = proxy.authorization()
                 head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
                 head += f"Proxy-Authorization: {authorization}\r\n" if authorization else ""
@@ -259,7 +259,7 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
         return findings
     tls = tls_findings(settings, time.time())
     findings.extend(tls)
-    token_proxy = settings.egress().proxy_for(settings.token_url)
+    token_proxy = settings.egress.proxy_for(settings.token_url)
     if token_proxy is None:  # through a proxy, the proxy resolves the name
         findings.append(await _reachable(settings.token_url))
         if findings[-1].status == "FAIL":
@@ -292,7 +292,7 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
     if path is not None and settings.upstream_url and not any(f.status == "FAIL" for f in tls):
         files = settings.tls_files()
         upstream_tls = TlsContext(files) if files.custom else None
-        async with token_client(settings.egress(), upstream_tls, timeout=settings.read_timeout) as upstream:
+        async with token_client(settings.egress, upstream_tls, timeout=settings.read_timeout) as upstream:
             findings.extend(await _probe(upstream, settings, token, path))
     return findings
 
@@ -307,11 +307,10 @@ async def _probe(http: httpx2.AsyncClient, settings: Settings, token: Token, pat
     try:
         response = await http.get(url, headers=headers, timeout=settings.read_timeout)
     except httpx2.HTTPError as exc:
-        parts = urlsplit(url)
-        proxy = settings.egress().proxy_for(url)
+        proxy = settings.egress.proxy_for(url)
         failure = describe_failure(
             exc,
-            target=f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}",
+            target=target_of(url),
             what="upstream",
             proxy=proxy,
             proxy_status=proxy_status(exc),

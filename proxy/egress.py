@@ -171,6 +171,14 @@ class NoProxy:
         return any((host == name or host.endswith("." + name)) and want in (None, port) for name, want in self._names)
 
 
+def target_of(url: str) -> str:
+    """``host:port`` of ``url`` as messages name a target (an IPv6 literal in brackets, the scheme's default port)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
 @dataclass(frozen=True)
 class Egress:
     """The proxies for https:// and http:// targets (None: direct) and the exemptions."""
@@ -354,5 +362,6 @@ __all__ = [
     "ProxyEnvironment",
     "describe_failure",
     "proxy_refusal",
+    "target_of",
     "tls_cause",
 ]

@@ -28,7 +28,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.credentials import Secret
-from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal
+from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal, target_of
 from proxy.errors import TokenError, error_body
 from proxy.guard import CALLER_HEADER
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
@@ -129,7 +129,7 @@ class Forwarder:
         self._base_path = parts.path.rstrip("/")
         # The host as a URL carries it (an IPv6 literal in brackets), and host:port as messages name it.
         self._url_host = f"[{self.host}]" if ":" in self.host else self.host
-        self.target = f"{self._url_host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        self.target = target_of(upstream_url)
         self.tokens = tokens
         self._header = header.lower()
         self._prefix = header_prefix

@@ -34,7 +34,7 @@ def token_tls(settings: Settings) -> TlsContext | None:
 def token_http(settings: Settings, tls: TlsContext | None = None) -> httpx2.AsyncClient:
     """The HTTP client for token endpoints: through the egress proxy, trusting ``SIDECAR_CA_FILE`` (``tls``, if the
     caller keeps it to re-read it)."""
-    return token_client(settings.egress(), tls or token_tls(settings), timeout=settings.token_timeout)
+    return token_client(settings.egress, tls or token_tls(settings), timeout=settings.token_timeout)
 
 
 def open_configured_store(settings: Settings) -> Store | None:
@@ -68,7 +68,7 @@ def provider_for(
         token_url=credential.token_url,
         client_id=credential.client_id,
         timeout=settings.token_timeout,
-        proxy=settings.egress().proxy_for(credential.token_url),
+        proxy=settings.egress.proxy_for(credential.token_url),
     )
     grant = grant_from_settings(credential, endpoint)
     shared = None

@@ -20,6 +20,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -388,8 +389,10 @@ class Settings(_Credentialed):
     # HTTPS_PROXY, HTTP_PROXY and NO_PROXY as load_settings found them in the environment (not SIDECAR_ settings).
     proxy_environment: ProxyEnvironment = ProxyEnvironment()
 
+    @cached_property
     def egress(self) -> Egress:
-        """The proxies for outbound requests; raises ``ConfigError`` naming the variable of an unusable proxy URL."""
+        """The proxies for outbound requests (worked out once); raises ``ConfigError`` naming the variable of an
+        unusable proxy URL."""
         override = self.egress_proxy.get_secret_value() if self.egress_proxy else None
         try:
             return Egress.resolve(override, self.proxy_environment)
@@ -787,7 +790,7 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
             problems.append(f"{place[0]}: {message}")
         raise ConfigError(problems) from None
     try:
-        settings.egress()
+        settings.egress  # noqa: B018 - works out the proxies, raising on an unusable proxy URL
     except ConfigError as exc:
         problems.extend(exc.problems)
     if problems:

@@ -42,7 +42,7 @@ class TlsFiles:
     key_file: Path | None = None
     key_password: str | None = field(default=None, repr=False)
     # Settings names for messages (the route's keys, or the top-level variables).
-    names: tuple[str, str, str] = TOP_LEVEL_NAMES
+    names: tuple[str, str, str] = field(default=TOP_LEVEL_NAMES, compare=False)
 
     @property
     def custom(self) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx2
 import jwt
 
-from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal
+from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal, target_of
 from proxy.errors import (
     EgressError,
     PermanentTokenError,
@@ -413,7 +413,7 @@ class TokenEndpoint:
         except httpx2.HTTPError as exc:
             failure = describe_failure(
                 exc,
-                target=self._target(),
+                target=target_of(self.token_url),
                 what="token_endpoint",
                 proxy=self.proxy,
                 proxy_status=proxy_status(exc),
@@ -431,18 +431,13 @@ class TokenEndpoint:
                 fix="check DNS, proxy and firewall settings for the Cognito domain; the sidecar keeps retrying.",
             ) from None
         if response.status_code == 407 and self.proxy is not None:  # a plain-http endpoint: the proxy answered
-            raise self._egress_error(flow, proxy_refusal(self.proxy, 407, self._target()))
+            raise self._egress_error(flow, proxy_refusal(self.proxy, 407, target_of(self.token_url)))
         # When the whole answer was in hand: the start of the window in which a rotated refresh token exists
         # only in this process's memory.
         self.last_answer_at = time.perf_counter()
         if response.status_code == 200:
             return self._parse_success(flow, response, on_refresh_token)
         raise self._classify(flow, response, secrets)
-
-    def _target(self) -> str:
-        parts = urllib.parse.urlsplit(self.token_url)
-        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-        return f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
     def _egress_error(self, flow: str, failure: EgressFailure) -> EgressError:
         self.egress_failures[failure.code] += 1
