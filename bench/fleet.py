@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy.app import build_sidecar
 from proxy.emulator.cognito import CognitoEmulator
 from proxy.settings import load_settings
-from proxy.store import FileStore, RedisStore
+from proxy.store.file import FileStore
+from proxy.store.redis import RedisStore
 from tests.conftest import Stack, run_stack, stack_env
 from tests.redis_server import RedisServer, redis_server
 

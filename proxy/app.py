@@ -23,21 +23,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.cache import RefreshPolicy, TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.connection import ConnectionLimits
-from proxy.credentials import Grant, Secret, secret_file_warnings, secret_files
+from proxy.egress.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
 from proxy.errors import ConfigError, error_body
 from proxy.forward import Forwarder, send_error
 from proxy.guard import CallerGuard, Refusal
 from proxy.logs import AccessLog, event
 from proxy.metrics import RequestMetrics, render, sidecar_registry
 from proxy.paths import BadPath, pick_route
-from proxy.providers import open_configured_store, provider_for, token_http, token_tls
-from proxy.record import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
+from proxy.request import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
+from proxy.secrets import Secret, secret_file_warnings, secret_files
+from proxy.server.limits import ConnectionLimits
 from proxy.settings import RouteSettings, Settings
-from proxy.store import Store
-from proxy.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
+from proxy.store.base import Store
+from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
+from proxy.tokens.grants import Grant
+from proxy.tokens.provider import RefreshPolicy, TokenProvider
 from proxy.types import Message, Receive, Scope, Send
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
@@ -70,7 +71,7 @@ class Sidecar:
     providers: list[TokenProvider]
     routes: list[UpstreamRoute]  # longest prefix first
     guard: CallerGuard = field(default_factory=CallerGuard)
-    # Secret files other users could read or replace (proxy.credentials.exposure): logged, shown by readyz.
+    # Secret files other users could read or replace (proxy.secrets.exposure): logged, shown by readyz.
     file_warnings: list[str] = field(default_factory=list)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     requests: RequestMetrics = field(default_factory=RequestMetrics)

@@ -18,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cognito-sidecar {__version__}")
         return 0
     if args[:1] == ["healthcheck"]:
-        from proxy.health import main as healthcheck
+        from proxy.commands.healthcheck import main as healthcheck
 
         return healthcheck(args[1:])
     from proxy.cli import main as cli

@@ -24,6 +24,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# The command's exit statuses: a failure, and a configuration that cannot be used (a worker exiting with it
+# is not restarted).
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
 
 class SidecarError(Exception):
     """Base of every error the sidecar raises on purpose.
@@ -212,8 +217,8 @@ class StoreUnavailableError(TransientTokenError):
 
 class EgressError(TransientTokenError):
     """The way to the token endpoint failed before it could answer: the egress proxy refused or cannot be reached, or
-    a certificate did not verify (``proxy.egress.describe_failure``). ``code`` names which, as the forwarder's own
-    answers do for the upstream (``egress_proxy_refused``, ``token_endpoint_tls_untrusted``, ...)."""
+    a certificate did not verify (``proxy.egress.failures.describe_failure``). ``code`` names which, as the
+    forwarder's own answers do for the upstream (``egress_proxy_refused``, ``token_endpoint_tls_untrusted``, ...)."""
 
     def __init__(self, *, code: str, **fields: Any) -> None:
         self.code = code

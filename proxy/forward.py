@@ -27,15 +27,16 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from proxy.credentials import Secret
-from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal, target_of
+from proxy.egress.failures import EgressFailure, describe_failure, proxy_refusal
+from proxy.egress.route import EgressProxy, target_of
+from proxy.egress.tls import TlsContext
 from proxy.errors import TokenError, error_body
 from proxy.guard import CALLER_HEADER
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
 from proxy.logs import event
-from proxy.record import REQUEST_ID_HEADER, SANE_REQUEST_ID, RequestRecord
-from proxy.tls import TlsContext
-from proxy.tokens import Token
+from proxy.request import REQUEST_ID_HEADER, SANE_REQUEST_ID, RequestRecord
+from proxy.secrets import Secret
+from proxy.tokens.token import Token
 from proxy.types import Receive, Scope, Send
 
 log = logging.getLogger("proxy.forward")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from proxy.credentials import Secret
+from proxy.secrets import Secret
 from proxy.settings import FORBIDDEN_METHODS
 from proxy.types import Scope
 

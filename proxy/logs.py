@@ -4,7 +4,7 @@ request id on every line written while a request is handled, and an access log t
 Every line, in JSON (one object per line; the README lists the fields):
 
 - ``time`` (``2026-12-02T11:42:35.123Z``), ``level``, ``logger``, ``message``;
-- ``request_id`` when the line is about a request (``proxy.record.CURRENT_REQUEST_ID``);
+- ``request_id`` when the line is about a request (``proxy.request.CURRENT_REQUEST_ID``);
 - ``event`` and its fields for the events an operator acts on (token refreshed, refresh failed with its
   Cognito error code and the retry's attempt and wait, refresh token rotated or not persisted, ...): passed as
   ``extra=event(name, **fields)``. In text they are already in the message.
@@ -26,7 +26,7 @@ import time
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, Literal, TextIO
 
-from proxy.record import CURRENT_REQUEST_ID, RequestRecord
+from proxy.request import CURRENT_REQUEST_ID, RequestRecord
 from proxy.types import Scope
 
 LogFormat = Literal["text", "json"]

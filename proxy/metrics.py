@@ -24,12 +24,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.cache import TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.forward import Forwarder
-from proxy.record import RequestRecord
-from proxy.shared import SharedRefresh
+from proxy.request import RequestRecord
 from proxy.stats import DURATION_BUCKETS, Histogram
+from proxy.tokens.fleet import SharedRefresh
+from proxy.tokens.provider import TokenProvider
 
 # Methods counted under their own name; any other is counted as "other" (labels stay bounded).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})

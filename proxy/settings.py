@@ -35,10 +35,10 @@ from pydantic import (
     field_validator,
 )
 
-from proxy.egress import Egress, ProxyEnvironment
+from proxy.egress.route import Egress, ProxyEnvironment
+from proxy.egress.tls import TOP_LEVEL_NAMES, TlsFiles
 from proxy.errors import ConfigError
 from proxy.listen import parse_listen
-from proxy.tls import TOP_LEVEL_NAMES, TlsFiles
 
 ENV_PREFIX = "SIDECAR_"
 

@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from proxy.app import Sidecar, create_app
-from proxy.cache import RefreshPolicy
 from proxy.emulator import EmulatorStack, make_stack
-from proxy.serving import ServerTls, bind_listen, bound_url, running
+from proxy.server.serving import ServerTls, bind_listen, bound_url, running
 from proxy.settings import Settings
+from proxy.tokens.provider import RefreshPolicy
 
 # Retries in tests: the same code path, with waits of milliseconds instead of seconds. The refusal hold and
 # the 401 rate limit keep their real values: tests count on them.

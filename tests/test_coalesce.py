@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from proxy.coalesce import CoalescingTransport
+from proxy.server.coalesce import CoalescingTransport
 
 
 def write_syscalls() -> int:

@@ -14,8 +14,8 @@ import httpx2
 import pytest
 from pydantic import SecretStr
 
-from proxy.credentials import exposure, write_secret_file
 from proxy.emulator import fingerprint
+from proxy.secrets import exposure, write_secret_file
 from proxy.settings import read_secret_file
 from tests.conftest import FakeClock, Stack, run_sidecar, run_stack, sidecar_process, stack_env
 

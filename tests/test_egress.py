@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.egress import Egress, EgressProxy, NoProxy, ProxyEnvironment, describe_failure, proxy_refusal
+from proxy.egress.failures import describe_failure, proxy_refusal
+from proxy.egress.route import Egress, EgressProxy, NoProxy, ProxyEnvironment
 from proxy.errors import ConfigError
 from proxy.settings import load_settings
 from tests.conftest import assert_hidden

@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.emulator import fingerprint
-from proxy.serving import running
+from proxy.server.serving import running
 from tests.conftest import RunningSidecar, Stack, raw_request, run_sidecar
 
 CHUNK = b"x" * (1024 * 1024)

@@ -25,7 +25,7 @@ from proxy import __version__
 from proxy.errors import ConfigError
 from proxy.headers import downstream_response_headers
 from proxy.logs import AccessLog, JsonFormatter, TextFormatter
-from proxy.record import RequestRecord, new_request_id, request_id_of
+from proxy.request import RequestRecord, new_request_id, request_id_of
 from proxy.settings import load_settings
 from proxy.stats import Histogram
 from tests.conftest import (

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from proxy.serving import running
+from proxy.server.serving import running
 from tests.conftest import (
     BREAKS_OFF,
     SilentUpstream,

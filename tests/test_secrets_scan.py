@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from proxy.serving import running
+from proxy.server.serving import running
 from tests.conftest import assert_hidden, cli_env, raw_request, run_cli, run_stack, sidecar_process
 
 CLIENT_ID = "scan-client"

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from proxy.app import create_app
-from proxy.serving import bind_unix, running
+from proxy.server.serving import bind_unix, running
 from proxy.settings import RouteSettings
 from tests.conftest import FAST_POLICY, RunningSidecar, Stack, raw_request, run_sidecar
 

@@ -19,10 +19,10 @@ from pydantic import SecretStr
 
 from proxy.app import create_app
 from proxy.errors import ConfigError
-from proxy.sealing import Record, Sealer, UnreadableRecord
 from proxy.settings import load_settings
-from proxy.store import RedisStore
-from proxy.tokens import TokenResponse
+from proxy.store.redis import RedisStore
+from proxy.tokens.sealed import Record, Sealer, UnreadableRecord
+from proxy.tokens.token import TokenResponse
 from tests.conftest import (
     FakeClock,
     RunningSidecar,

@@ -13,9 +13,9 @@ import time
 import httpx2
 import pytest
 
-from proxy.cache import MAX_RETRY_WAIT, THROTTLED_MIN_WAIT, RefreshPolicy
 from proxy.errors import PermanentTokenError, TokenClockSkewError, TransientTokenError
-from proxy.tokens import parse_retry_after
+from proxy.tokens.endpoint import parse_retry_after
+from proxy.tokens.provider import MAX_RETRY_WAIT, THROTTLED_MIN_WAIT, RefreshPolicy
 from tests.conftest import FakeClock, metric, run_sidecar, run_stack
 
 REAL = RefreshPolicy()

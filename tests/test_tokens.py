@@ -8,7 +8,7 @@ import logging
 import httpx2
 import pytest
 
-from proxy.cache import RefreshPolicy
+from proxy.tokens.provider import RefreshPolicy
 from tests.conftest import FakeClock, RunningSidecar, Stack, assert_hidden, metric, run_sidecar, run_stack
 
 

@@ -1,7 +1,7 @@
 """The parts of uvicorn's internals the sidecar builds on, named, so that an upgrade that changes them fails
 here, loudly, rather than somewhere in the forwarding tests.
 
-``proxy/coalesce.py`` wraps the transport of uvicorn's httptools protocol, and ``proxy/connection.py``
+``proxy/server/coalesce.py`` wraps the transport of uvicorn's httptools protocol, and ``proxy/server/limits.py``
 subclasses that protocol (parser callbacks, keep-alive timer, pipelining) to enforce the connection limits.
 pyproject.toml bounds uvicorn below the next minor version; before raising the bound, check that these still
 hold and that the real-server tests pass.
@@ -37,7 +37,7 @@ CYCLE_ATTRIBUTES = ("response_complete", "keep_alive", "body", "more_body", "mes
 
 def test_the_httptools_protocol_still_has_what_the_sidecar_overrides_and_reads():
     missing = [name for name in PROTOCOL_METHODS if not callable(getattr(HttpToolsProtocol, name, None))]
-    assert not missing, f"uvicorn's HttpToolsProtocol lost {missing}: proxy/connection.py and coalesce.py need work"
+    assert not missing, f"uvicorn's HttpToolsProtocol lost {missing}: proxy/server/limits.py and coalesce.py need work"
     init = inspect.getsource(HttpToolsProtocol.__init__) + inspect.getsource(HttpToolsProtocol.connection_made)
     gone = [name for name in PROTOCOL_ATTRIBUTES if f"self.{name}" not in init]
     assert not gone, f"uvicorn's HttpToolsProtocol no longer sets {gone}"

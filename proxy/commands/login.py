@@ -9,13 +9,16 @@ mode 0600; it is printed only when asked for.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
 import hashlib
 import html
 import secrets
-from collections.abc import AsyncIterator
+import sys
+import webbrowser
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -25,10 +28,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from proxy.credentials import write_secret_file
-from proxy.errors import SidecarError
-from proxy.serving import running
-from proxy.tokens import TokenEndpoint, TokenResponse
+from proxy.errors import ConfigError, SidecarError
+from proxy.secrets import write_secret_file
+from proxy.server.serving import running
+from proxy.settings import load_settings
+from proxy.tokens.build import token_http
+from proxy.tokens.endpoint import TokenEndpoint
+from proxy.tokens.token import TokenResponse
 
 # Cognito's authorization codes live a few minutes; a person needs a moment to sign in.
 DEFAULT_LOGIN_TIMEOUT = 300.0
@@ -161,3 +167,54 @@ def write_refresh_token(path: Path, token: str) -> None:
         write_secret_file(path, token)
     except OSError as exc:
         raise LoginError(f"cannot write the refresh token to {path}: {exc.strerror}") from None
+
+
+async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = load_settings(env, purpose="login")
+    out: Path | None = args.out or settings.refresh_token_file
+    if out is None and not args.print_token:
+        raise ConfigError(
+            ["--out: say where to save the refresh token (or set SIDECAR_REFRESH_TOKEN_FILE, or --print)"]
+        )
+    secret = settings.client_secret.get_secret_value() if settings.client_secret else None
+    async with token_http(settings) as http:
+        endpoint = TokenEndpoint(
+            http,
+            token_url=settings.token_url,
+            client_id=settings.client_id,
+            timeout=settings.token_timeout,
+            proxy=settings.egress.proxy_for(settings.token_url),
+        )
+        verifier = args.code_verifier
+        code = args.code
+        if code is None:
+            pkce = None if args.no_pkce else Pkce.new()
+            state = secrets.token_urlsafe(24)
+            url = authorize_url(
+                domain=domain_of(settings.token_url),
+                client_id=settings.client_id,
+                redirect_uri=args.redirect_uri,
+                scope=args.scope,
+                state=state,
+                pkce=pkce,
+            )
+            async with callback_listener(args.redirect_uri, state) as outcome:
+                print(f"Open this URL in a browser and sign in:\n\n  {url}\n", file=sys.stderr, flush=True)
+                if not args.no_browser and (
+                    env.get("DISPLAY") or env.get("WAYLAND_DISPLAY") or sys.platform == "darwin"
+                ):
+                    webbrowser.open(url)
+                print(f"Waiting up to {args.timeout:g} s for the redirect to {args.redirect_uri} ...", file=sys.stderr)
+                code = await wait_for_code(outcome, args.redirect_uri, args.timeout)
+            verifier = pkce.verifier if pkce else None
+        response = await exchange(
+            endpoint, code=code, redirect_uri=args.redirect_uri, verifier=verifier, client_secret=secret
+        )
+    refresh_token = response.refresh_token or ""  # exchange() refuses an answer without one
+    if out is not None:
+        write_refresh_token(out, refresh_token)
+        print(f"Saved the refresh token to {out} (mode 0600). Next, run the sidecar with it:", file=sys.stderr)
+        print(f"  SIDECAR_REFRESH_TOKEN_FILE={out} cognito-sidecar serve", file=sys.stderr)
+    if args.print_token:
+        print(refresh_token)
+    return 0

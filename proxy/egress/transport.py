@@ -1,7 +1,7 @@
 """The HTTP client for token endpoints (and the one-shot commands): httpx2 over the egress proxy and TLS context.
 
 ``EgressTransport`` sends each request directly or through the proxy its URL calls for (``proxy.egress``), over the
-current trusted-CA context (``proxy.tls``). It keeps one pooled httpx2 transport per (proxy, context) pair, so
+current trusted-CA context (``proxy.egress.tls``). It keeps one pooled httpx2 transport per (proxy, context) pair, so
 CONNECT tunnels are kept alive and reused like direct connections; a re-read CA file gives new connections the new
 context, and the transports it replaced are closed with the client.
 """
@@ -12,8 +12,8 @@ import ssl
 
 import httpx2
 
-from proxy.egress import Egress, EgressProxy
-from proxy.tls import TlsContext
+from proxy.egress.route import Egress, EgressProxy
+from proxy.egress.tls import TlsContext
 
 
 class EgressTransport(httpx2.AsyncBaseTransport):

@@ -30,7 +30,6 @@ import logging
 from typing import Protocol
 
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.credentials import Grant
 from proxy.errors import (
     PermanentTokenError,
     StoreError,
@@ -40,10 +39,11 @@ from proxy.errors import (
     TransientTokenError,
 )
 from proxy.logs import event
-from proxy.sealing import MAX_ORIGINS, MAX_RECENT, HoldOff, Record, Sealer, UnreadableRecord, lineage
 from proxy.settings import DEFAULT_STORE_LEASE
-from proxy.store import Lease, Store
-from proxy.tokens import TokenResponse, TokenSet
+from proxy.store.base import Lease, Store
+from proxy.tokens.grants import Grant
+from proxy.tokens.sealed import MAX_ORIGINS, MAX_RECENT, HoldOff, Record, Sealer, UnreadableRecord, lineage
+from proxy.tokens.token import TokenResponse, TokenSet
 
 log = logging.getLogger("proxy.shared")
 

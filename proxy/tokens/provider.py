@@ -9,7 +9,7 @@ same credential share it) and the refresher's schedule. Requests read the set:
   ``wait_limit`` seconds. When backoff has put the next attempt later, it gets the last failure at once.
 
 The refresher is one task and the only caller of the token endpoint, so there is one token request at a
-time by construction, however many requests wait. With a shared token store (``proxy.shared``) an attempt
+time by construction, however many requests wait. With a shared token store (``proxy.tokens.fleet``) an attempt
 first looks at the store, and the store's lease makes that one request at a time across every sidecar sharing
 the credential. The refresher sleeps on the injected ``Clock`` until the next attempt is due:
 
@@ -39,13 +39,13 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.credentials import Grant
 from proxy.errors import TokenEndpointError, TokenError, TransientTokenError
 from proxy.logs import event
-from proxy.sealing import Record
-from proxy.shared import SharedRefresh
 from proxy.stats import Histogram
-from proxy.tokens import Token, TokenResponse, TokenSet, make_token_set
+from proxy.tokens.fleet import SharedRefresh
+from proxy.tokens.grants import Grant
+from proxy.tokens.sealed import Record
+from proxy.tokens.token import Token, TokenResponse, TokenSet, make_token_set
 
 log = logging.getLogger("proxy.cache")
 
@@ -360,7 +360,7 @@ class TokenProvider:
             ) from None
         return self.token_set(response)
 
-    # What the shared refresh asks of its consumer (proxy.shared.Consumer) ---------------------------------
+    # What the shared refresh asks of its consumer (proxy.tokens.fleet.Consumer) ---------------------------------
 
     def token_set(self, response: TokenResponse, *, age: float = 0.0) -> TokenSet:
         """The tokens of an answer that arrived ``age`` seconds ago."""

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from proxy.tokens import TokenResponse
+from proxy.tokens.token import TokenResponse
 
 FORMAT = 1
 _SALT = b"cognito-sidecar token store v1"

@@ -1,4 +1,4 @@
-"""The token endpoint client: grants, client authentication and error classification.
+"""The token endpoint client: client authentication and error classification.
 
 Talks to Cognito's ``/oauth2/token`` exactly as Cognito expects (see shared/docs/cognito.md): a form
 POST, ``Authorization: Basic base64(client_id:client_secret)`` when the app client has a secret, and
@@ -11,34 +11,27 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
-import re
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from collections.abc import Callable
 
 import httpx2
-import jwt
 
-from proxy.egress import EgressFailure, EgressProxy, describe_failure, proxy_refusal, target_of
+from proxy.egress.failures import EgressFailure, describe_failure, proxy_refusal
+from proxy.egress.route import EgressProxy, target_of
+from proxy.egress.transport import proxy_status
 from proxy.errors import (
     EgressError,
     PermanentTokenError,
-    TokenClockSkewError,
     TokenEndpointError,
     TokenError,
-    TokenUnusableError,
     TransientTokenError,
 )
-from proxy.transport import proxy_status
+from proxy.tokens.token import TokenResponse
 
 # Raw error bodies are quoted to the person; anything longer than this is an HTML page or worse.
 BODY_EXCERPT_CHARS = 300
-
-TOKEN_KINDS = ("id_token", "access_token")
 
 # OAuth error codes after which retrying cannot help until a person changes something.
 PERMANENT_ERRORS = frozenset(
@@ -118,150 +111,6 @@ EXPLANATIONS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
 def explain(error: str, flow: str) -> tuple[tuple[str, ...], str]:
     """The likely causes and the fix for an OAuth error code during ``flow``."""
     return EXPLANATIONS.get((error, flow)) or EXPLANATIONS.get((error, "*")) or ((), "")
-
-
-@dataclass(frozen=True)
-class TokenResponse:
-    """A successful token endpoint answer. Token values never appear in its repr."""
-
-    id_token: str | None = field(repr=False)
-    access_token: str | None = field(repr=False)
-    refresh_token: str | None = field(repr=False)
-    expires_in: int | None
-    token_type: str
-
-
-@dataclass(frozen=True)
-class Token:
-    """One token ready to inject: its value and when it stops being usable.
-
-    Times are on the sidecar's monotonic clock, counted from the moment the answer arrived: the token
-    endpoint's clock never decides how long a token is used. ``refresh_at`` is when a refresh is due
-    (expiry minus the safety margin); ``expires_at`` is when it must never be sent again (the real expiry,
-    less a little for the request's own travel).
-    """
-
-    kind: str
-    value: str = field(repr=False)
-    received_at: float
-    refresh_at: float
-    expires_at: float
-    claims: Mapping[str, Any] = field(repr=False, compare=False)
-
-
-# A token is never sent this close to its real expiry: the request itself takes time to reach the authorizer.
-HARD_EXPIRY_SKEW = 5.0
-# exp and iat are whole seconds (the issuer truncates its clock): read against this machine's clock, a token
-# may look up to this much shorter-lived than it is. The clock-skew check allows for it.
-EXP_RESOLUTION = 1.0
-
-# What a header may carry as a token: a JWT's three base64url parts (the signature may be empty). Anything
-# else (a line break, an HTML page, a quoted string) would break the request or smuggle a header.
-_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-
-
-def read_claims(token: str) -> dict[str, Any]:
-    """The JWT's claims, unverified (API Gateway verifies; the sidecar only needs exp and friends)."""
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
-
-
-@dataclass(frozen=True)
-class TokenSet:
-    """The tokens of one answer, by kind; usable while every one of them is."""
-
-    tokens: Mapping[str, Token]
-
-    def __getitem__(self, kind: str) -> Token:
-        return self.tokens[kind]
-
-    # Read on every request: computed once.
-    @cached_property
-    def refresh_at(self) -> float:
-        return min(token.refresh_at for token in self.tokens.values())
-
-    @cached_property
-    def expires_at(self) -> float:
-        return min(token.expires_at for token in self.tokens.values())
-
-    @cached_property
-    def received_at(self) -> float:
-        return min(token.received_at for token in self.tokens.values())
-
-    def holds(self, token: Token) -> bool:
-        return any(mine is token for mine in self.tokens.values())
-
-
-def make_token_set(
-    response: TokenResponse, *, kinds: frozenset[str], margin: float, received_at: float, wall_now: float, flow: str
-) -> TokenSet:
-    """The ``kinds`` of token the routes need, from one answer; ``TokenError`` if one cannot be used."""
-    return TokenSet(
-        {
-            kind: make_token(response, kind=kind, margin=margin, received_at=received_at, wall_now=wall_now, flow=flow)
-            for kind in sorted(kinds)
-        }
-    )
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def make_token(
-    response: TokenResponse, *, kind: str, margin: float, received_at: float, wall_now: float, flow: str = "refresh"
-) -> Token:
-    """Turn a token response into the ``Token`` to inject.
-
-    Its life is what the endpoint announced (``expires_in``, or the JWT's own ``exp - iat`` when shorter: id
-    and access tokens may live differently), counted from ``received_at`` on the monotonic clock, and bounded by
-    ``exp`` read against this machine's wall clock ``wall_now``. A token with no more life left than the margin
-    is refused with ``TokenClockSkewError`` (transient): it would be refreshed at once, again and again.
-    """
-    value = response.id_token if kind == "id_token" else response.access_token
-    if not value:
-        present = [name for name in TOKEN_KINDS if getattr(response, name)]
-        raise TokenUnusableError(
-            f"the token endpoint answered without an {kind} (it sent: {', '.join(present) or 'no token'}). "
-            + (
-                "A client_credentials or access-only flow has no id token: set SIDECAR_TOKEN=access_token."
-                if kind == "id_token"
-                else "Check the app client's settings."
-            )
-        )
-    if not _JWT_SHAPE.fullmatch(value):
-        raise TokenUnusableError(
-            f"the token endpoint's {kind} is not a JWT (three base64url parts separated by dots), so it cannot be "
-            "sent in a header. Check that SIDECAR_TOKEN_URL is a Cognito token endpoint."
-        )
-    try:
-        claims = read_claims(value)
-    except jwt.PyJWTError:
-        claims = {}
-    exp, iat = _number(claims.get("exp")), _number(claims.get("iat"))
-    announced = [float(life) for life in (response.expires_in,) if life]
-    if exp is not None and iat is not None and exp > iat:
-        announced.append(exp - iat)
-    by_clock = exp - wall_now if exp is not None else None
-    if not announced and by_clock is None:
-        raise TokenUnusableError(
-            f"the {kind} has no exp claim and the answer no expires_in, so the sidecar cannot tell when it expires"
-        )
-    lifetime = min(announced) if announced else max(by_clock or 0.0, 0.0)
-    left = lifetime if by_clock is None else min(lifetime, by_clock)
-    # At most half the token's life, so short-lived test tokens are still used for a while.
-    effective_margin = min(margin, lifetime / 2)
-    guard = min(HARD_EXPIRY_SKEW, lifetime / 10)
-    if left + EXP_RESOLUTION - guard <= effective_margin:
-        raise TokenClockSkewError(flow=flow, kind=kind, remaining=left, lifetime=lifetime, margin=effective_margin)
-    return Token(
-        kind=kind,
-        value=value,
-        received_at=received_at,
-        refresh_at=received_at + left - effective_margin,
-        expires_at=received_at + left - guard,
-        claims=claims,
-    )
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from proxy.errors import ConfigError, SidecarError
+from proxy.errors import EXIT_CONFIG, ConfigError, SidecarError
 from proxy.logs import event
 from proxy.settings import Settings
 
@@ -37,8 +37,6 @@ MAX_QUICK_DEATHS = 5
 _PR_SET_PDEATHSIG = 1
 
 # Serves one process on the sockets; the flag says the token store is the private one made here.
-# A worker's exit status when the configuration cannot be used (the command's own, see proxy.cli): no restart.
-CONFIG_EXIT = 2
 
 ServeOne = Callable[[Settings, Sequence[socket.socket], bool], int]
 
@@ -94,7 +92,7 @@ class Supervisor:
                 code = self._serve_one(self._settings, self._sockets, self._private_store)
             except ConfigError as exc:
                 print(f"cognito-sidecar: {exc}", file=sys.stderr)
-                code = CONFIG_EXIT
+                code = EXIT_CONFIG
             except SidecarError as exc:
                 print(f"cognito-sidecar: worker {number}: {exc}", file=sys.stderr)
             except BaseException:
@@ -134,10 +132,10 @@ class Supervisor:
                 continue
             number, started = self._children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
-            if code == CONFIG_EXIT and not self._stopping:
+            if code == EXIT_CONFIG and not self._stopping:
                 log.error("worker %d refused the configuration; stopping", number)
                 self._forward(signal.SIGTERM, None)
-                status = CONFIG_EXIT
+                status = EXIT_CONFIG
                 continue
             if self._stopping:
                 status = status or (code if code > 0 else 0)

@@ -24,11 +24,11 @@ from typing import Any
 
 import uvicorn
 
-from proxy.coalesce import CoalescingHttpToolsProtocol
-from proxy.connection import KEEP_ALIVE_TIMEOUT, ConnectionLimits, protocol_for
 from proxy.errors import SidecarError
 from proxy.listen import parse_listen
 from proxy.logs import quiet_uvicorn
+from proxy.server.coalesce import CoalescingHttpToolsProtocol
+from proxy.server.limits import KEEP_ALIVE_TIMEOUT, ConnectionLimits, protocol_for
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
 # How long in-flight requests may run on after a stop is asked for.
@@ -149,7 +149,7 @@ def config_for(
 ) -> uvicorn.Config:
     """uvicorn settings shared by every server: no Server/Date headers of its own (the upstream's pass through),
     no access log of its own (the sidecar's ``AccessLog`` is cheaper). ``limits``: the sidecar's connection
-    limits (``proxy.connection``); the emulator's servers run without. ``tls``: serve HTTPS (the emulator)."""
+    limits (``proxy.server.limits``); the emulator's servers run without. ``tls``: serve HTTPS (the emulator)."""
     quiet_uvicorn()
     tls_options: dict[str, Any] = {}
     if tls is not None:

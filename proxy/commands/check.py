@@ -7,6 +7,7 @@ Gateway will read it, and with ``--path`` sends one request upstream and explain
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
@@ -20,15 +21,16 @@ from urllib.parse import urlsplit
 
 import httpx2
 
-from proxy.credentials import secret_file_warnings
-from proxy.egress import EgressProxy, describe_failure, target_of
-from proxy.errors import ConfigError, EgressError, TokenEndpointError, TokenError
-from proxy.providers import one_shot, token_http
+from proxy.egress.failures import describe_failure
+from proxy.egress.route import EgressProxy, target_of
+from proxy.egress.tls import EXPIRY_WARNING_DAYS, CertificateInfo, TlsContext
+from proxy.egress.transport import proxy_status, token_client
+from proxy.errors import EXIT_FAILURE, ConfigError, EgressError, TokenEndpointError, TokenError
+from proxy.secrets import secret_file_warnings
 from proxy.settings import RouteSettings, Settings, load_settings
-from proxy.shared import SharedRefresh
-from proxy.tls import EXPIRY_WARNING_DAYS, CertificateInfo, TlsContext
-from proxy.tokens import Token
-from proxy.transport import proxy_status, token_client
+from proxy.tokens.build import one_shot, token_http
+from proxy.tokens.fleet import SharedRefresh
+from proxy.tokens.token import Token
 
 Status = Literal["PASS", "WARN", "FAIL"]
 
@@ -338,3 +340,12 @@ def _answer_finding(url: str, response: httpx2.Response) -> Finding:
     if response.status_code in (401, 403):
         return Finding("FAIL", f"GET {url} was refused ({message or response.status_code})", detail)
     return Finding("WARN", f"GET {url} answered {response.status_code}", detail)
+
+
+async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    findings = await run_checks(env, path=args.path)
+    for finding in findings:
+        print(finding.render())
+    failed = sum(1 for f in findings if f.status == "FAIL")
+    print(f"\n{'all checks passed' if not failed else f'{failed} check(s) failed'}")
+    return 0 if not failed else EXIT_FAILURE

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from proxy.coalesce import CoalescingHttpToolsProtocol
 from proxy.errors import error_body
+from proxy.server.coalesce import CoalescingHttpToolsProtocol
 from proxy.settings import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER_BYTES
 
 log = logging.getLogger("proxy.refused")

@@ -13,17 +13,18 @@ from collections.abc import AsyncIterator, Iterable
 
 import httpx2
 
-from proxy.cache import RefreshPolicy, TokenProvider
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.credentials import RefreshTokenGrant, grant_from_settings
+from proxy.egress.tls import TlsContext, TlsFiles
+from proxy.egress.transport import token_client
 from proxy.errors import ConfigError, StoreError
-from proxy.sealing import Sealer
 from proxy.settings import RouteSettings, Settings
-from proxy.shared import SharedRefresh
-from proxy.store import Store, open_store
-from proxy.tls import TlsContext, TlsFiles
-from proxy.tokens import TokenEndpoint
-from proxy.transport import token_client
+from proxy.store import open_store
+from proxy.store.base import Store
+from proxy.tokens.endpoint import TokenEndpoint
+from proxy.tokens.fleet import SharedRefresh
+from proxy.tokens.grants import RefreshTokenGrant, grant_from_settings
+from proxy.tokens.provider import RefreshPolicy, TokenProvider
+from proxy.tokens.sealed import Sealer
 
 
 def token_tls(settings: Settings) -> TlsContext | None:
@@ -73,7 +74,7 @@ def provider_for(
     grant = grant_from_settings(credential, endpoint)
     shared = None
     if store is not None:
-        # The credential's key and seal come from its identity and the key material (see proxy.sealing).
+        # The credential's key and seal come from its identity and the key material (see proxy.tokens.sealed).
         scopes = credential.scopes if credential.grant == "client_credentials" else ""
         identity = "\n".join((credential.token_url, credential.client_id, credential.grant, scopes))
         material = settings.token_store_key or credential.client_secret

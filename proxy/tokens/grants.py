@@ -1,161 +1,29 @@
-"""Credentials: secrets that may live in files, and the grants that turn them into tokens.
+"""The grants that turn a credential into tokens.
 
-- ``Secret``: a value, optionally backed by a file that can be re-read (SIGHUP, or after Cognito says
-  ``invalid_client``/``invalid_grant``) so a rotated secret is picked up without a restart.
-- ``write_secret_file``: atomic and durable: a temporary file in the same directory, mode 0600, fsync,
-  rename, fsync of the directory. A crash at any instant leaves the old or the new content, whole.
 - ``RefreshTokenGrant``: the refresh_token grant; when Cognito rotates the refresh token, the new one
   is written to its file before the new id/access token is handed out, and the old one is kept until
   the write has succeeded.
 - ``ClientCredentialsGrant``: Cognito's machine-to-machine grant (client secret and scopes, no user).
+
+Both re-read their secret files once after Cognito says ``invalid_client``/``invalid_grant``, so a secret
+rotated on disk is picked up without a restart.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import stat
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 from proxy.errors import ConfigError, PermanentTokenError
-from proxy.files import write_atomically
 from proxy.logs import event
-from proxy.settings import RouteSettings, Settings, read_secret_file
-from proxy.tokens import TokenEndpoint, TokenResponse
+from proxy.secrets import FileUseLock, Secret, write_secret_file
+from proxy.settings import RouteSettings, Settings
+from proxy.tokens.endpoint import TokenEndpoint
+from proxy.tokens.token import TokenResponse
 
 log = logging.getLogger("proxy.credentials")
-
-
-def write_secret_file(path: Path, value: str) -> None:
-    """Replace ``path``'s content with ``value`` (and a newline) atomically and durably, mode 0600."""
-    write_atomically(path, (value + "\n").encode())
-
-
-class FileUseLock:
-    """An advisory lock (``flock``) on a sibling of a refresh token file, held while a process serves with it.
-
-    Two processes refreshing with one refresh token invalidate each other once Cognito rotates it (the first
-    to refresh retires the token the other holds). The lock only detects that; sharing one credential safely
-    is the shared token store's job.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path.parent / f".{path.name}.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> str | None:
-        """Take the lock; a warning naming the other process if it is held, ``None`` otherwise (also when the
-        directory cannot hold a lock file, e.g. a read-only Secret volume)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            log.debug("cannot create %s (%s); another process using the same file goes undetected", self.path, exc)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
-            return (
-                f"another process (pid {holder}) is serving with the refresh token in {self.path.parent}: when "
-                "Cognito rotates refresh tokens, each refresh retires the token the other holds and both end with "
-                "invalid_grant. Run one sidecar per refresh token file."
-            )
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays for the next start
-            self._fd = None
-
-
-def exposure(path: Path) -> str | None:
-    """Why ``path`` (a secret file) is open to other users, or None: the file readable or writable by group or
-    others, or its directory writable by them (they could swap the file). A directory that others may only
-    list is fine: /run/secrets is 0755 under Docker and Kubernetes, and names reveal nothing. Group bits count
-    only when the group is not the sidecar's own: Kubernetes' fsGroup gives a Secret's files to the pod's group
-    (mode 0440), which no other user holds."""
-    try:
-        info = os.stat(path)
-        directory = os.stat(path.parent)
-    except OSError:
-        return None
-    mode = info.st_mode
-    others = 0o007 | (0o070 if info.st_gid != os.getegid() else 0)
-    problems = []
-    if mode & others:
-        problems.append(f"{path} has mode {stat.S_IMODE(mode):04o} (other users may read or write it)")
-    writers = 0o002 | (0o020 if directory.st_gid != os.getegid() else 0)
-    if directory.st_mode & writers and not directory.st_mode & stat.S_ISVTX:
-        problems.append(f"its directory {path.parent} is writable by other users")
-    if not problems:
-        return None
-    return (
-        "; ".join(problems)
-        + ": other users of this machine could take or replace the credential. chmod 600 the file (compose: "
-        "a file secret with mode 0400 on the host; Kubernetes: defaultMode 0440 with fsGroup) and 700 its directory."
-    )
-
-
-def secret_files(settings: Settings) -> list[Path]:
-    """Every secret file the settings name (top level and routes), each once."""
-    paths: dict[Path, None] = {}
-    for holder in (settings, *settings.routes):
-        for path in (
-            holder.client_secret_file,
-            holder.refresh_token_file,
-            holder.api_key_file,
-            holder.client_key_file,
-            holder.client_key_password_file,
-        ):
-            if path is not None:
-                paths[Path(path)] = None
-    for path in (settings.caller_token_file, settings.egress_proxy_file):
-        if path is not None:
-            paths[Path(path)] = None
-    return list(paths)
-
-
-def secret_file_warnings(settings: Settings) -> list[str]:
-    """``exposure`` of every secret file the settings name."""
-    return [warning for path in secret_files(settings) if (warning := exposure(path)) is not None]
-
-
-class Secret:
-    """A secret value, optionally re-readable from ``path``. Never shown in a repr."""
-
-    def __init__(self, value: str, path: Path | None = None) -> None:
-        self._value = value
-        self.path = path
-
-    def __repr__(self) -> str:
-        return f"Secret(path={str(self.path) if self.path else None!r})"
-
-    @property
-    def value(self) -> str:
-        return self._value
-
-    def reload(self) -> bool:
-        """Re-read the file; True when the value changed. A missing or empty file keeps the current value."""
-        if self.path is None:
-            return False
-        try:
-            fresh = read_secret_file(self.path)
-        except OSError as exc:
-            log.error("cannot re-read %s (%s); keeping the current value", self.path, exc.strerror)
-            return False
-        if not fresh or fresh == self._value:
-            return False
-        self._value = fresh
-        log.info("picked up a new value from %s", self.path)
-        return True
 
 
 async def _rereading_files_once(

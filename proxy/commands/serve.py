@@ -1,0 +1,70 @@
+"""``cognito-sidecar serve``: bind the listeners, then serve in this process or in ``SIDECAR_WORKERS`` forked ones."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+
+from proxy.app import create_app
+from proxy.logs import configure_logging
+from proxy.server.serving import GracefulServer, bind_listen, bound_url, config_for, tune_gc
+from proxy.server.workers import run_workers
+from proxy.settings import Settings, load_settings
+
+log = logging.getLogger("proxy")
+
+
+def serve(env: Mapping[str, str]) -> int:
+    settings = load_settings(env)
+    configure_logging(settings.log_level, settings.log_format)
+    sock = bind_listen(settings.listen, socket_mode=int(settings.socket_mode, 8))
+    sockets = [sock]
+    if settings.metrics_listen is not None:
+        sockets.append(bind_listen(settings.metrics_listen))
+    try:
+        if settings.workers > 1:
+            return run_workers(settings, sockets, _serve_on)
+        return _serve_on(settings, sockets, False)
+    finally:
+        if settings.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(settings.unix_socket)
+
+
+def _serve_on(settings: Settings, sockets: Sequence[socket.socket], private_store: bool) -> int:
+    """One serving process on bound ``sockets`` (the forwarding listener, then the metrics one if any)."""
+    app = create_app(
+        settings,
+        metrics_port=sockets[1].getsockname()[1] if len(sockets) > 1 else None,
+        private_store=private_store,
+    )
+    log.info(
+        "cognito-sidecar listening on %s, forwarding to %s with the %s in the %s header",
+        bound_url(sockets[0]),
+        settings.upstream_url,
+        settings.token,
+        settings.header,
+    )
+    if len(sockets) > 1:
+        log.info("metrics and health (the /-/ routes only) on %s", bound_url(sockets[1]))
+    sidecar = app.state.sidecar
+
+    def start_draining() -> None:
+        sidecar.draining = True
+
+    def reload_secrets() -> None:
+        log.info("SIGHUP: re-reading the secret files")
+        sidecar.reload_secrets()
+
+    server = GracefulServer(
+        config_for(app, grace=settings.shutdown_grace, limits=sidecar.limits),
+        on_stop=start_draining,
+        on_reload=reload_secrets,
+        delay=settings.shutdown_delay,
+    )
+    tune_gc()
+    server.run(sockets=list(sockets))
+    return 0

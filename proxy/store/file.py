@@ -1,0 +1,151 @@
+"""The shared token store in a directory: ``flock`` on a lock file, which the kernel drops when its holder dies,
+so the lease needs no expiry."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+from proxy.errors import StoreError
+from proxy.files import write_atomically
+from proxy.store.base import Lease, owner_name
+
+
+class FileStore:
+    """The store in a directory, for processes on one host or containers sharing a volume.
+
+    Per key: ``<key>.state`` (the sealed blob, 0600), ``<key>.lock`` (held with ``flock`` for the lease),
+    ``<key>.fence`` ("issued released") and ``<key>.hold`` (the hold-off note after a failed refresh). Files are
+    small and local: they are read and written inline. ``flock`` needs one kernel: one host, or a local volume
+    shared by containers (not NFS).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.name = f"file:{directory}"
+
+    def __repr__(self) -> str:
+        return f"FileStore({str(self.directory)!r})"
+
+    def prepare(self) -> None:
+        """Create the directory (0700) if needed; refuse one that other users may write (they could plant a lease or
+        a token set)."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = os.stat(self.directory)
+        except OSError as exc:
+            raise StoreError(self.name, f"cannot create the directory ({exc.strerror})") from None
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise StoreError(
+                self.name,
+                f"the directory has mode {stat.S_IMODE(info.st_mode):04o}: other users could write it; chmod 700 it",
+            )
+
+    def _path(self, key: str, suffix: str) -> Path:
+        return self.directory / f"{key}.{suffix}"
+
+    def _wrap(self, doing: str, exc: OSError) -> StoreError:
+        return StoreError(self.name, f"{doing}: {exc.strerror or exc}")
+
+    async def load(self, key: str) -> tuple[bytes | None, bytes | None]:
+        return self._read(key, "state"), self._read(key, "hold")  # the note says until when it holds
+
+    def _read(self, key: str, suffix: str) -> bytes | None:
+        try:
+            return self._path(key, suffix).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._wrap(f"reading {self._path(key, suffix).name}", exc) from None
+
+    async def hold_off(self, key: str, note: bytes) -> None:
+        try:
+            write_atomically(self._path(key, "hold"), note)
+        except OSError as exc:
+            raise self._wrap("writing the hold-off note", exc) from None
+
+    async def acquire(self, key: str, lease_seconds: float) -> Lease | None:
+        try:
+            fd = os.open(self._path(key, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise self._wrap("opening the lock file", exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            raise self._wrap("locking", exc) from None
+        try:
+            issued, released = self._fences(key)
+            fence = issued + 1
+            self._write_fences(key, fence, released)
+            owner = owner_name()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, owner.encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise self._wrap("counting leases", exc) from None
+        return Lease(fence=fence, owner=owner, takeover=issued != released, handle=fd)
+
+    def _fences(self, key: str) -> tuple[int, int]:
+        try:
+            words = self._path(key, "fence").read_text().split()
+            return int(words[0]), int(words[1])
+        except FileNotFoundError:
+            return 0, 0
+        except (ValueError, IndexError):
+            return 0, 0  # unreadable: start over; the blob's own version still tells sets apart
+
+    def _write_fences(self, key: str, issued: int, released: int) -> None:
+        write_atomically(self._path(key, "fence"), f"{issued} {released}\n".encode())
+
+    async def renew(self, key: str, lease: Lease, lease_seconds: float) -> bool:
+        return lease.handle is not None  # a flock lasts as long as its holder: nothing expires
+
+    async def save(self, key: str, lease: Lease, blob: bytes) -> bool:
+        if lease.handle is None:
+            return False
+        try:
+            write_atomically(self._path(key, "state"), blob)
+            with contextlib.suppress(FileNotFoundError):
+                self._path(key, "hold").unlink()  # a new token set ends any hold-off
+        except OSError as exc:
+            raise self._wrap("writing the token set", exc) from None
+        return True
+
+    async def release(self, key: str, lease: Lease) -> None:
+        if lease.handle is None:
+            return
+        try:
+            issued, _ = self._fences(key)
+            self._write_fences(key, issued, lease.fence)
+        except OSError as exc:
+            raise self._wrap("releasing the lease", exc) from None
+        finally:
+            os.close(lease.handle)
+            object.__setattr__(lease, "handle", None)
+
+    async def holder(self, key: str) -> str | None:
+        try:
+            fd = os.open(self._path(key, "lock"), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._wrap("reading the lock file", exc) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 256, 0).decode("utf-8", "replace") or "?"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    async def aclose(self) -> None:
+        """Nothing held between calls."""
