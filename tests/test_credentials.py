@@ -15,19 +15,8 @@ import pytest
 from pydantic import SecretStr
 
 from proxy.emulator import fingerprint
-from proxy.secrets import exposure, write_secret_file
 from proxy.settings import read_secret_file
 from tests.conftest import FakeClock, Stack, run_sidecar, run_stack, sidecar_process, stack_env
-
-
-def test_atomic_secret_file_is_private_and_whole(tmp_path: Path):
-    target = tmp_path / "refresh-token"
-    target.write_text("old\n")
-    target.chmod(0o644)
-    write_secret_file(target, "new-token")
-    assert read_secret_file(target) == "new-token"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["refresh-token"]  # no temporary left behind
 
 
 async def test_rotated_refresh_token_is_written_to_its_file(client: httpx2.AsyncClient, tmp_path: Path):
@@ -219,26 +208,6 @@ async def test_a_rotation_that_cannot_be_persisted_is_warned_about_every_time(
             ready = (await client.get(f"{sidecar.url}/-/readyz")).json()
     assert "kept in memory only" in ready["warning"] and "SIDECAR_REFRESH_TOKEN_FILE" in ready["warning"]
     assert caplog.text.count("kept in memory only") == 2  # the first token and the refresh both rotated it
-
-
-def test_secret_files_open_to_other_users_are_warned_about(tmp_path: Path):
-    folder = tmp_path / "secrets"
-    folder.mkdir(mode=0o700)
-    secret = folder / "client_secret"
-    secret.write_text("s\n")
-    secret.chmod(0o600)
-    assert exposure(secret) is None
-    secret.chmod(0o644)
-    assert "has mode 0644" in (exposure(secret) or "")
-    secret.chmod(0o640)  # readable by the file's group, which is this process's own (Kubernetes' fsGroup): fine
-    assert exposure(secret) is None
-    secret.chmod(0o600)
-    folder.chmod(0o777)
-    assert "directory" in (exposure(secret) or "")
-    folder.chmod(0o1777)  # sticky, like /tmp: others cannot replace the file
-    assert exposure(secret) is None
-    folder.chmod(0o755)  # others may list names only: fine
-    assert exposure(secret) is None
 
 
 def _kubernetes_secret_volume(folder: Path, files: dict[str, str], version: str) -> None:

@@ -123,6 +123,7 @@ async def test_short_lived_tokens_use_half_their_life_as_margin(client: httpx2.A
             assert stack.token_requests == 2
 
 
+@pytest.mark.slow
 async def test_500_concurrent_requests_cause_one_token_request(client: httpx2.AsyncClient):
     clock = FakeClock()
     async with run_stack() as stack:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx2
-import pytest
 
-from proxy.errors import ConfigError
 from proxy.settings import load_settings
 from tests.conftest import FakeClock, Stack, run_sidecar, run_stack
 
@@ -84,68 +82,3 @@ scopes = "api/write"
     # /orders and /orders/archive share one credential: one refresh each time, id and access from one answer.
     assert stack.token_requests == 2
     assert other.token_requests == 2
-
-
-def test_route_problems_are_listed_with_their_place(tmp_path: Path):
-    config = _config(
-        tmp_path,
-        """
-[[routes]]
-prefix = "orders"
-upstream_url = "ftp://x"
-
-[[routes]]
-prefix = "/-/metrics"
-upstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"
-colour = "blue"
-
-[[routes]]
-prefix = "/a"
-upstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"
-client_id = "another-client"
-""",
-    )
-    env = {
-        "SIDECAR_CONFIG": config,
-        "SIDECAR_COGNITO_DOMAIN": "https://my.auth.us-east-1.amazoncognito.com",
-        "SIDECAR_CLIENT_ID": "c",
-        "SIDECAR_REFRESH_TOKEN": "r",
-    }
-    with pytest.raises(ConfigError) as info:
-        load_settings(env)
-    text = str(info.value)
-    assert "routes[0] (orders): upstream_url: must be an http:// or https:// URL" in text
-    assert "routes[0] (orders): prefix: must be a plain path" in text
-    assert "routes[1] (/-/metrics): unknown key 'colour'" in text
-    assert "routes[2] (/a): refresh_token: is required" in text
-
-
-def test_a_route_with_another_token_endpoint_inherits_no_secret(tmp_path: Path):
-    env = {
-        "SIDECAR_COGNITO_DOMAIN": "https://mine.auth.us-east-1.amazoncognito.com",
-        "SIDECAR_CLIENT_ID": "c",
-        "SIDECAR_CLIENT_SECRET": "top-level-secret",
-        "SIDECAR_REFRESH_TOKEN": "top-level-refresh",
-    }
-    other = 'prefix = "/x"\nupstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"\n'
-    other += 'cognito_domain = "https://elsewhere.auth.us-east-1.amazoncognito.com"\n'
-    with pytest.raises(ConfigError) as info:
-        load_settings({**env, "SIDECAR_CONFIG": _config(tmp_path, f"[[routes]]\n{other}")})
-    text = str(info.value)
-    assert "routes[0] (/x): client_secret: this route's token endpoint is not the top level's" in text
-    assert "routes[0] (/x): refresh_token: is required" in text
-    assert "top-level-secret" not in text and "top-level-refresh" not in text
-
-    (tmp_path / "own-secret").write_text("own-secret\n")
-    (tmp_path / "own-refresh").write_text("own-refresh\n")
-    own = f'client_secret_file = "{tmp_path / "own-secret"}"\nrefresh_token_file = "{tmp_path / "own-refresh"}"\n'
-    settings = load_settings({**env, "SIDECAR_CONFIG": _config(tmp_path, f"[[routes]]\n{other}{own}")})
-    (route,) = settings.routes
-    assert route.token_url == "https://elsewhere.auth.us-east-1.amazoncognito.com/oauth2/token"
-    assert route.client_secret is not None and route.client_secret.get_secret_value() == "own-secret"
-    assert route.refresh_token is not None and route.refresh_token.get_secret_value() == "own-refresh"
-    # The same endpoint spelt as a token URL is not another endpoint: the route inherits as before.
-    same = 'prefix = "/y"\nupstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"\n'
-    same += 'token_url = "https://mine.auth.us-east-1.amazoncognito.com/oauth2/token"\n'
-    (route,) = load_settings({**env, "SIDECAR_CONFIG": _config(tmp_path, f"[[routes]]\n{same}")}).routes
-    assert route.client_secret is not None and route.client_secret.get_secret_value() == "top-level-secret"

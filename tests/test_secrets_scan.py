@@ -12,6 +12,7 @@ import urllib.parse
 from pathlib import Path
 
 import httpx2
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -49,6 +50,7 @@ def _write(folder: Path, name: str, value: str, mode: int = 0o600) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 async def test_nothing_a_run_produces_holds_a_secret(tmp_path: Path):
     produced: list[str] = []
     echo = Starlette(routes=[Route("/oauth2/token", _echoing_token_endpoint, methods=["POST"])])

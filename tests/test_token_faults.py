@@ -7,14 +7,11 @@ would give. The emulated API Gateway verifies every token's signature and expiry
 
 from __future__ import annotations
 
-import random
 import time
 
 import httpx2
 import pytest
 
-from proxy.errors import PermanentTokenError, TokenClockSkewError, TransientTokenError
-from proxy.tokens.endpoint import parse_retry_after
 from proxy.tokens.provider import MAX_RETRY_WAIT, THROTTLED_MIN_WAIT, RefreshPolicy
 from tests.conftest import FakeClock, metric, run_sidecar, run_stack
 
@@ -51,6 +48,7 @@ async def test_tokens_that_arrive_expired_or_inside_the_margin_are_never_sent(
     assert in_an_hour <= 30, in_an_hour  # backoff across the hour: 0.1, 0.2, 0.4 ... 300 s
 
 
+@pytest.mark.slow
 async def test_a_hanging_token_endpoint_never_stalls_requests_that_hold_a_valid_token(client: httpx2.AsyncClient):
     clock = FakeClock()
     async with run_stack() as stack:
@@ -167,29 +165,3 @@ async def test_a_401_while_cognito_is_down_keeps_the_token_in_hand(client: httpx
         after = await client.get(f"{sidecar.url}/c")
     assert refused.status_code == 401
     assert after.status_code == 200  # the token in hand was kept: no 503 although Cognito is down
-
-
-def test_backoff_grows_to_its_cap_and_honours_retry_after_and_refusals():
-    policy = RefreshPolicy()
-    rng = random.Random(1)
-    down = TransientTokenError(flow="refresh", status=500, error=None, body="", summary="down")
-    waits = [policy.backoff(n, down, rng) for n in range(1, 20)]
-    assert waits[0] <= 0.1
-    bases = [min(0.1 * 2 ** (n - 1), MAX_RETRY_WAIT) for n in range(1, 20)]
-    assert all(0.75 * base <= wait <= base for base, wait in zip(bases, waits, strict=True))
-    assert max(waits) > MAX_RETRY_WAIT / 2
-    later = TransientTokenError(flow="refresh", status=429, error=None, body="", summary="slow", retry_after=90)
-    assert policy.backoff(1, later, rng) == 90
-    refused = PermanentTokenError(flow="refresh", status=400, error="invalid_grant", body="", summary="no")
-    assert policy.backoff(1, refused, rng) >= 60
-    skewed = TokenClockSkewError(flow="refresh", kind="id_token", remaining=-10, lifetime=30, margin=15)
-    assert skewed.skew == 40
-    assert "about 40 s" in str(skewed)
-
-
-def test_retry_after_takes_seconds_or_an_http_date():
-    now = 1_700_000_000.0
-    assert parse_retry_after("30", now=now) == 30
-    assert parse_retry_after("Tue, 14 Nov 2023 22:15:00 GMT", now=now) == pytest.approx(100)
-    assert parse_retry_after("soon", now=now) is None
-    assert parse_retry_after(None, now=now) is None

@@ -35,6 +35,9 @@ from proxy.types import ASGIApp, Message, Receive, Scope, Send
 DEFAULT_GRACE = 10
 # Loop steps a stopped embedded server is given for its closed connections to finish closing.
 SHUTDOWN_SETTLE_STEPS = 3
+# uvicorn's main loop: a tick every 0.1 s (the Date header, the request limit), its counter wrapping daily.
+TICK = 0.1
+TICKS_PER_DAY = 864000
 
 log = logging.getLogger("proxy.serving")
 
@@ -179,7 +182,25 @@ def config_for(
 
 
 class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to whoever runs the loop."""
+    """A uvicorn server that leaves signal handling to whoever runs the loop, and stops as soon as ``stop()`` is
+    called (uvicorn's own main loop notices ``should_exit`` on its next 0.1 s tick)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._stopped = asyncio.Event()
+
+    def stop(self) -> None:
+        self.should_exit = True
+        self._stopped.set()
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % TICKS_PER_DAY
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), TICK)
+            should_exit = await self.on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -284,7 +305,7 @@ async def running(
     try:
         yield url
     finally:
-        server.should_exit = True
+        server.stop()
         await task
         for each in (sock, *also):
             each.close()

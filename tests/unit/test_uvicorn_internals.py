@@ -13,9 +13,10 @@ import inspect
 
 import httptools
 import pytest
+from uvicorn import Server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-# What connection.py and coalesce.py call, override or read.
+# What limits.py and coalesce.py call, override or read.
 PROTOCOL_METHODS = (
     "connection_made",
     "connection_lost",
@@ -33,6 +34,8 @@ PROTOCOL_METHODS = (
 )
 PROTOCOL_ATTRIBUTES = ("parser", "transport", "cycle", "connections", "loop", "flow", "headers", "scope")
 CYCLE_ATTRIBUTES = ("response_complete", "keep_alive", "body", "more_body", "message_event")
+# What proxy/server/serving.py's embedded server overrides or calls (its main loop wakes on stop()).
+SERVER_METHODS = ("main_loop", "on_tick", "capture_signals", "serve", "shutdown")
 
 
 def test_the_httptools_protocol_still_has_what_the_sidecar_overrides_and_reads():
@@ -44,6 +47,15 @@ def test_the_httptools_protocol_still_has_what_the_sidecar_overrides_and_reads()
     cycle = inspect.getsource(RequestResponseCycle.__init__)
     gone = [name for name in CYCLE_ATTRIBUTES if f"self.{name}" not in cycle]
     assert not gone, f"uvicorn's RequestResponseCycle no longer sets {gone}"
+
+
+def test_the_server_still_has_the_main_loop_the_embedded_server_replaces():
+    missing = [name for name in SERVER_METHODS if not callable(getattr(Server, name, None))]
+    assert not missing, f"uvicorn's Server lost {missing}: proxy/server/serving.py needs work"
+    main_loop = inspect.getsource(Server.main_loop)
+    assert "await self.on_tick(counter)" in main_loop and "asyncio.sleep(0.1)" in main_loop, (
+        "uvicorn's Server.main_loop changed: compare _EmbeddedServer.main_loop with it"
+    )
 
 
 def test_the_parser_reports_what_the_limits_rely_on():

@@ -1,0 +1,84 @@
+"""The directory store on a temporary directory: leases, fencing, hold-off notes, and the directory checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import StoreError
+from proxy.store import open_store
+from proxy.store.file import FileStore
+
+
+def store_in(tmp_path: Path) -> FileStore:
+    store = open_store(f"file:{tmp_path / 'store'}")
+    assert isinstance(store, FileStore)
+    return store
+
+
+async def test_one_lease_at_a_time_and_fences_grow(tmp_path: Path):
+    store = store_in(tmp_path)
+    first = await store.acquire("k", 5)
+    assert first is not None and not first.takeover
+    assert await store.acquire("k", 5) is None  # held
+    assert (await store.holder("k") or "").endswith(f":{os.getpid()}")
+    assert await store.save("k", first, b"blob-1")
+    await store.release("k", first)
+    assert await store.holder("k") is None
+    second = await store.acquire("k", 5)
+    assert second is not None and second.fence == first.fence + 1 and not second.takeover
+    assert await store.load("k") == (b"blob-1", None)
+    await store.release("k", second)
+    assert not await store.save("k", second, b"late")  # a released lease writes nothing
+    assert await store.load("k") == (b"blob-1", None)
+
+
+async def test_a_lease_never_released_is_a_takeover(tmp_path: Path):
+    store = store_in(tmp_path)
+    lost = await store.acquire("k", 5)
+    assert lost is not None
+    assert isinstance(lost.handle, int)
+    os.close(lost.handle)  # the holder died: the kernel dropped its flock, no release was written
+    taken = await store.acquire("k", 5)
+    assert taken is not None and taken.takeover
+    await store.release("k", taken)
+
+
+async def test_a_new_token_set_ends_a_hold_off(tmp_path: Path):
+    store = store_in(tmp_path)
+    await store.hold_off("k", b"note")
+    assert await store.load("k") == (None, b"note")
+    lease = await store.acquire("k", 5)
+    assert lease is not None
+    assert await store.save("k", lease, b"blob")
+    assert await store.load("k") == (b"blob", None)
+    await store.release("k", lease)
+
+
+async def test_what_it_writes_is_private(tmp_path: Path):
+    store = store_in(tmp_path)
+    lease = await store.acquire("k", 5)
+    assert lease is not None
+    await store.save("k", lease, b"blob")
+    await store.release("k", lease)
+    assert (tmp_path / "store").stat().st_mode & 0o777 == 0o700
+    for name in ("k.state", "k.lock", "k.fence"):
+        assert (tmp_path / "store" / name).stat().st_mode & 0o077 == 0, name
+
+
+def test_a_directory_others_may_write_is_refused(tmp_path: Path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(StoreError, match="other users could write it; chmod 700 it"):
+        open_store(f"file:{shared}")
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot replace what the sidecar writes
+    assert isinstance(open_store(f"file:{shared}"), FileStore)
+
+
+def test_store_specs():
+    assert open_store("memory") is None
+    with pytest.raises(StoreError, match="unknown kind of store"):
+        open_store("etcd://x")

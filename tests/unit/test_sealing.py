@@ -1,0 +1,54 @@
+"""What the shared store holds, sealed: another key, tampering and plaintext are refused. No store."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.settings import load_settings
+from proxy.tokens.sealed import Record, Sealer, UnreadableRecord
+from proxy.tokens.token import TokenResponse
+
+
+def test_sealing_refuses_another_key_tampering_and_plaintext() -> None:
+    record = Record(
+        received=1.0,
+        response=TokenResponse(id_token="a.b.c", access_token=None, refresh_token=None, expires_in=60, token_type="x"),
+        refresh_token="rt-secret",
+        rotates=True,
+    )
+    sealer = Sealer("url\nclient\nrefresh_token\n", b"key one")
+    blob = sealer.seal_record(record)
+    assert b"rt-secret" not in blob and b"a.b.c" not in blob
+    assert sealer.open_record(blob) == record
+    with pytest.raises(UnreadableRecord):
+        Sealer("url\nclient\nrefresh_token\n", b"key two").open_record(blob)
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(UnreadableRecord):
+        sealer.open_record(tampered)
+    other = Sealer("url\nanother-client\nrefresh_token\n", b"key one")
+    assert other.key != sealer.key
+    with pytest.raises(UnreadableRecord):
+        other.open_record(blob)  # a blob moved to another credential's key
+    plain = Sealer("url\nclient\nrefresh_token\n", None)
+    with pytest.raises(UnreadableRecord):
+        sealer.open_record(plain.seal_record(record))  # planted in clear
+    assert "rt-secret" not in repr(record) and "a.b.c" not in repr(record)
+
+
+def test_a_public_client_on_redis_needs_a_store_key() -> None:
+    env = {
+        "SIDECAR_UPSTREAM_URL": "https://api.example.com/prod",
+        "SIDECAR_COGNITO_DOMAIN": "https://auth.example.com",
+        "SIDECAR_CLIENT_ID": "client",
+        "SIDECAR_REFRESH_TOKEN": "rt",
+        "SIDECAR_TOKEN_STORE": "redis://:hunter2@redis:6379/0",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert "SIDECAR_TOKEN_STORE_KEY" in str(caught.value)
+    settings = load_settings({**env, "SIDECAR_TOKEN_STORE_KEY": "k" * 32})
+    assert "hunter2" not in repr(settings)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**env, "SIDECAR_TOKEN_STORE": "file:relative"})
+    assert "absolute" in str(caught.value)

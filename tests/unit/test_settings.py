@@ -1,0 +1,209 @@
+"""Settings from the environment, *_FILE files and TOML: every problem at once, with its place. No server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.settings import load_settings
+
+SECRET = "s3cr3t-client-secret"
+REFRESH = "rt-very-secret-refresh-token"
+
+BASE = {
+    "SIDECAR_UPSTREAM_URL": "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
+    "SIDECAR_COGNITO_DOMAIN": "https://my-app.auth.us-east-1.amazoncognito.com",
+    "SIDECAR_CLIENT_ID": "client123",
+    "SIDECAR_CLIENT_SECRET": SECRET,
+    "SIDECAR_REFRESH_TOKEN": REFRESH,
+}
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_valid_settings_and_defaults():
+    settings = load_settings(BASE)
+    assert settings.token_url == "https://my-app.auth.us-east-1.amazoncognito.com/oauth2/token"
+    assert settings.token == "id_token"
+    assert settings.header == "Authorization"
+    assert settings.header_prefix == ""
+    assert settings.listen_address == ("127.0.0.1", 8080)
+    assert SECRET not in repr(settings) and REFRESH not in repr(settings)
+
+
+def test_every_problem_is_reported_at_once():
+    env = {
+        "SIDECAR_UPSTREAM_URL": "ftp://nowhere",
+        "SIDECAR_TOKEN": "both",
+        "SIDECAR_LISTEN": "8080",
+        "SIDECAR_CLIENTID": "typo",
+        "SIDECAR_CLIENT_SECRET": SECRET,
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    text = str(info.value)
+    for name in (
+        "SIDECAR_UPSTREAM_URL",
+        "SIDECAR_TOKEN_URL: is required: set SIDECAR_COGNITO_DOMAIN",
+        "SIDECAR_CLIENT_ID",
+        "SIDECAR_REFRESH_TOKEN",
+        "SIDECAR_TOKEN",
+        "SIDECAR_LISTEN",
+        "SIDECAR_CLIENTID",
+    ):
+        assert name in text, name
+    assert len(info.value.problems) == 7
+    assert SECRET not in text
+
+
+def test_plain_http_only_for_loopback_unless_allowed():
+    env = {**BASE, "SIDECAR_UPSTREAM_URL": "http://api.internal/prod"}
+    with pytest.raises(ConfigError, match="SIDECAR_UPSTREAM_URL: plain http"):
+        load_settings(env)
+    assert load_settings({**env, "SIDECAR_ALLOW_INSECURE": "1"}).upstream_url == "http://api.internal/prod"
+    assert load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://127.0.0.1:9/prod"})
+    # Loopback is 127.0.0.0/8, ::1 and localhost: a *.localhost name may be resolved by DNS.
+    assert load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://localhost:9/prod"})
+    assert load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://[::1]:9/prod"})
+    with pytest.raises(ConfigError, match="SIDECAR_UPSTREAM_URL: plain http"):
+        load_settings({**BASE, "SIDECAR_UPSTREAM_URL": "http://api.localhost/prod"})
+
+
+def test_secret_files_toml_and_precedence(tmp_path: Path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    token_file = tmp_path / "refresh"
+    token_file.write_text(REFRESH + "\n")
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        'upstream_url = "https://abc.execute-api.eu-west-1.amazonaws.com/v1"\n'
+        'token_url = "https://x.auth.eu-west-1.amazoncognito.com/oauth2/token"\n'
+        'client_id = "from-file"\nheader_prefix = "Bearer "\n'
+        f'refresh_token_file = "{token_file}"\n'
+    )
+    env = {
+        "SIDECAR_CONFIG": str(config),
+        "SIDECAR_CLIENT_ID": "from-env",
+        "SIDECAR_CLIENT_SECRET_FILE": str(secret_file),
+    }
+    settings = load_settings(env)
+    assert settings.client_id == "from-env"
+    assert settings.header_prefix == "Bearer "
+    assert settings.client_secret is not None and settings.client_secret.get_secret_value() == SECRET
+    assert settings.refresh_token.get_secret_value() == REFRESH
+    assert settings.refresh_token_file == token_file
+
+
+def test_missing_and_conflicting_secret_files(tmp_path: Path):
+    env = {**BASE, "SIDECAR_CLIENT_SECRET_FILE": str(tmp_path / "absent")}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert "set either SIDECAR_CLIENT_SECRET or SIDECAR_CLIENT_SECRET_FILE" in str(info.value)
+    env = {**BASE, "SIDECAR_REFRESH_TOKEN_FILE": str(tmp_path / "absent")}
+    del env["SIDECAR_REFRESH_TOKEN"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(env)
+
+
+@pytest.mark.parametrize("example", ["sidecar.toml", "routes.toml", "example.env"])
+def test_the_example_configurations_load(example: str, tmp_path: Path):
+    root = Path(__file__).resolve().parents[2] / "config"
+    for name in ("cognito_client_secret", "cognito_refresh_token", "catalog_api_key", "billing_client_secret"):
+        (tmp_path / name).write_text(f"example-{name}\n")
+    text = (root / example).read_text().replace("/run/secrets", str(tmp_path))
+    if example.endswith(".toml"):
+        (tmp_path / example).write_text(text)
+        settings = load_settings({"SIDECAR_CONFIG": str(tmp_path / example)})
+    else:
+        env = dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        settings = load_settings(env)
+    assert settings.effective_routes()
+    assert "example-cognito" not in repr(settings)
+
+
+def test_route_problems_are_listed_with_their_place(tmp_path: Path):
+    config = _config(
+        tmp_path,
+        """
+[[routes]]
+prefix = "orders"
+upstream_url = "ftp://x"
+
+[[routes]]
+prefix = "/-/metrics"
+upstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"
+colour = "blue"
+
+[[routes]]
+prefix = "/a"
+upstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"
+client_id = "another-client"
+""",
+    )
+    env = {
+        "SIDECAR_CONFIG": config,
+        "SIDECAR_COGNITO_DOMAIN": "https://my.auth.us-east-1.amazoncognito.com",
+        "SIDECAR_CLIENT_ID": "c",
+        "SIDECAR_REFRESH_TOKEN": "r",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    text = str(info.value)
+    assert "routes[0] (orders): upstream_url: must be an http:// or https:// URL" in text
+    assert "routes[0] (orders): prefix: must be a plain path" in text
+    assert "routes[1] (/-/metrics): unknown key 'colour'" in text
+    assert "routes[2] (/a): refresh_token: is required" in text
+
+
+def test_a_route_with_another_token_endpoint_inherits_no_secret(tmp_path: Path):
+    env = {
+        "SIDECAR_COGNITO_DOMAIN": "https://mine.auth.us-east-1.amazoncognito.com",
+        "SIDECAR_CLIENT_ID": "c",
+        "SIDECAR_CLIENT_SECRET": "top-level-secret",
+        "SIDECAR_REFRESH_TOKEN": "top-level-refresh",
+    }
+    other = 'prefix = "/x"\nupstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"\n'
+    other += 'cognito_domain = "https://elsewhere.auth.us-east-1.amazoncognito.com"\n'
+    with pytest.raises(ConfigError) as info:
+        load_settings({**env, "SIDECAR_CONFIG": _config(tmp_path, f"[[routes]]\n{other}")})
+    text = str(info.value)
+    assert "routes[0] (/x): client_secret: this route's token endpoint is not the top level's" in text
+    assert "routes[0] (/x): refresh_token: is required" in text
+    assert "top-level-secret" not in text and "top-level-refresh" not in text
+
+    (tmp_path / "own-secret").write_text("own-secret\n")
+    (tmp_path / "own-refresh").write_text("own-refresh\n")
+    own = f'client_secret_file = "{tmp_path / "own-secret"}"\nrefresh_token_file = "{tmp_path / "own-refresh"}"\n'
+    settings = load_settings({**env, "SIDECAR_CONFIG": _config(tmp_path, f"[[routes]]\n{other}{own}")})
+    (route,) = settings.routes
+    assert route.token_url == "https://elsewhere.auth.us-east-1.amazoncognito.com/oauth2/token"
+    assert route.client_secret is not None and route.client_secret.get_secret_value() == "own-secret"
+    assert route.refresh_token is not None and route.refresh_token.get_secret_value() == "own-refresh"
+    # The same endpoint spelt as a token URL is not another endpoint: the route inherits as before.
+    same = 'prefix = "/y"\nupstream_url = "https://abc.execute-api.us-east-1.amazonaws.com/prod"\n'
+    same += 'token_url = "https://mine.auth.us-east-1.amazoncognito.com/oauth2/token"\n'
+    (route,) = load_settings({**env, "SIDECAR_CONFIG": _config(tmp_path, f"[[routes]]\n{same}")}).routes
+    assert route.client_secret is not None and route.client_secret.get_secret_value() == "top-level-secret"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("127.0.0.1:8080", "another port than SIDECAR_LISTEN"), ("unix:/run/m.sock", "must be host:port")],
+)
+def test_a_metrics_listener_that_cannot_work_is_a_clear_configuration_error(value: str, problem: str):
+    env = {
+        "SIDECAR_UPSTREAM_URL": "https://abc.execute-api.us-east-1.amazonaws.com/prod",
+        "SIDECAR_COGNITO_DOMAIN": "https://x.auth.us-east-1.amazoncognito.com",
+        "SIDECAR_CLIENT_ID": "client",
+        "SIDECAR_REFRESH_TOKEN": "refresh",
+        "SIDECAR_LISTEN": "127.0.0.1:8080",
+        "SIDECAR_METRICS_LISTEN": value,
+    }
+    with pytest.raises(ConfigError, match=f"SIDECAR_METRICS_LISTEN: .*{problem}"):
+        load_settings(env)
