@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser(
         "serve",
-        help="run the sidecar (settings from SIDECAR_* variables; see README)",
+        help="run the sidecar (settings from SIDECAR_* variables; see docs/configuration.md)",
         description="Run the sidecar. Settings come from the environment (and SIDECAR_CONFIG).",
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

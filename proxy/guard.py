@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from proxy.secrets import Secret
-from proxy.settings import FORBIDDEN_METHODS
 from proxy.types import Scope
+
+# Requests the sidecar never forwards: TRACE echoes the request (token included) back to the client, and
+# CONNECT would turn the sidecar into a tunnel.
+FORBIDDEN_METHODS = frozenset({"TRACE", "CONNECT"})
 
 CALLER_HEADER = b"x-sidecar-caller"
 # Distinct Host values and peer addresses remembered with their answer; a client cycling through more only

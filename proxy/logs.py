@@ -1,7 +1,7 @@
 """Logging: every line in one format (``SIDECAR_LOG_FORMAT``: text or json) on stderr, UTC ISO 8601 times, the
 request id on every line written while a request is handled, and an access log that stays off the hot path.
 
-Every line, in JSON (one object per line; the README lists the fields):
+Every line, in JSON (one object per line; docs/operations.md lists the fields):
 
 - ``time`` (``2026-12-02T11:42:35.123Z``), ``level``, ``logger``, ``message``;
 - ``request_id`` when the line is about a request (``proxy.request.CURRENT_REQUEST_ID``);

@@ -15,11 +15,20 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.files import write_atomically
-from proxy.settings import Settings, read_secret_file
+
+if TYPE_CHECKING:
+    from proxy.settings import Settings
+
 
 log = logging.getLogger("proxy.credentials")
+
+
+def read_secret_file(path: str | Path) -> str:
+    """A secret from a file; Docker and Kubernetes secrets often end with one newline, a token never does."""
+    return Path(path).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
 
 
 def write_secret_file(path: Path, value: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from proxy.emulator import fingerprint
-from proxy.settings import read_secret_file
+from proxy.secrets import read_secret_file
 from tests.conftest import FakeClock, Stack, run_sidecar, run_stack, sidecar_process, stack_env
 
 

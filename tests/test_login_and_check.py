@@ -13,7 +13,7 @@ import httpx2
 import pytest
 from pydantic import SecretStr
 
-from proxy.settings import read_secret_file
+from proxy.secrets import read_secret_file
 from tests.conftest import Stack, assert_hidden, cli_env, run_cli, run_sidecar, run_stack, stack_env
 
 

@@ -40,7 +40,7 @@ from tests.conftest import (
 
 UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 NEW_ID = re.compile(r"[0-9a-f]{32}")
-# The access line's fields, as the README documents them.
+# The access line's fields, as docs/operations.md documents them.
 ACCESS_FIELDS = {
     "time",
     "level",

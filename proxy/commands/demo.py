@@ -17,8 +17,9 @@ from proxy.app import create_app
 from proxy.commands.check import format_epoch
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import EXIT_FAILURE, SidecarError
+from proxy.secrets import read_secret_file
 from proxy.server.serving import running
-from proxy.settings import Settings, read_secret_file
+from proxy.settings import Settings
 
 
 def _claims_summary(claims: Mapping[str, object]) -> list[str]:

@@ -31,7 +31,13 @@ import httptools
 
 from proxy.errors import error_body
 from proxy.server.coalesce import CoalescingHttpToolsProtocol
-from proxy.settings import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER_BYTES
+
+# A request head (request line and headers) larger than this gets 431. API Gateway's own limit is 10 KiB,
+# so a larger head could never be served anyway; 16 KiB leaves room for the headers the sidecar removes.
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+# Client connections open at once; beyond it new ones are refused at once. Enough for any one legacy host
+# (each holds ~10 KiB), few enough that a flood cannot exhaust file descriptors or memory.
+DEFAULT_MAX_CLIENTS = 1000
 
 log = logging.getLogger("proxy.refused")
 

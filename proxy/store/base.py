@@ -20,6 +20,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# How long one shared-store refresh lease lasts unless renewed (it is renewed every third of this while the refresh
+# runs): a sidecar killed mid-refresh holds the others up at most this long.
+DEFAULT_STORE_LEASE = 5.0
+
 # A store operation that takes longer than this has failed: the refresher must be able to fall back or report
 # while the token in hand is still valid.
 STORE_TIMEOUT = 2.0

@@ -17,14 +17,34 @@ from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.egress.tls import TlsContext, TlsFiles
 from proxy.egress.transport import token_client
 from proxy.errors import ConfigError, StoreError
+from proxy.secrets import Secret
 from proxy.settings import RouteSettings, Settings
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.tokens.endpoint import TokenEndpoint
 from proxy.tokens.fleet import SharedRefresh
-from proxy.tokens.grants import RefreshTokenGrant, grant_from_settings
+from proxy.tokens.grants import ClientCredentialsGrant, RefreshTokenGrant
 from proxy.tokens.provider import RefreshPolicy, TokenProvider
 from proxy.tokens.sealed import Sealer
+
+
+def grant_from_settings(
+    settings: Settings | RouteSettings, endpoint: TokenEndpoint
+) -> RefreshTokenGrant | ClientCredentialsGrant:
+    """The grant the settings describe, over ``endpoint``."""
+    secret = (
+        Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
+        if settings.client_secret is not None
+        else None
+    )
+    if settings.grant == "client_credentials":
+        if secret is None:
+            raise ConfigError(["SIDECAR_CLIENT_SECRET: required for client_credentials"])
+        return ClientCredentialsGrant(endpoint, secret, settings.scopes)
+    if settings.refresh_token is None:
+        raise ConfigError(["SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE)"])
+    refresh = Secret(settings.refresh_token.get_secret_value(), settings.refresh_token_file)
+    return RefreshTokenGrant(endpoint, refresh, secret)
 
 
 def token_tls(settings: Settings) -> TlsContext | None:

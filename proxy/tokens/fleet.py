@@ -39,8 +39,7 @@ from proxy.errors import (
     TransientTokenError,
 )
 from proxy.logs import event
-from proxy.settings import DEFAULT_STORE_LEASE
-from proxy.store.base import Lease, Store
+from proxy.store.base import DEFAULT_STORE_LEASE, Lease, Store
 from proxy.tokens.grants import Grant
 from proxy.tokens.sealed import MAX_ORIGINS, MAX_RECENT, HoldOff, Record, Sealer, UnreadableRecord, lineage
 from proxy.tokens.token import TokenResponse, TokenSet

@@ -16,10 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from proxy.errors import ConfigError, PermanentTokenError
+from proxy.errors import PermanentTokenError
 from proxy.logs import event
 from proxy.secrets import FileUseLock, Secret, write_secret_file
-from proxy.settings import RouteSettings, Settings
 from proxy.tokens.endpoint import TokenEndpoint
 from proxy.tokens.token import TokenResponse
 
@@ -261,22 +260,3 @@ class ClientCredentialsGrant:
             self.reload,
             ("invalid_client",),
         )
-
-
-def grant_from_settings(
-    settings: Settings | RouteSettings, endpoint: TokenEndpoint
-) -> RefreshTokenGrant | ClientCredentialsGrant:
-    """The grant the settings describe, over ``endpoint``."""
-    secret = (
-        Secret(settings.client_secret.get_secret_value(), settings.client_secret_file)
-        if settings.client_secret is not None
-        else None
-    )
-    if settings.grant == "client_credentials":
-        if secret is None:
-            raise ConfigError(["SIDECAR_CLIENT_SECRET: required for client_credentials"])
-        return ClientCredentialsGrant(endpoint, secret, settings.scopes)
-    if settings.refresh_token is None:
-        raise ConfigError(["SIDECAR_REFRESH_TOKEN: is required (or SIDECAR_REFRESH_TOKEN_FILE)"])
-    refresh = Secret(settings.refresh_token.get_secret_value(), settings.refresh_token_file)
-    return RefreshTokenGrant(endpoint, refresh, secret)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from proxy.secrets import exposure, write_secret_file
-from proxy.settings import read_secret_file
+from proxy.secrets import exposure, read_secret_file, write_secret_file
 
 
 def test_atomic_secret_file_is_private_and_whole(tmp_path: Path):

@@ -1,0 +1,330 @@
+"""``Settings``: the whole sidecar's validated, immutable settings, routes included."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
+
+from proxy.egress.route import Egress, ProxyEnvironment
+from proxy.errors import ConfigError
+from proxy.listen import parse_listen
+from proxy.server.limits import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER_BYTES
+from proxy.settings.route import INHERITED, Credentialed, RouteSettings
+from proxy.settings.rules import (
+    DEFAULT_ALLOW_FROM,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_POOL_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_REFRESH_MARGIN,
+    DEFAULT_SHUTDOWN_DELAY,
+    DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_SOCKET_MODE,
+    DEFAULT_TOKEN_TIMEOUT,
+    MAX_WORKERS,
+    check_url,
+    is_loopback,
+    words,
+)
+from proxy.store.base import DEFAULT_STORE_LEASE
+
+
+class Settings(Credentialed):
+    """Validated, immutable settings. Build with ``load_settings``; tests may construct it directly."""
+
+    # Before upstream_url, whose validator looks at them.
+    routes: tuple[RouteSettings, ...] = ()
+    # Required to serve; `login` and `token` work without it (load_settings(purpose=...)).
+    upstream_url: str | None = Field(
+        default=None,
+        validate_default=True,
+        description=(
+            "API Gateway base URL, stage included, e.g. `https://abc123.execute-api.us-east-1.amazonaws.com/prod`"
+        ),
+    )
+    listen: str = Field(
+        default="127.0.0.1:8080",
+        description="`host:port` to listen on (`:0` picks a free port, logged at start), or `unix:/path/to.sock`",
+    )
+    # A second listener that serves the /-/ routes only (metrics, health), e.g. for Prometheus in Kubernetes while
+    # the forwarding listener stays on the pod's loopback.
+    metrics_listen: str | None = Field(
+        default=None,
+        description=(
+            "`host:port` of a second listener that serves `/-/metrics`, `/-/healthz` and `/-/readyz` only, "
+            "never forwarding (for a scraper while `SIDECAR_LISTEN` stays on loopback)"
+        ),
+    )
+    refresh_margin: float = Field(
+        default=DEFAULT_REFRESH_MARGIN,
+        ge=0,
+        description="seconds before `exp` at which a token is refreshed (capped at half its life)",
+    )
+    connect_timeout: float = Field(
+        default=DEFAULT_CONNECT_TIMEOUT, gt=0, description="upstream connect timeout, seconds"
+    )
+    read_timeout: float = Field(
+        default=DEFAULT_READ_TIMEOUT, gt=0, description="upstream read timeout (and request body stall limit), seconds"
+    )
+    token_timeout: float = Field(
+        default=DEFAULT_TOKEN_TIMEOUT, gt=0, description="token endpoint timeout per attempt, seconds"
+    )
+    pool_timeout: float = Field(
+        default=DEFAULT_POOL_TIMEOUT,
+        gt=0,
+        description=(
+            "how long a request may wait for an upstream connection (a free pooled one, or a new one whose "
+            "handshake is also bounded by the connect timeout) before a 504, seconds"
+        ),
+    )
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1, description="upstream connection pool size")
+    shutdown_delay: float = Field(
+        default=DEFAULT_SHUTDOWN_DELAY,
+        ge=0,
+        description="on SIGTERM, how long new requests are still served while `/-/readyz` says `draining`, seconds",
+    )
+    shutdown_grace: int = Field(
+        default=DEFAULT_SHUTDOWN_GRACE,
+        ge=0,
+        description="then, how long in-flight requests may finish before exit, seconds",
+    )
+    access_log: bool = Field(default=True, description="access log on (1) or off (0)")
+    access_log_query: bool = Field(
+        default=False, description="`1`: the access log shows query strings, which can carry personal data"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug, info, warning or error"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`text` or `json` (one object per line), for every log line (see Observability)"
+    )
+    # Who may use the credential (see docs/security.md).
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="more `Host` names the sidecar answers to, exact or `*.suffix`, comma-separated (see Security)",
+    )
+    allowed_origins: tuple[str, ...] = Field(
+        default=(), description="browser origins allowed to call it, e.g. `https://tool.internal`"
+    )
+    allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        default=tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM),
+        description="CIDRs that may call it when it listens on a non-loopback address",
+    )
+    caller_token: SecretStr | None = Field(
+        default=None, description="a value every forwarded request must carry in `X-Sidecar-Caller`"
+    )
+    caller_token_file: Path | None = None
+    socket_mode: str = Field(
+        default=DEFAULT_SOCKET_MODE, description="file mode of the Unix socket (`SIDECAR_LISTEN=unix:/path`)"
+    )
+    max_header_bytes: int = Field(
+        default=DEFAULT_MAX_HEADER_BYTES, ge=1024, description="largest request head (request line and headers), bytes"
+    )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES, ge=0, description="largest request body, bytes; `0` for no limit"
+    )
+    max_clients: int = Field(
+        default=DEFAULT_MAX_CLIENTS, ge=1, description="client connections open at once; more are refused at once"
+    )
+    # Serving processes on this host; more than one share the credential through the token store.
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="serving processes on this host, on one listening socket, sharing one token (see Fleet)",
+    )
+    # Where sidecars sharing a credential keep it (see proxy.store): memory, file:/dir, redis:// or rediss://. Not in
+    # reprs: a Redis URL may carry a password.
+    token_store: str = Field(
+        default="memory",
+        repr=False,
+        description=(
+            "where sidecars sharing a credential keep it: `memory` (each on its own), `file:/dir` (one host "
+            "or a shared local volume), `redis://host:6379/0` or `rediss://...` (see Fleet)"
+        ),
+    )
+    token_store_plaintext: bool = Field(
+        default=False, description="`1`: a public client with no store key keeps its refresh token in Redis in clear"
+    )
+    token_store_password: SecretStr | None = Field(
+        default=None, description="Redis `AUTH` password (or in the URL, `redis://:password@host`)"
+    )
+    token_store_password_file: Path | None = None
+    token_store_lease: float = Field(
+        default=DEFAULT_STORE_LEASE,
+        gt=0,
+        description=(
+            "seconds one refresh lease lasts unless renewed; a holder killed mid-refresh holds the others up this long"
+        ),
+    )
+    # Last of the store's settings: its validator checks them together.
+    token_store_key: SecretStr | None = Field(
+        default=None,
+        validate_default=True,
+        description="key material that seals what the store holds; the same for every sidecar sharing it",
+    )
+    token_store_key_file: Path | None = None
+    # The egress proxy for every outbound HTTP request (not Redis), over the standard variables; "none" ignores them.
+    # A secret: the URL may carry the proxy's password.
+    egress_proxy: SecretStr | None = Field(
+        default=None,
+        description=(
+            "forward proxy for every outbound HTTP(S) request, `http://[user:password@]host:port`, over the "
+            "standard variables; `none` ignores them (see Corporate networks)"
+        ),
+    )
+    egress_proxy_file: Path | None = None
+    # HTTPS_PROXY, HTTP_PROXY and NO_PROXY as load_settings found them in the environment (not SIDECAR_ settings).
+    proxy_environment: ProxyEnvironment = ProxyEnvironment()
+
+    @cached_property
+    def egress(self) -> Egress:
+        """The proxies for outbound requests (worked out once); raises ``ConfigError`` naming the variable of an
+        unusable proxy URL."""
+        override = self.egress_proxy.get_secret_value() if self.egress_proxy else None
+        try:
+            return Egress.resolve(override, self.proxy_environment)
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
+
+    @field_validator("token_store")
+    @classmethod
+    def _token_store(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("", "memory"):
+            return "memory"
+        if value.startswith("file:"):
+            if not value.removeprefix("file:").startswith("/"):
+                raise ValueError("a file store needs an absolute directory, e.g. file:/var/lib/cognito-sidecar")
+            return value
+        if value.startswith(("redis://", "rediss://")):
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError as exc:
+                raise ValueError(f"is not a valid Redis URL ({exc})") from None
+            if not parts.hostname:
+                raise ValueError("a Redis URL needs a host, e.g. redis://redis:6379/0")
+            return value
+        raise ValueError("must be memory, file:/absolute/dir, redis://host:6379/0 or rediss://host:6380/0")
+
+    @field_validator("token_store_key")
+    @classmethod
+    def _store_sealing(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        store = info.data.get("token_store", "memory")
+        if value is not None or not store.startswith("redis") or info.data.get("token_store_plaintext"):
+            return value
+        routes = info.data.get("routes") or ()
+        top_level = info.data.get("upstream_url") is not None and info.data.get("client_secret") is None
+        if top_level or any(route.client_secret is None for route in routes):
+            raise ValueError(
+                "a Redis token store seals what it holds with a key derived from the client secret, and a public "
+                "client has none: set SIDECAR_TOKEN_STORE_KEY_FILE (any long random value, the same for every "
+                "sidecar sharing the store), or SIDECAR_TOKEN_STORE_PLAINTEXT=1 to keep refresh tokens in clear"
+            )
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream(cls, value: str | None, info: ValidationInfo) -> str | None:
+        purpose = (info.context or {}).get("purpose", "serve")
+        if value is None:
+            if purpose == "serve" and "routes" in info.data and not info.data["routes"]:
+                raise ValueError("is required, e.g. https://abc123.execute-api.us-east-1.amazonaws.com/prod")
+            return None
+        return check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:").startswith("/"):
+                raise ValueError("a Unix socket needs an absolute path, e.g. unix:/run/sidecar/sidecar.sock")
+            return value
+        parse_listen(value)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        _, port = parse_listen(value)  # TCP only: a scraper comes over the network
+        listen = info.data.get("listen", "")
+        if port and not listen.startswith("unix:") and listen and parse_listen(listen)[1] == port:
+            raise ValueError("must use another port than SIDECAR_LISTEN")
+        return value
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return tuple(word.lower() for word in words(value))
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            name = host.removeprefix("*.")
+            if not name or "*" in name or "/" in name or ":" in name.strip("[]").replace("::", ""):
+                raise ValueError(f"{host!r} must be a host name without port (exact, or *.suffix)")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} must be an origin: scheme://host[:port], no path")
+        return value
+
+    @field_validator("allow_from", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        try:
+            return tuple(ipaddress.ip_network(str(net), strict=False) for net in words(value))
+        except ValueError as exc:
+            raise ValueError(f"must be CIDRs such as 10.0.0.0/8, fc00::/7 ({exc})") from None
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value.strip()):
+            raise ValueError("must be an octal file mode such as 0660")
+        if int(value, 8) & 0o007:
+            raise ValueError("must give others no access (e.g. 0660): anyone who can connect uses the credential")
+        return value.strip()
+
+    @property
+    def unix_socket(self) -> str | None:
+        return self.listen.removeprefix("unix:") if self.listen.startswith("unix:") else None
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        """A Unix socket, or a loopback address: only this machine can reach it."""
+        return self.unix_socket is not None or is_loopback(self.listen_address[0])
+
+    def effective_routes(self) -> tuple[RouteSettings, ...]:
+        """Every route, longest prefix first; the top-level upstream (the one-route shorthand) is the ``/`` route."""
+        routes = list(self.routes)
+        if self.upstream_url and not any(route.prefix == "/" for route in routes):
+            inherited = {name: getattr(self, name) for name in INHERITED}
+            routes.append(RouteSettings(prefix="/", upstream_url=self.upstream_url, strip_prefix=False, **inherited))
+        return tuple(sorted(routes, key=lambda route: len(route.prefix), reverse=True))
