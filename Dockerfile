@@ -1,4 +1,4 @@
-# cognito-sidecar: a container beside a legacy service; see README "Deploy".
+# cognito-sidecar: a container beside a legacy service; see docs/deployment.md.
 #   docker build -t cognito-sidecar .
 # Stage 1 installs the locked dependencies (hashes checked) and the package into a virtual environment and
 # strips it; stage 2 is the base image plus that environment, nothing else.
@@ -38,7 +38,7 @@ RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin side
 COPY --from=build /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     # Inside a container the sidecar listens on all interfaces to be reachable from its neighbours; callers
-    # must still come from SIDECAR_ALLOW_FROM (private ranges by default). See README "Security".
+    # must still come from SIDECAR_ALLOW_FROM (private ranges by default). See docs/security.md.
     SIDECAR_LISTEN=0.0.0.0:8080
 USER 10001
 EXPOSE 8080

@@ -7,7 +7,7 @@ refresh policy, on a clock this script moves (an hour of fault takes seconds): e
 ``--clients`` concurrent requests go through the sidecar. It prints, per fault: the answers the clients got,
 the token requests made, requests that had to wait for a token, the slowest request (real milliseconds),
 and the expired tokens the emulated API Gateway saw (it rejects them; the sidecar must send none). It is a
-benchmark, not a test: CI does not run it; the README quotes its output.
+benchmark, not a test: CI does not run it; docs/lab/notebook.md keeps dated runs of it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ sidecar is a ``cognito-sidecar serve`` process. Two forms: ``redis``, --sidecars
 - outage (redis only): Redis stopped for longer than a token's life, rotation on, then started again empty:
   the answers during the outage, the time until every sidecar serves again, the refreshes Cognito refused.
 
-Not a test: CI does not run it; the README quotes its output.
+Not a test: CI does not run it; docs/lab/notebook.md keeps dated runs of it.
 """
 
 from __future__ import annotations
