@@ -25,12 +25,12 @@ from starlette.routing import Route
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.egress.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
-from proxy.errors import ConfigError, error_body
+from proxy.errors import ConfigError, Refusal, error_body
 from proxy.forward import Forwarder, send_error
-from proxy.guard import CallerGuard, Refusal
+from proxy.guard import CallerGuard
 from proxy.logs import AccessLog, event
 from proxy.metrics import RequestMetrics, render, sidecar_registry
-from proxy.paths import BadPath, pick_route
+from proxy.paths import pick_route
 from proxy.request import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
 from proxy.secrets import Secret, secret_file_warnings, secret_files
 from proxy.server.limits import ConnectionLimits
@@ -46,6 +46,13 @@ log = logging.getLogger("proxy.app")
 
 
 # Error codes that are not answers: the client left first. Logged, not counted in sidecar_errors_total.
+# What the metrics listener answers for anything but the /-/ routes.
+_METRICS_LISTENER_ONLY = Refusal(
+    404,
+    "not_found",
+    "this listener (SIDECAR_METRICS_LISTEN) serves /-/metrics, /-/healthz and /-/readyz only; requests to "
+    "forward go to SIDECAR_LISTEN",
+)
 NOT_ANSWERED = frozenset({"client_gone"})
 
 
@@ -172,8 +179,8 @@ class SidecarApp(Starlette):
             if refusal is None:
                 try:
                     index = self._route(scope)
-                except BadPath as exc:
-                    refusal = Refusal(400, exc.code, str(exc))
+                except Refusal as exc:
+                    refusal = exc
             if refusal is None:
                 path: str = scope["path"]
                 if path == "/-" or path.startswith("/-/"):
@@ -193,9 +200,7 @@ class SidecarApp(Starlette):
             if refusal.code != "no_route":
                 self.limits.log_refusal(refusal.code, refusal.detail)
             record.status, record.error = refusal.status, refusal.code
-            record.bytes_out = await send_error(
-                send, refusal.status, refusal.code, refusal.detail, refusal.headers, request_id=record.request_id
-            )
+            record.bytes_out = await send_error(send, refusal, request_id=record.request_id)
         finally:
             seconds = time.perf_counter() - start
             if record.error and record.error not in NOT_ANSWERED:
@@ -212,14 +217,7 @@ class SidecarApp(Starlette):
             await self._own_route(scope, receive, send, record)
             return
         record.status = 404  # like the /-/ routes' own 404: a report, not counted in sidecar_errors_total
-        record.bytes_out = await send_error(
-            send,
-            404,
-            "not_found",
-            "this listener (SIDECAR_METRICS_LISTEN) serves /-/metrics, /-/healthz and /-/readyz only; requests to "
-            "forward go to SIDECAR_LISTEN",
-            request_id=record.request_id,
-        )
+        record.bytes_out = await send_error(send, _METRICS_LISTENER_ONLY, request_id=record.request_id)
 
     def _route(self, scope: Scope) -> int | None:
         """The index of the route for the request's path, once its dot segments are resolved (the scope then

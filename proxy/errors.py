@@ -6,14 +6,23 @@ happened, the likely causes, and what to do. None of them ever holds a secret or
     SidecarError
     ├── ConfigError(ValueError)          settings are missing or invalid; lists every problem
     ├── StoreError(OSError)              the shared token store cannot be reached or read
+    ├── ListenError(OSError)             a listener cannot be bound (proxy.server.serving)
+    ├── LoginError                       the sign-in of `login` failed (proxy.commands.login)
+    ├── Refusal                          the sidecar's own answer instead of the upstream's: status, code,
+    │                                    detail, headers; the guard returns one, path, connection and
+    │                                    forwarding checks raise one, and every writer takes one
     └── TokenError                       no token could be had
         ├── TokenEndpointError           the token endpoint answered, or could not be reached
         │   ├── PermanentTokenError      invalid_grant, invalid_client, ...: a person must act
         │   └── TransientTokenError      network, 5xx, 429, malformed answers: worth retrying
         │       ├── TokenClockSkewError  a token arrived (nearly) expired by this machine's clock
         │       ├── StoreUnavailableError  the store is out of reach and the refresh token rotates
+        │       ├── HeldOffError         another sidecar sharing the store just failed: wait with it
         │       └── EgressError          the egress proxy or TLS failed before the endpoint could answer
         └── TokenUnusableError           the answer lacked the configured token kind, or it is not a JWT
+
+Outside the tree, on purpose: ``ClientGone`` (proxy.forward: the client left; nothing to answer) and
+``UnreadableRecord`` (proxy.tokens.sealed: a ``ValueError`` the fleet turns into a ``StoreError``).
 
 ``failure_kind`` names each kind of failure in metrics (the ``outcome`` of ``sidecar_token_requests_total`` and
 ``sidecar_token_refreshes_total``; a throttled ``TransientTokenError`` is ``throttled``).
@@ -45,6 +54,25 @@ class SidecarError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+# A refusal that also ends the connection.
+CLOSE = ((b"connection", b"close"),)
+
+
+class Refusal(SidecarError):
+    """The sidecar's own answer instead of the upstream's: ``status``, ``code`` (sent as ``X-Sidecar-Error`` and in
+    the body), ``detail`` (for a person) and extra response ``headers`` (``CLOSE`` ends the connection)."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.status}, {self.code!r})"
 
 
 class ConfigError(SidecarError, ValueError):
@@ -141,6 +169,13 @@ class TransientTokenError(TokenEndpointError):
             self.failure_kind = "throttled"
         super().__init__(**fields)
 
+    @classmethod
+    def unanswered(
+        cls, *, flow: str, summary: str, fix: str, error: str | None = None, retry_after: float | None = None
+    ) -> TransientTokenError:
+        """No answer came from the token endpoint (a timeout, the network, a wait for another's refresh)."""
+        return cls(flow=flow, status=None, error=error, body="", summary=summary, fix=fix, retry_after=retry_after)
+
 
 class TokenClockSkewError(TransientTokenError):
     """A token arrived with less life left, by this machine's clock, than the refresh margin (or none at all).
@@ -213,6 +248,21 @@ class StoreUnavailableError(TransientTokenError):
             fix="bring the token store back (a restarted Redis that lost its data is seeded again from this "
             "sidecar's refresh token); the sidecar keeps trying.",
         )
+
+
+class HeldOffError(TransientTokenError):
+    """Another sidecar sharing the token store just failed to refresh, and left a note: this one waits
+    ``retry_after`` seconds with it instead of asking too. ``code`` and ``failure_kind`` are the failure the
+    note names, so requests, readiness and metrics say what actually went wrong."""
+
+    def __init__(
+        self, *, flow: str, error: str | None, summary: str, fix: str, retry_after: float, code: str, kind: str
+    ) -> None:
+        super().__init__(
+            flow=flow, status=None, error=error, body="", summary=summary, fix=fix, retry_after=retry_after
+        )
+        self.code = code
+        self.failure_kind = kind
 
 
 class EgressError(TransientTokenError):

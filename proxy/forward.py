@@ -2,7 +2,7 @@
 
 Each request is an ``Exchange``: it goes to the upstream base URL plus the raw path (less the route prefix,
 when stripped) and query, byte for byte, with the token header replaced, and the answer streams back
-untouched. Every failure is a ``ForwardError``, and ``Forwarder.forward`` is the one place where it becomes
+untouched. Every failure is a ``Refusal``, and ``Forwarder.forward`` is the one place where it becomes
 the sidecar's own answer: 503 no token, 502 upstream unreachable or broken, 504 upstream timed out, 503
 when shutdown cut the request off.
 
@@ -30,7 +30,7 @@ from yarl import URL
 from proxy.egress.failures import EgressFailure, describe_failure, proxy_refusal
 from proxy.egress.route import EgressProxy, target_of
 from proxy.egress.tls import TlsContext
-from proxy.errors import TokenError, error_body
+from proxy.errors import CLOSE, Refusal, TokenError, error_body
 from proxy.guard import CALLER_HEADER
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
 from proxy.logs import event
@@ -68,21 +68,6 @@ class TokenSource(Protocol):
 
 class ClientGone(Exception):
     """The client disconnected while its request body was being read."""
-
-
-class ForwardError(Exception):
-    """Why a request gets the sidecar's own answer instead of the upstream's; ``Forwarder.forward`` is the one
-    place that turns it into an answer (or, once the upstream's status line has been relayed, a closed
-    connection)."""
-
-    def __init__(self, status: int, code: str, detail: str, *, close: bool = False) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        # The client stopped sending mid-body: the connection is not worth keeping (a body that is too large
-        # is read and dropped by the parser, so that connection stays usable).
-        self.close = close
 
 
 _PLAIN_PATH = "the request target must be a plain ASCII path such as /items?id=1"
@@ -209,15 +194,15 @@ class Forwarder:
         self._token_headers = None
         return True
 
-    def refusal(self, method: str, raw_path: bytes) -> ForwardError | None:
+    def refusal(self, method: str, raw_path: bytes) -> Refusal | None:
         """The route's method and path allowlists (``methods``, ``paths`` in its TOML table), if it has them."""
         if self.methods is not None and method not in self.methods:
             allowed = ", ".join(sorted(self.methods))
-            return ForwardError(405, "method_not_allowed", f"this route accepts {allowed} only")
+            return Refusal(405, "method_not_allowed", f"this route accepts {allowed} only")
         if self.paths is not None:
             path = raw_path.decode("latin-1")
             if not any(fnmatch.fnmatchcase(path, pattern) for pattern in self.paths):
-                return ForwardError(403, "path_not_allowed", "this path is not in the route's paths allowlist")
+                return Refusal(403, "path_not_allowed", "this path is not in the route's paths allowlist")
         return None
 
     async def open(self) -> None:
@@ -246,11 +231,11 @@ class Forwarder:
             path = raw_path[self._strip :].decode("ascii") if self._strip else raw_path.decode("ascii")
             query = scope["query_string"].decode("ascii")
         except UnicodeDecodeError:
-            raise ForwardError(400, "bad_request", _PLAIN_PATH) from None
+            raise Refusal(400, "bad_request", _PLAIN_PATH) from None
         if self._strip and not path.startswith("/"):
             path = "/" + path
         if not path.startswith("/"):
-            raise ForwardError(400, "bad_request", _PLAIN_PATH)
+            raise Refusal(400, "bad_request", _PLAIN_PATH)
         # Built from parts: nothing in the request (absolute-form, //host, @, backslashes, %2F) can change
         # the host. encoded=True keeps the path and query byte for byte.
         return URL.build(
@@ -269,7 +254,7 @@ class Forwarder:
             await exchange.run()
         except ClientGone:
             record.error = "client_gone"
-        except ForwardError as failure:
+        except Refusal as failure:
             await self._failed(exchange, failure)
         except asyncio.CancelledError:
             # The server's shutdown grace ran out (the only thing that cancels a request): answer for ourselves
@@ -277,10 +262,10 @@ class Forwarder:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            cut = ForwardError(503, "shutting_down", "the sidecar stopped before the upstream answered; retry")
+            cut = Refusal(503, "shutting_down", "the sidecar stopped before the upstream answered; retry")
             await self._failed(exchange, cut)
 
-    async def _failed(self, exchange: Exchange, failure: ForwardError) -> None:
+    async def _failed(self, exchange: Exchange, failure: Refusal) -> None:
         record = exchange.record
         record.error = failure.code
         if record.status:
@@ -288,17 +273,14 @@ class Forwarder:
             # client sees a broken response rather than a truncated one that looks complete.
             log.warning("%s %s: %s; closing the client connection", exchange.method, self.host, failure.detail)
             return
-        headers = ((b"connection", b"close"),) if failure.close else ()
         record.status = failure.status
-        record.bytes_out = await send_error(
-            exchange.send, failure.status, failure.code, failure.detail, headers, request_id=record.request_id
-        )
+        record.bytes_out = await send_error(exchange.send, failure, request_id=record.request_id)
 
 
 class Exchange:
     """One request through a ``Forwarder``: read the body, send it upstream with the token, relay the answer.
 
-    Every failure is raised as ``ForwardError``; ``record`` holds what was sent to the client so far.
+    Every failure is raised as ``Refusal``; ``record`` holds what was sent to the client so far.
     """
 
     __slots__ = (
@@ -324,13 +306,13 @@ class Exchange:
         self.body: bytes | AsyncIterator[bytes] | None = None
         self.replayable = self.method in IDEMPOTENT_METHODS
         self.slot = False
-        self.body_failure: ForwardError | ClientGone | None = None
+        self.body_failure: Refusal | ClientGone | None = None
 
     async def run(self) -> None:
         forwarder = self.forwarder
         session = forwarder.session
         if session is None:
-            raise ForwardError(503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
+            raise Refusal(503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
         if forwarder.methods is not None or forwarder.paths is not None:
             refused = forwarder.refusal(self.method, self.scope.get("raw_path") or b"")
             if refused is not None:
@@ -360,7 +342,7 @@ class Exchange:
         try:
             await asyncio.wait_for(slots.acquire(), self.forwarder.pool_wait)
         except TimeoutError:
-            raise ForwardError(
+            raise Refusal(
                 503,
                 "too_many_uploads",
                 "half the upstream connections carry streamed uploads already (the other half stay free for other "
@@ -379,7 +361,7 @@ class Exchange:
                 record.bytes_in += len(chunk)
                 if limit and record.bytes_in > limit:
                     raise _too_large(limit)
-            except (ForwardError, ClientGone) as failure:
+            except (Refusal, ClientGone) as failure:
                 self.body_failure = failure  # what the client hears, however aiohttp wraps it
                 raise
             if chunk:
@@ -393,7 +375,7 @@ class Exchange:
         try:
             token = await tokens.get()
         except TokenError as exc:
-            raise ForwardError(503, exc.code, f"no token could be had: {exc}") from None
+            raise Refusal(503, exc.code, f"no token could be had: {exc}") from None
         response = await self._send_upstream(session, url, token)
         try:
             if response.status == 407 and forwarder.proxy is not None:  # http:// upstream: the proxy answered
@@ -440,12 +422,12 @@ class Exchange:
                 proxy=forwarder.proxy_url,
                 proxy_headers=forwarder.proxy_headers,
             )
-        except (aiohttp.ClientError, TimeoutError, ForwardError, ClientGone) as exc:
+        except (aiohttp.ClientError, TimeoutError, Refusal, ClientGone) as exc:
             # A failure of the request body (too large, stalled, client gone) is what the client hears about,
             # however the client library wrapped it.
             if self.body_failure is not None:
                 raise self.body_failure from None
-            if isinstance(exc, ForwardError | ClientGone):
+            if isinstance(exc, Refusal | ClientGone):
                 raise
             raise _upstream_failure(exc, forwarder) from None
         finally:
@@ -472,13 +454,13 @@ class Exchange:
                 if last:
                     return
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ForwardError(
+            raise Refusal(
                 502, "upstream_broke_off", f"the upstream broke off the response body ({_reason(exc)})"
             ) from None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _upstream_failure(exc: BaseException, forwarder: Forwarder) -> ForwardError:
+def _upstream_failure(exc: BaseException, forwarder: Forwarder) -> Refusal:
     """The one mapping from an upstream client failure to the sidecar's answer."""
     host = forwarder.host
     failure = describe_failure(
@@ -493,24 +475,24 @@ def _upstream_failure(exc: BaseException, forwarder: Forwarder) -> ForwardError:
     if failure is not None:
         return _egress_failure(forwarder, failure)
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return ForwardError(
+        return Refusal(
             504,
             "upstream_timeout",
             f"the upstream {host} did not answer in time (or no connection to it was free within "
             f"{forwarder.pool_wait:g} s); try again later",
         )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return ForwardError(
+        return Refusal(
             502,
             "upstream_unreachable",
             f"could not connect to the upstream {host} ({_reason(exc)}); check SIDECAR_UPSTREAM_URL and the network",
         )
-    return ForwardError(502, "upstream_error", f"the upstream {host} broke the connection ({_reason(exc)})")
+    return Refusal(502, "upstream_error", f"the upstream {host} broke the connection ({_reason(exc)})")
 
 
-def _egress_failure(forwarder: Forwarder, failure: EgressFailure) -> ForwardError:
+def _egress_failure(forwarder: Forwarder, failure: EgressFailure) -> Refusal:
     forwarder.egress_failures[failure.code] += 1
-    return ForwardError(502, failure.code, f"{failure.summary}; {failure.fix}")
+    return Refusal(502, failure.code, f"{failure.summary}; {failure.fix}")
 
 
 def _reason(exc: BaseException) -> str:
@@ -518,8 +500,8 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _too_large(limit: int) -> ForwardError:
-    return ForwardError(
+def _too_large(limit: int) -> Refusal:
+    return Refusal(
         413,
         "body_too_large",
         f"the request body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES; API Gateway's own payload limit "
@@ -527,12 +509,12 @@ def _too_large(limit: int) -> ForwardError:
     )
 
 
-def _stalled(seconds: float) -> ForwardError:
-    return ForwardError(408, "body_timeout", f"the request body stalled for more than {seconds:g} s", close=True)
+def _stalled(seconds: float) -> Refusal:
+    return Refusal(408, "body_timeout", f"the request body stalled for more than {seconds:g} s", CLOSE)
 
 
 async def _next_chunk(receive: Receive, stall: float) -> tuple[bytes, bool]:
-    """The next piece of the request body and whether more follows; ``ForwardError`` 408 when the client stalls
+    """The next piece of the request body and whether more follows; ``Refusal`` 408 when the client stalls
     longer than ``stall`` seconds, ``ClientGone`` when it leaves."""
     try:
         async with asyncio.timeout(stall):
@@ -557,17 +539,10 @@ async def _read_body(receive: Receive, *, limit: int, stall: float) -> bytes:
             return b"".join(chunks)
 
 
-async def send_error(
-    send: Send,
-    status: int,
-    code: str,
-    detail: str,
-    headers: Iterable[tuple[bytes, bytes]] = (),
-    *,
-    request_id: str,
-) -> int:
+async def send_error(send: Send, refusal: Refusal, *, request_id: str) -> int:
     """Answer with the sidecar's JSON error; returns the body's size."""
-    body = error_body(code, detail, request_id)
+    status, code = refusal.status, refusal.code
+    body = error_body(code, refusal.detail, request_id)
     await send(
         {
             "type": "http.response.start",
@@ -578,7 +553,7 @@ async def send_error(
                 (b"x-sidecar-error", code.encode()),
                 (b"cache-control", b"no-store"),
                 (REQUEST_ID_HEADER, request_id.encode()),
-                *headers,
+                *refusal.headers,
             ],
         }
     )
@@ -586,4 +561,4 @@ async def send_error(
     return len(body)
 
 
-__all__ = ["Exchange", "ForwardError", "Forwarder", "TokenSource"]
+__all__ = ["Exchange", "Forwarder", "TokenSource", "send_error"]

@@ -23,9 +23,9 @@ import hmac
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
+from proxy.errors import CLOSE, Refusal
 from proxy.secrets import Secret
 from proxy.types import Scope
 
@@ -41,22 +41,11 @@ K = TypeVar("K", bytes, str)
 _LABEL = re.compile(rb"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """The sidecar's answer to a caller it does not serve."""
-
-    status: int
-    code: str
-    detail: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
 _METHOD_REFUSED = Refusal(
     405,
     "method_not_allowed",
     "TRACE and CONNECT are never forwarded (TRACE would echo the token back, CONNECT would open a tunnel)",
-    # After a CONNECT head the parser reads nothing more from the connection.
-    ((b"connection", b"close"),),
+    CLOSE,  # after a CONNECT head the parser reads nothing more from the connection
 )
 _NO_CALLER = Refusal(
     401,
@@ -193,4 +182,4 @@ def _remembered(cache: dict[K, bool], key: K, answer: Callable[[], bool]) -> boo
     return known
 
 
-__all__ = ["CALLER_HEADER", "CallerGuard", "Refusal", "host_allowed", "host_name"]
+__all__ = ["CALLER_HEADER", "CallerGuard", "host_allowed", "host_name"]

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.errors import SidecarError
+from proxy.errors import Refusal
 
 
-class BadPath(SidecarError):
-    """A path the sidecar will not forward; ``str`` says why."""
-
-    code = "bad_request"
+def bad_path(detail: str) -> Refusal:
+    """A path the sidecar will not forward: 400 ``bad_request``, ``detail`` says why."""
+    return Refusal(400, "bad_request", detail)
 
 
 def _has_dot_segment(raw_path: bytes) -> bool:
@@ -31,7 +30,7 @@ def _is_encoded_dot(segment: bytes) -> bool:
 
 
 def remove_dot_segments(raw_path: bytes) -> bytes:
-    """``raw_path`` with ``.`` and ``..`` segments resolved (RFC 3986 5.2.4). Raises ``BadPath`` for an encoded
+    """``raw_path`` with ``.`` and ``..`` segments resolved (RFC 3986 5.2.4). Raises a ``Refusal`` for an encoded
     dot segment or a ``..`` that would climb above the root."""
     if not _has_dot_segment(raw_path):
         return raw_path
@@ -40,13 +39,13 @@ def remove_dot_segments(raw_path: bytes) -> bytes:
     for index, segment in enumerate(segments):
         last = index == len(segments) - 1
         if _is_encoded_dot(segment):
-            raise BadPath("the path has an encoded dot segment (%2e); send the path without it")
+            raise bad_path("the path has an encoded dot segment (%2e); send the path without it")
         if segment == b".":
             if last:
                 out.append(b"")
         elif segment == b"..":
             if not out:
-                raise BadPath("the path climbs above / with ..; send the path the upstream should see")
+                raise bad_path("the path climbs above / with ..; send the path the upstream should see")
             out.pop()
             if last:
                 out.append(b"")
@@ -71,13 +70,13 @@ def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, 
     """The index of the route (``prefixes`` longest first) that takes ``raw_path``, and the path to forward.
 
     The path is normalised first; when that changes which route takes it, the request is refused
-    (``BadPath``): a path's dot segments never reach another route.
+    (a ``Refusal``): a path's dot segments never reach another route.
     """
     path = remove_dot_segments(raw_path)
     chosen = _first_match(prefixes, path)
     if path is not raw_path and _first_match(prefixes, raw_path) != chosen:
-        raise BadPath("the path's dot segments lead out of the route it names; send the path without them")
+        raise bad_path("the path's dot segments lead out of the route it names; send the path without them")
     return chosen, path
 
 
-__all__ = ["BadPath", "pick_route", "prefix_matches", "remove_dot_segments"]
+__all__ = ["bad_path", "pick_route", "prefix_matches", "remove_dot_segments"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from proxy.errors import error_body
+from proxy.errors import Refusal, error_body
 from proxy.server.coalesce import CoalescingHttpToolsProtocol
 
 # A request head (request line and headers) larger than this gets 431. API Gateway's own limit is 10 KiB,
@@ -84,21 +84,13 @@ class ConnectionLimits:
             self._logged[code] = (last, count + 1)
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-
-def refusal_bytes(status: int, code: str, detail: str) -> bytes:
+def refusal_bytes(refusal: Refusal) -> bytes:
     """A whole HTTP/1.1 answer in the sidecar's JSON error format, closing the connection."""
-    body = error_body(code, detail)
+    body = error_body(refusal.code, refusal.detail)
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nx-sidecar-error: %s\r\n"
         b"cache-control: no-store\r\nconnection: close\r\n\r\n"
-        % (status, _REASONS.get(status, b"Error"), len(body), code.encode())
+        % (refusal.status, _REASONS.get(refusal.status, b"Error"), len(body), refusal.code.encode())
     )
     return head + body
 
@@ -124,9 +116,11 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         limits = self.limits
         if len(self.connections) > limits.max_clients:
             self._refuse(
-                503,
-                "too_many_clients",
-                f"the sidecar already serves {limits.max_clients} connections (SIDECAR_MAX_CLIENTS); retry shortly",
+                Refusal(
+                    503,
+                    "too_many_clients",
+                    f"the sidecar already serves {limits.max_clients} connections (SIDECAR_MAX_CLIENTS); retry shortly",
+                )
             )
             return
         self._head_deadline = self.loop.time() + limits.head_timeout
@@ -154,15 +148,15 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             return
         except httptools.HttpParserError as exc:
             refusal = exc.__context__
-            if isinstance(refusal, _Refused):
-                self._refuse(refusal.status, refusal.code, refusal.detail)
+            if isinstance(refusal, Refusal):
+                self._refuse(refusal)
             else:
-                self._refuse(400, "bad_request", "the request is not valid HTTP/1.1")
+                self._refuse(Refusal(400, "bad_request", "the request is not valid HTTP/1.1"))
             return
         if counted and self._in_head and not self._began:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
-                self._refuse(*self._too_large())
+                self._refuse(self._too_large())
 
     # Parser callbacks
     def on_message_begin(self) -> None:
@@ -193,7 +187,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
             # WebSocket or h2c: the parser stops at the head, so no body or later request could be read safely.
             # (CONNECT goes on to the app, which refuses it with 405.)
-            raise _Refused(
+            raise Refusal(
                 400,
                 "upgrade_not_supported",
                 "the sidecar speaks HTTP/1.1 only: no WebSocket or h2c upgrade (API Gateway's Cognito authorizer "
@@ -210,11 +204,11 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def _add_head_bytes(self, count: int) -> None:
         self._head_bytes += count
         if self._head_bytes > self.limits.max_header_bytes:
-            raise _Refused(*self._too_large())
+            raise self._too_large()
 
-    def _too_large(self) -> tuple[int, str, str]:
+    def _too_large(self) -> Refusal:
         limit = self.limits.max_header_bytes
-        return (
+        return Refusal(
             431,
             "headers_too_large",
             f"the request head is larger than {limit} bytes (SIDECAR_MAX_HEADER_BYTES; API Gateway itself "
@@ -232,7 +226,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             return  # between requests: the keep-alive timer's business
         if self._head_started:
             limit = self.limits.head_timeout
-            self._refuse(408, "request_timeout", f"the request head did not arrive within {limit:g} s")
+            self._refuse(Refusal(408, "request_timeout", f"the request head did not arrive within {limit:g} s"))
         else:
             self.transport.close()  # a connection that sent nothing at all: closed without a word
 
@@ -241,14 +235,14 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, status: int, code: str, detail: str) -> None:
+    def _refuse(self, refusal: Refusal) -> None:
         self._cancel_head_timer()
-        self.limits.refused(code, detail)
+        self.limits.refused(refusal.code, refusal.detail)
         if self.cycle is not None and not self.cycle.response_complete:
             # A response is under way on this connection: the refusal cannot be told apart from it.
             self.transport.close()
             return
-        self.transport.write(refusal_bytes(status, code, detail))
+        self.transport.write(refusal_bytes(refusal))
         transport = self.transport
         if transport.can_write_eof():
             # The answer, then end-of-stream, then read and drop until the client closes or LINGER_TIMEOUT ends.

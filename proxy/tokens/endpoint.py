@@ -250,11 +250,8 @@ class TokenEndpoint:
                 timeout=self._timeout,
             )
         except httpx2.TimeoutException as exc:
-            raise TransientTokenError(
+            raise TransientTokenError.unanswered(
                 flow=flow,
-                status=None,
-                error=None,
-                body="",
                 summary=f"The token endpoint {self.token_url} did not answer within {self._timeout:g} s "
                 f"({type(exc).__name__}).",
                 fix="check network access to the Cognito domain; the sidecar keeps retrying.",
@@ -270,11 +267,8 @@ class TokenEndpoint:
             )
             if failure is not None:
                 raise self._egress_error(flow, failure) from None
-            raise TransientTokenError(
+            raise TransientTokenError.unanswered(
                 flow=flow,
-                status=None,
-                error=None,
-                body="",
                 summary=f"Could not reach the token endpoint {self.token_url} ({type(exc).__name__}: "
                 f"{_excerpt(str(exc), secrets) or 'no detail'}).",
                 fix="check DNS, proxy and firewall settings for the Cognito domain; the sidecar keeps retrying.",

@@ -31,12 +31,12 @@ from typing import Protocol
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.errors import (
+    HeldOffError,
     PermanentTokenError,
     StoreError,
     StoreUnavailableError,
     TokenEndpointError,
     TokenError,
-    TransientTokenError,
 )
 from proxy.logs import event
 from proxy.store.base import DEFAULT_STORE_LEASE, Lease, Store
@@ -159,18 +159,16 @@ class SharedRefresh:
                 fix="fix the credential (see that sidecar's log), then update the secret files of every sidecar "
                 "sharing it; each looks again once its files change.",
             )
-        error = TransientTokenError(
+        raise HeldOffError(
             flow=note.flow,
-            status=None,
             error=note.error,
-            body="",
             summary=f"Another sidecar sharing this credential just failed to refresh it ({note.summary}); this "
             f"one waits {left:.1f} s with it instead of asking too.",
             fix="see the token endpoint's health; the sidecars keep trying.",
             retry_after=left,
+            code=note.code,
+            kind=note.kind,
         )
-        error.code, error.failure_kind = note.code, note.kind  # what requests, readiness and metrics call it
-        raise error
 
     def _adopt(self, record: Record, consumer: Consumer) -> TokenSet | None:
         tokens = consumer.adoptable(record)

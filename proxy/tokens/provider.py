@@ -215,11 +215,8 @@ class TokenProvider:
                 pass  # look again: the next attempt may be due at once (a secret file changed meanwhile)
 
     def _no_token_error(self) -> TransientTokenError:
-        return TransientTokenError(
+        return TransientTokenError.unanswered(
             flow=self.grant.flow,
-            status=None,
-            error=None,
-            body="",
             summary=f"The token endpoint did not answer within {self._wait_limit:g} s; no valid token is held "
             "(a token request is still in progress).",
             fix="check the token endpoint's health and network access; the sidecar keeps trying.",
@@ -349,11 +346,8 @@ class TokenProvider:
                 # The grant stores a rotated refresh token before this returns.
                 response: TokenResponse = await self.grant.fetch()
         except TimeoutError:
-            raise TransientTokenError(
+            raise TransientTokenError.unanswered(
                 flow=self.grant.flow,
-                status=None,
-                error=None,
-                body="",
                 summary=f"The token endpoint did not finish answering within {limit:g} s"
                 + (" (or the token store's refresh lease stayed held)." if self.shared is not None else "."),
                 fix="check the token endpoint's health and network access; the sidecar keeps trying.",

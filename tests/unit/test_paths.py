@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.paths import BadPath, pick_route, prefix_matches, remove_dot_segments
+from proxy.errors import Refusal
+from proxy.paths import pick_route, prefix_matches, remove_dot_segments
 
 PREFIXES = [b"/stage/a", b"/a", b"/b", b"/"]  # longest first, as the app keeps them
 
@@ -31,15 +32,15 @@ def test_remove_dot_segments(raw: bytes, expected: bytes):
 
 @pytest.mark.parametrize("raw", [b"/..", b"/a/../..", b"/a/%2e%2e/b", b"/a/%2E/b", b"/a/.%2e/b", b"/%2e"])
 def test_climbing_or_encoded_dot_segments_are_refused(raw: bytes):
-    with pytest.raises(BadPath):
+    with pytest.raises(Refusal):
         remove_dot_segments(raw)
 
 
 def test_dot_segments_cannot_cross_routes():
     # The example: route /b's token must never reach stage A.
-    with pytest.raises(BadPath, match="lead out of the route"):
+    with pytest.raises(Refusal, match="lead out of the route"):
         pick_route(PREFIXES, b"/b/../stage/a/admin")
-    with pytest.raises(BadPath):
+    with pytest.raises(Refusal):
         pick_route(PREFIXES, b"/b/../../stageA/admin")
     assert pick_route(PREFIXES, b"/b/x/../y") == (2, b"/b/y")
     assert pick_route(PREFIXES, b"/c/../d") == (3, b"/d")  # inside the catch-all route: harmless
@@ -56,7 +57,7 @@ def test_no_generated_path_reaches_another_route_or_leaves_its_base(segments: li
     literal = next((i for i, prefix in enumerate(PREFIXES) if prefix_matches(prefix, raw)), None)
     try:
         index, path = pick_route(PREFIXES, raw)
-    except BadPath:
+    except Refusal:
         return  # refused: nothing is forwarded
     # The route is the one the path's own leading segments name, and what is forwarded has no dot segment.
     assert index == literal
