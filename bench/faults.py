@@ -29,7 +29,7 @@ import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.tokens.provider import RefreshPolicy
+from proxy.tokens.schedule import RefreshPolicy
 from tests.conftest import FakeClock, Stack, run_sidecar, run_stack
 
 STEP = 10.0

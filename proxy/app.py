@@ -38,7 +38,8 @@ from proxy.settings import RouteSettings, Settings
 from proxy.store.base import Store
 from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
 from proxy.tokens.grants import Grant
-from proxy.tokens.provider import RefreshPolicy, TokenProvider
+from proxy.tokens.provider import TokenProvider
+from proxy.tokens.schedule import RefreshPolicy
 from proxy.types import Message, Receive, Scope, Send
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 

@@ -21,7 +21,7 @@ from proxy.app import Sidecar, create_app
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.server.serving import ServerTls, bind_listen, bound_url, running
 from proxy.settings import Settings
-from proxy.tokens.provider import RefreshPolicy
+from proxy.tokens.schedule import RefreshPolicy
 
 # Retries in tests: the same code path, with waits of milliseconds instead of seconds. The refusal hold and
 # the 401 rate limit keep their real values: tests count on them.

@@ -12,7 +12,7 @@ import time
 import httpx2
 import pytest
 
-from proxy.tokens.provider import MAX_RETRY_WAIT, THROTTLED_MIN_WAIT, RefreshPolicy
+from proxy.tokens.schedule import MAX_RETRY_WAIT, THROTTLED_MIN_WAIT, RefreshPolicy
 from tests.conftest import FakeClock, metric, run_sidecar, run_stack
 
 REAL = RefreshPolicy()

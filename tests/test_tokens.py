@@ -8,7 +8,7 @@ import logging
 import httpx2
 import pytest
 
-from proxy.tokens.provider import RefreshPolicy
+from proxy.tokens.schedule import RefreshPolicy
 from tests.conftest import FakeClock, RunningSidecar, Stack, assert_hidden, metric, run_sidecar, run_stack
 
 

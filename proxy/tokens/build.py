@@ -24,7 +24,8 @@ from proxy.store.base import Store
 from proxy.tokens.endpoint import TokenEndpoint
 from proxy.tokens.fleet import SharedRefresh
 from proxy.tokens.grants import ClientCredentialsGrant, RefreshTokenGrant
-from proxy.tokens.provider import RefreshPolicy, TokenProvider
+from proxy.tokens.provider import TokenProvider
+from proxy.tokens.schedule import RefreshPolicy
 from proxy.tokens.sealed import Sealer
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.errors import (
@@ -41,26 +40,15 @@ from proxy.errors import (
 from proxy.logs import event
 from proxy.store.base import DEFAULT_STORE_LEASE, Lease, Store
 from proxy.tokens.grants import Grant
+from proxy.tokens.schedule import RefreshSchedule
 from proxy.tokens.sealed import MAX_ORIGINS, MAX_RECENT, HoldOff, Record, Sealer, UnreadableRecord, lineage
+from proxy.tokens.spec import TokenSpec
 from proxy.tokens.token import TokenResponse, TokenSet
 
 log = logging.getLogger("proxy.shared")
 
 # How often a sidecar waiting for another's refresh looks at the store (and at whether the lease is gone).
 POLL_INTERVAL = 0.05
-
-
-class Consumer(Protocol):
-    """What the shared refresh needs of the ``TokenProvider`` it serves."""
-
-    def adoptable(self, record: Record) -> TokenSet | None:
-        """The record's tokens if they are worth taking (not the ones held, not due yet)."""
-
-    def token_set(self, response: TokenResponse) -> TokenSet:
-        """The tokens of a fresh answer; ``TokenError`` if they cannot be used."""
-
-    def hold_for(self, error: TokenError, failures: int) -> float:
-        """Seconds to wait after ``error``, the ``failures``-th in a row, before the next token request."""
 
 
 # What a record holds when a rotated refresh token must be kept but no usable answer came with it.
@@ -100,20 +88,20 @@ class SharedRefresh:
     def __repr__(self) -> str:
         return f"SharedRefresh(store={self.store.name!r}, key={self.sealer.key!r})"
 
-    async def fetch(self, consumer: Consumer) -> TokenSet:
+    async def fetch(self, spec: TokenSpec, schedule: RefreshSchedule, held: TokenSet | None) -> TokenSet:
         """A token set: the store's when it is newer and not due, else one refreshed under the lease."""
         waited = False
         while True:
             try:
                 record, note = await self._load()
-                if record is not None and (tokens := self._adopt(record, consumer)) is not None:
+                if record is not None and (tokens := self._adopt(record, spec, held)) is not None:
                     return tokens
                 self._honour(note)
                 lease = await self.store.acquire(self.sealer.key, self._lease_seconds)
             except StoreError as exc:
-                return await self._without_store(exc, consumer)
+                return await self._without_store(exc, spec)
             if lease is not None:
-                return await self._refresh_holding(lease, consumer)
+                return await self._refresh_holding(lease, spec, schedule, held)
             if not waited:
                 waited = True
                 self.lock_waits += 1
@@ -170,8 +158,8 @@ class SharedRefresh:
             kind=note.kind,
         )
 
-    def _adopt(self, record: Record, consumer: Consumer) -> TokenSet | None:
-        tokens = consumer.adoptable(record)
+    def _adopt(self, record: Record, spec: TokenSpec, held: TokenSet | None) -> TokenSet | None:
+        tokens = spec.adoptable(record, held)
         if tokens is None:
             return None
         self.adopted += 1
@@ -184,7 +172,9 @@ class SharedRefresh:
         if record.refresh_token and configured is not None and record.knows(self.sealer.fingerprint(configured)):
             self.grant.adopt(record.refresh_token)
 
-    async def _refresh_holding(self, lease: Lease, consumer: Consumer) -> TokenSet:
+    async def _refresh_holding(
+        self, lease: Lease, spec: TokenSpec, schedule: RefreshSchedule, held: TokenSet | None
+    ) -> TokenSet:
         try:
             if lease.takeover:
                 self.takeovers += 1
@@ -198,8 +188,8 @@ class SharedRefresh:
             try:
                 record, note = await self._load()
             except StoreError as exc:
-                return await self._without_store(exc, consumer)
-            if record is not None and (tokens := self._adopt(record, consumer)) is not None:
+                return await self._without_store(exc, spec)
+            if record is not None and (tokens := self._adopt(record, spec, held)) is not None:
                 return tokens
             self._honour(note)
             self._look_past_note = False  # looked past once: this refresh is the new look
@@ -214,7 +204,7 @@ class SharedRefresh:
                     # all that works now, and must not be lost.
                     previous = record.response if record is not None else EMPTY_RESPONSE
                     await self._save(lease, self._record(previous, record, origins, rotated=True))
-                await self._hold_off(exc, note, consumer)
+                await self._hold_off(exc, note, schedule)
                 raise
             finally:
                 renewer.cancel()
@@ -223,18 +213,18 @@ class SharedRefresh:
             rotated = self.grant.refresh_token != used
             await self._save(lease, self._record(response, record, origins, rotated=rotated))
             try:
-                return consumer.token_set(response)
+                return spec.token_set(response)
             except TokenError as exc:  # clock skew, an unusable token: the others would meet it too
-                await self._hold_off(exc, note, consumer)
+                await self._hold_off(exc, note, schedule)
                 raise
         finally:
             with contextlib.suppress(StoreError):
                 await self.store.release(self.sealer.key, lease)
 
-    async def _hold_off(self, error: TokenError, previous: HoldOff | None, consumer: Consumer) -> None:
+    async def _hold_off(self, error: TokenError, previous: HoldOff | None, schedule: RefreshSchedule) -> None:
         """Leave a note that holds the fleet off for the backoff of one schedule: failures count across holders."""
         failures = (previous.failures if previous is not None else 0) + 1
-        seconds = consumer.hold_for(error, failures)
+        seconds = schedule.hold_for(error, failures)
         endpoint = error if isinstance(error, TokenEndpointError) else None
         note = HoldOff(
             failures=failures,
@@ -340,7 +330,7 @@ class SharedRefresh:
                 )
                 return
 
-    async def _without_store(self, error: StoreError, consumer: Consumer) -> TokenSet:
+    async def _without_store(self, error: StoreError, spec: TokenSpec) -> TokenSet:
         self._store_failed(error)
         if self.rotates or self.grant.rotations:
             self.rotates = True
@@ -351,7 +341,7 @@ class SharedRefresh:
             "but each sidecar now asks the token endpoint itself)"
         )
         log.warning("%s", self.problem, extra=event("store_fallback", store=self.store.name))
-        return consumer.token_set(await self.grant.fetch())
+        return spec.token_set(await self.grant.fetch())
 
     def _store_failed(self, error: StoreError) -> None:
         self.errors += 1

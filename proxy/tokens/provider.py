@@ -1,7 +1,7 @@
-"""The token cache: one credential's current token set, and the refresher that keeps it fresh.
+"""The token provider: one credential's current token set, and the refresher that keeps it fresh.
 
 State is one ``TokenSet`` (every kind of token one answer gives, so routes that send different kinds of the
-same credential share it) and the refresher's schedule. Requests read the set:
+same credential share it) and the refresher's ``RefreshSchedule``. Requests read the set:
 
 - while it is valid it is sent, whatever the refresher is doing: past its ``refresh_at`` the refresher is
   nudged, but the request does not wait. A valid token is never dropped, only replaced.
@@ -11,19 +11,8 @@ same credential share it) and the refresher's schedule. Requests read the set:
 The refresher is one task and the only caller of the token endpoint, so there is one token request at a
 time by construction, however many requests wait. With a shared token store (``proxy.tokens.fleet``) an attempt
 first looks at the store, and the store's lease makes that one request at a time across every sidecar sharing
-the credential. The refresher sleeps on the injected ``Clock`` until the next attempt is due:
-
-- at a random point 90-100% into the token's usable life (sidecars sharing a credential drift apart; 98-100%
-  with a shared store), or at once when there is no valid token, when API Gateway refused the token, or when
-  secret files changed;
-- never sooner than ``min_interval`` after the previous token request, whatever happens;
-- after failures, later: exponential backoff with jitter across the whole outage, up to ``max_wait``;
-  at least what the endpoint asked for in ``Retry-After``; at least ``permanent_hold`` after a refusal
-  that a person must fix (new secrets on disk lift the hold).
-
-Why not stamina, which the previous refresh used: its loop sleeps on real time and starts its backoff
-afresh at every call, while this schedule spans a whole outage, is shared with the token's own life and
-must be driven by the same clock as the checks.
+the credential. The refresher sleeps on the injected ``Clock`` until the schedule (``proxy.tokens.schedule``)
+says the next attempt is due.
 """
 
 from __future__ import annotations
@@ -31,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.errors import TokenEndpointError, TokenError, TransientTokenError
@@ -44,70 +31,11 @@ from proxy.logs import event
 from proxy.stats import Histogram
 from proxy.tokens.fleet import SharedRefresh
 from proxy.tokens.grants import Grant
-from proxy.tokens.sealed import Record
-from proxy.tokens.token import Token, TokenResponse, TokenSet, make_token_set
+from proxy.tokens.schedule import RefreshPolicy, RefreshSchedule
+from proxy.tokens.spec import TokenSpec
+from proxy.tokens.token import Token, TokenResponse, TokenSet
 
 log = logging.getLogger("proxy.cache")
-
-# The first wait after a failed token request; each further failure in a row doubles it. A single bad answer
-# (a blip, an empty 200) is then behind the sidecar a tenth of a second later.
-FIRST_RETRY_WAIT = 0.1
-# The longest wait between token requests in an outage: a one-hour outage then costs about 25 requests per
-# sidecar (0.1, 0.2 ... 205 s, then every 225-300 s), and recovery takes at most this long once it ends.
-MAX_RETRY_WAIT = 300.0
-# Two token requests for one credential are never closer than this, whatever asks for them (clock skew, a
-# flood of 401s, an endpoint that answers nonsense at once): at most 10 a second from one sidecar, however
-# wrong everything else goes, while a single blip is still retried within FIRST_RETRY_WAIT.
-MIN_TOKEN_REQUEST_INTERVAL = 0.1
-# After a refusal a person must fix (invalid_grant, invalid_client ...): asking again sooner cannot help.
-PERMANENT_HOLD = 60.0
-# Cognito's token quota is counted per second across the account: a throttled sidecar backs off for at
-# least a few seconds so that a fleet sharing the quota can drain it.
-THROTTLED_MIN_WAIT = 5.0
-# A Retry-After longer than this is not believed (a misconfigured proxy must not stop refreshes for a day).
-RETRY_AFTER_MAX = 3600.0
-# API Gateway's 401s come from whatever token a caller's request carried; a caller must not be able to make
-# the sidecar buy tokens (client_credentials is billed per request). One refresh per this many seconds
-# answers a real key rotation within a request or two.
-SUSPECT_REFRESH_INTERVAL = 30.0
-# The refresher renews a token unasked at a random point in this fraction of its usable life (the life less
-# the margin): requests never wait for it while the token is valid, so it can come late; the margin is the
-# time left for retries; the jitter keeps sidecars sharing a credential from refreshing in step. With 60-minute
-# tokens and the 5-minute margin: every 49.5-55 minutes.
-BACKGROUND_WINDOW = (0.9, 1.0)
-# With a shared token store the lease already keeps sidecars from refreshing together, and the fleet refreshes at
-# the earliest of its sidecars' points: a window as wide as the one above would make it refresh up to 10% sooner
-# than one sidecar alone. This narrow one only spreads the sidecars' looks at the store.
-SHARED_BACKGROUND_WINDOW = (0.98, 1.0)
-# Backoff waits are multiplied by a random factor in this range: a fleet that failed together retries apart,
-# and the waits still add up at the cap's pace.
-JITTER = (0.75, 1.0)
-
-
-@dataclass(frozen=True)
-class RefreshPolicy:
-    """When the refresher may ask the token endpoint; every field has the named default above."""
-
-    first_wait: float = FIRST_RETRY_WAIT
-    max_wait: float = MAX_RETRY_WAIT
-    min_interval: float = MIN_TOKEN_REQUEST_INTERVAL
-    permanent_hold: float = PERMANENT_HOLD
-    throttled_wait: float = THROTTLED_MIN_WAIT
-    suspect_interval: float = SUSPECT_REFRESH_INTERVAL
-
-    def backoff(self, failures: int, error: TokenError, rng: random.Random) -> float:
-        """Seconds to wait after the ``failures``-th failure in a row, ``error`` being the latest."""
-        wait: float = min(self.max_wait, self.first_wait * 2.0 ** min(failures - 1, 32)) * rng.uniform(*JITTER)
-        if error.permanent:
-            wait = max(wait, self.permanent_hold)
-        if isinstance(error, TransientTokenError):
-            if error.throttled:
-                wait = max(wait, self.throttled_wait)
-            if error.retry_after is not None:
-                wait = max(wait, min(error.retry_after, RETRY_AFTER_MAX))
-        if error.retry_within is not None:
-            wait = min(wait, error.retry_within)
-        return wait
 
 
 class TokenProvider:
@@ -128,22 +56,18 @@ class TokenProvider:
         self.grant = grant
         # Sidecars sharing the credential through a store: one of them refreshes, the others take its tokens.
         self.shared = shared
-        self.kinds = frozenset(kinds)
-        self._margin = margin
+        self.spec = TokenSpec(frozenset(kinds), margin, grant.flow, clock)
         # A request with no valid token waits at most this long; a token request is bounded by twice it
         # (the grant may re-read its files and ask once more).
         self._wait_limit = wait_limit
-        self._policy = policy or RefreshPolicy()
         self._clock = clock
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+        self.schedule = RefreshSchedule(
+            policy or RefreshPolicy(),
+            rng or random.Random(),  # noqa: S311 - jitter, not crypto
+            shared=shared is not None,
+        )
         self.current: TokenSet | None = None
         self.last_error: TokenError | None = None
-        self._background_at = 0.0  # when the refresher renews ``current`` unasked
-        self.failures_in_row = 0
-        self._not_before = 0.0  # backoff or hold after failures
-        self._last_request_at = -math.inf
-        self._last_suspect_at = -math.inf
-        self._asked = False  # someone wants an attempt as soon as the rules allow
         self._attempting = False
         self._outcome: asyncio.Future[TokenSet] | None = None  # what waiters await: the next attempt's result
         self._wake = asyncio.Event()
@@ -154,6 +78,14 @@ class TokenProvider:
         # Requests that waited for a token request because no valid token was held; flat at steady state.
         self.waits = 0
 
+    @property
+    def kinds(self) -> frozenset[str]:
+        return self.spec.kinds
+
+    @property
+    def failures_in_row(self) -> int:
+        return self.schedule.failures_in_row
+
     def __repr__(self) -> str:
         return f"TokenProvider(grant={self.grant!r}, kinds={sorted(self.kinds)!r})"
 
@@ -162,8 +94,6 @@ class TokenProvider:
         if kind not in self.kinds:
             raise ValueError(f"this provider does not fetch {kind}")
         return TokenView(self, kind)
-
-    # Reading ----------------------------------------------------------------------------------------
 
     def usable(self) -> TokenSet | None:
         """The current tokens if they may still be sent, without waiting or asking for anything."""
@@ -200,7 +130,7 @@ class TokenProvider:
             if tokens is not None:
                 return tokens
             if not self._attempting:
-                if self.last_error is not None and self._not_before > self._clock.monotonic():
+                if self.last_error is not None and self.schedule.held_off(self._clock.monotonic()):
                     raise self.last_error
                 self._ask()
             if not waited:
@@ -227,12 +157,10 @@ class TokenProvider:
             self._outcome = asyncio.get_running_loop().create_future()
         return self._outcome
 
-    # What callers and signals ask ---------------------------------------------------------------------
-
     def _ask(self) -> None:
         # An attempt in flight answers whoever asks meanwhile: its outcome is as new as one asked for now.
-        if not self._asked and not self._attempting:
-            self._asked = True
+        if not self.schedule.asked and not self._attempting:
+            self.schedule.asked = True
             self._wake.set()
 
     def refused(self, token: Token) -> bool:
@@ -241,10 +169,8 @@ class TokenProvider:
         tokens = self.current
         if tokens is None or not tokens.holds(token):
             return False  # already replaced
-        now = self._clock.monotonic()
-        if now - self._last_suspect_at < self._policy.suspect_interval:
+        if not self.schedule.suspect(self._clock.monotonic()):
             return False
-        self._last_suspect_at = now
         log.warning("API Gateway refused the current token; asking for a new one", extra=event("token_refused"))
         self._ask()
         return True
@@ -268,14 +194,11 @@ class TokenProvider:
         if changed:
             if self.shared is not None:
                 self.shared.credentials_changed()
-            self._not_before = 0.0
-            self.failures_in_row = 0
+            self.schedule.credentials_changed()
             if self.usable() is None:
                 self._ask()
             self._wake.set()
         return changed
-
-    # The refresher ----------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the refresher; call from a running loop (the app's lifespan). It asks for a token at once."""
@@ -298,15 +221,10 @@ class TokenProvider:
         finally:
             await self.aclose()
 
-    def _next_attempt_at(self) -> float:
-        tokens = self.current
-        now = self._clock.monotonic()
-        planned = now if self._asked or tokens is None or now >= tokens.expires_at else self._background_at
-        return max(planned, self._not_before, self._last_request_at + self._policy.min_interval)
-
     async def _run(self) -> None:
         while True:
-            delay = self._next_attempt_at() - self._clock.monotonic()
+            now = self._clock.monotonic()
+            delay = self.schedule.next_attempt_at(now, self.current) - now
             if delay > 0:
                 await self._sleep(delay)
                 continue
@@ -324,9 +242,8 @@ class TokenProvider:
             waker.cancel()
 
     async def _attempt(self) -> None:
-        self._asked = False
+        self.schedule.started(self._clock.monotonic())
         self._attempting = True
-        self._last_request_at = self._clock.monotonic()
         began = time.perf_counter()  # real time, whatever the clock: how long the endpoint took
         try:
             tokens = await self._fetch()
@@ -342,7 +259,7 @@ class TokenProvider:
         try:
             async with asyncio.timeout(limit):
                 if self.shared is not None:
-                    return await self.shared.fetch(self)
+                    return await self.shared.fetch(self.spec, self.schedule, self.current)
                 # The grant stores a rotated refresh token before this returns.
                 response: TokenResponse = await self.grant.fetch()
         except TimeoutError:
@@ -352,99 +269,74 @@ class TokenProvider:
                 + (" (or the token store's refresh lease stayed held)." if self.shared is not None else "."),
                 fix="check the token endpoint's health and network access; the sidecar keeps trying.",
             ) from None
-        return self.token_set(response)
-
-    # What the shared refresh asks of its consumer (proxy.tokens.fleet.Consumer) ---------------------------------
-
-    def token_set(self, response: TokenResponse, *, age: float = 0.0) -> TokenSet:
-        """The tokens of an answer that arrived ``age`` seconds ago."""
-        return make_token_set(
-            response,
-            kinds=self.kinds,
-            margin=self._margin,
-            received_at=self._clock.monotonic() - age,
-            wall_now=self._clock.time(),
-            flow=self.grant.flow,
-        )
-
-    def adoptable(self, record: Record) -> TokenSet | None:
-        """The store's tokens, if they are not the ones held and not due for a refresh yet."""
-        try:
-            tokens = self.token_set(record.response, age=max(0.0, self._clock.time() - record.received))
-        except TokenError:
-            return None
-        held = self.current
-        if held is not None and all(held[kind].value == tokens[kind].value for kind in self.kinds):
-            return None
-        return tokens if self._clock.monotonic() < tokens.refresh_at else None
-
-    def hold_for(self, error: TokenError, failures: int) -> float:
-        return self._policy.backoff(max(failures, self.failures_in_row + 1), error, self._rng)
+        return self.spec.token_set(response)
 
     def _succeeded(self, tokens: TokenSet, seconds: float) -> None:
         self.current = tokens
-        usable = tokens.refresh_at - tokens.received_at
-        window = SHARED_BACKGROUND_WINDOW if self.shared is not None else BACKGROUND_WINDOW
-        self._background_at = tokens.received_at + usable * self._rng.uniform(*window)
+        self.schedule.succeeded(tokens)
         self.outcomes["success"] += 1
         self.durations.observe(seconds)
         self.last_error = None
-        self.failures_in_row = 0
-        self._not_before = 0.0
         now = self._clock.monotonic()
-        kinds = "+".join(sorted(self.kinds))
-        valid, next_refresh = round(tokens.expires_at - now), round(self._background_at - now)
-        log.info(
-            "token refreshed in %.0f ms: %s valid for %d s (background refresh in %d s)",
-            seconds * 1000,
-            kinds,
-            valid,
-            next_refresh,
-            extra=event(
-                "token_refreshed",
-                kinds=kinds,
-                duration_ms=round(seconds * 1000, 1),
-                expires_in_s=valid,
-                next_refresh_in_s=next_refresh,
-            ),
-        )
+        _log_refreshed(self.kinds, seconds, round(tokens.expires_at - now), round(self.schedule.background_at - now))
         outcome, self._outcome = self._outcome, None
         if outcome is not None and not outcome.done():
             outcome.set_result(tokens)
 
     def _failed(self, error: TokenError, seconds: float) -> None:
-        self.failures_in_row += 1
+        wait = self.schedule.failed(self._clock.monotonic(), error)
         self.outcomes[error.failure_kind] += 1
         self.durations.observe(seconds)
         self.last_error = error
-        wait = self._policy.backoff(self.failures_in_row, error, self._rng)
-        self._not_before = self._clock.monotonic() + wait
         held = self.usable()
-        valid = round(held.expires_at - self._clock.monotonic()) if held else 0
-        endpoint = error if isinstance(error, TokenEndpointError) else None
-        log.error(
-            "token request failed (%d in a row; next in %.1f s; %s): %s",
-            self.failures_in_row,
-            wait,
-            f"still sending the current token for {valid} s" if held else "no valid token: requests get 503",
-            error,
-            extra=event(
-                "token_refresh_failed",
-                outcome=error.failure_kind,
-                code=error.code,
-                # What Cognito said, when it said something: invalid_grant, invalid_client ...
-                cognito_error=endpoint.error if endpoint else None,
-                http_status=endpoint.status if endpoint else None,
-                attempt=self.failures_in_row,
-                retry_in_s=round(wait, 1),
-                duration_ms=round(seconds * 1000, 1),
-                token_valid_for_s=valid,
-            ),
-        )
+        valid = round(held.expires_at - self._clock.monotonic()) if held else None
+        _log_failed(error, self.failures_in_row, wait, seconds, valid)
         outcome, self._outcome = self._outcome, None
         if outcome is not None and not outcome.done():
             outcome.set_exception(error)
             outcome.exception()  # retrieved: waiters that gave up must not leave an unretrieved-exception warning
+
+
+def _log_refreshed(kinds: frozenset[str], seconds: float, valid: int, next_refresh: int) -> None:
+    shown = "+".join(sorted(kinds))
+    log.info(
+        "token refreshed in %.0f ms: %s valid for %d s (background refresh in %d s)",
+        seconds * 1000,
+        shown,
+        valid,
+        next_refresh,
+        extra=event(
+            "token_refreshed",
+            kinds=shown,
+            duration_ms=round(seconds * 1000, 1),
+            expires_in_s=valid,
+            next_refresh_in_s=next_refresh,
+        ),
+    )
+
+
+def _log_failed(error: TokenError, failures: int, wait: float, seconds: float, valid: int | None) -> None:
+    """``valid``: how long the token in hand still serves; ``None`` when no valid token is held."""
+    endpoint = error if isinstance(error, TokenEndpointError) else None
+    log.error(
+        "token request failed (%d in a row; next in %.1f s; %s): %s",
+        failures,
+        wait,
+        f"still sending the current token for {valid} s" if valid is not None else "no valid token: requests get 503",
+        error,
+        extra=event(
+            "token_refresh_failed",
+            outcome=error.failure_kind,
+            code=error.code,
+            # What Cognito said, when it said something: invalid_grant, invalid_client ...
+            cognito_error=endpoint.error if endpoint else None,
+            http_status=endpoint.status if endpoint else None,
+            attempt=failures,
+            retry_in_s=round(wait, 1),
+            duration_ms=round(seconds * 1000, 1),
+            token_valid_for_s=valid or 0,
+        ),
+    )
 
 
 class TokenView:

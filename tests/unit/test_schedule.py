@@ -8,7 +8,8 @@ import pytest
 
 from proxy.errors import PermanentTokenError, TokenClockSkewError, TransientTokenError
 from proxy.tokens.endpoint import parse_retry_after
-from proxy.tokens.provider import MAX_RETRY_WAIT, RefreshPolicy
+from proxy.tokens.schedule import MAX_RETRY_WAIT, RefreshPolicy, RefreshSchedule
+from proxy.tokens.token import Token, TokenSet
 
 
 def test_backoff_grows_to_its_cap_and_honours_retry_after_and_refusals():
@@ -35,3 +36,73 @@ def test_retry_after_takes_seconds_or_an_http_date():
     assert parse_retry_after("Tue, 14 Nov 2023 22:15:00 GMT", now=now) == pytest.approx(100)
     assert parse_retry_after("soon", now=now) is None
     assert parse_retry_after(None, now=now) is None
+
+
+def fresh(received_at: float, life: float = 3600.0, margin: float = 300.0) -> TokenSet:
+    token = Token(
+        kind="id_token",
+        value="t",
+        received_at=received_at,
+        refresh_at=received_at + life - margin,
+        expires_at=received_at + life,
+        claims={},
+    )
+    return TokenSet({"id_token": token})
+
+
+DOWN = TransientTokenError.unanswered(flow="refresh", summary="down", fix="wait")
+
+
+def test_no_token_means_at_once_and_a_token_means_late_in_its_life():
+    schedule = RefreshSchedule(RefreshPolicy(), random.Random(7))
+    assert schedule.next_attempt_at(100.0, None) == 100.0
+    schedule.started(100.0)
+    tokens = fresh(100.0)
+    schedule.succeeded(tokens)
+    usable = tokens.refresh_at - tokens.received_at
+    assert 100.0 + 0.9 * usable <= schedule.background_at <= 100.0 + usable
+    assert schedule.next_attempt_at(200.0, tokens) == schedule.background_at
+    schedule.asked = True  # a 401, or a request past refresh_at
+    assert schedule.next_attempt_at(200.0, tokens) == 200.0
+    assert schedule.next_attempt_at(tokens.expires_at, tokens) == tokens.expires_at  # expired: at once
+
+
+def test_a_shared_store_narrows_the_background_window():
+    for seed in range(50):
+        schedule = RefreshSchedule(RefreshPolicy(), random.Random(seed), shared=True)
+        tokens = fresh(0.0)
+        schedule.succeeded(tokens)
+        assert 0.98 * tokens.refresh_at <= schedule.background_at <= tokens.refresh_at
+
+
+def test_requests_are_never_closer_than_the_minimum_interval():
+    schedule = RefreshSchedule(RefreshPolicy(min_interval=0.1), random.Random(1))
+    schedule.started(50.0)
+    schedule.asked = True
+    assert schedule.next_attempt_at(50.01, None) == pytest.approx(50.1)
+
+
+def test_failures_back_off_hold_waiters_and_are_forgotten_on_success_or_new_secrets():
+    schedule = RefreshSchedule(RefreshPolicy(), random.Random(3))
+    waits = []
+    for attempt in range(1, 6):
+        schedule.started(float(attempt))
+        waits.append(schedule.failed(float(attempt), DOWN))
+        assert schedule.failures_in_row == attempt
+        assert schedule.held_off(float(attempt))
+        # never sooner than the minimum interval after the request that failed
+        assert schedule.next_attempt_at(float(attempt), None) == pytest.approx(attempt + max(waits[-1], 0.1))
+    assert waits == sorted(waits)
+    assert schedule.hold_for(DOWN, 1) >= 0.75 * 0.1 * 2**5  # the fleet's count never lowers this one's
+    schedule.credentials_changed()
+    assert (schedule.failures_in_row, schedule.held_off(6.0)) == (0, False)
+    schedule.failed(6.0, DOWN)
+    schedule.succeeded(fresh(7.0))
+    assert (schedule.failures_in_row, schedule.held_off(7.0)) == (0, False)
+
+
+def test_refused_tokens_ask_at_most_once_per_suspect_interval():
+    schedule = RefreshSchedule(RefreshPolicy(suspect_interval=30.0), random.Random(1))
+    assert schedule.suspect(10.0)
+    assert not schedule.suspect(39.0)
+    assert schedule.suspect(40.0)
