@@ -111,12 +111,12 @@ async def run_fault(fault: Fault, *, clients: int, hours: float) -> str:
             if not fault.at_start:
                 fault.inject(stack)
             before = stack.token_requests if not fault.at_start else 0
-            waits_before = sidecar.parts.tokens.waits
+            waits_before = sidecar.tokens.waits
             for _ in range(int(hours * 3600 / STEP)):
                 await asyncio.gather(*(one(i) for i in range(clients)))
                 await clock.settle(STEP)
             token_requests = stack.token_requests - before
-            waited = sidecar.parts.tokens.waits - waits_before
+            waited = sidecar.tokens.waits - waits_before
     shown = " ".join(f"{status}x{count}" for status, count in sorted(answers.items()))
     return (
         f"{fault.name:<34} {token_requests:>6} {waited:>7} {slowest * 1000:>9.1f} "
@@ -140,7 +140,7 @@ async def rotation_window(rotations: int = 30) -> str:
                 for _ in range(rotations):
                     await clock.settle(3600)  # the token has expired: the next request waits for a rotation
                     assert (await client.get(f"{sidecar.url}/rotate")).status_code == 200
-                    windows.append((sidecar.parts.grant.last_persist_window or 0.0) * 1000)
+                    windows.append((sidecar.grant.last_persist_window or 0.0) * 1000)
     return (
         f"rotation: answer -> new refresh token durably in its file, {rotations} rotations in {Path.cwd()}: "
         f"median {statistics.median(windows):.2f} ms, max {max(windows):.2f} ms"

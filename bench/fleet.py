@@ -42,9 +42,9 @@ import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.app import build_sidecar
 from proxy.emulator.cognito import CognitoEmulator
 from proxy.settings import load_settings
+from proxy.sidecar import build_sidecar
 from proxy.store.file import FileStore
 from proxy.store.redis import RedisStore
 from tests.conftest import Stack, run_stack, stack_env
@@ -171,7 +171,7 @@ class Fleet:
 async def _store_key(env: dict[str, str]) -> str:
     sidecar = build_sidecar(load_settings(env))
     try:
-        shared = sidecar.tokens.shared
+        shared = sidecar.providers[0].shared
         assert shared is not None
         return shared.sealer.key
     finally:

@@ -1,52 +1,35 @@
-"""The sidecar application: ``create_app(settings)`` wires settings, token caches and forwarders.
+"""The sidecar as an ASGI app: ``create_app(settings)`` builds the parts (``proxy.sidecar``) and serves them.
 
-The Starlette app owns lifespan (the HTTP clients and the background refreshes) and the reserved
-``/-/`` routes; every other request goes straight to the forwarder of the longest matching route
-prefix. Routes whose credentials are the same share one token provider: one cache, one refresh.
+Every request goes straight to the forwarder of the longest matching route prefix, after the caller checks;
+the reserved ``/-/`` routes and lifespan (the sidecar's ``start`` and ``stop``) go to ``proxy.reserved``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import unquote
 
-import httpx2
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.egress.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
-from proxy.errors import ConfigError, Refusal, error_body
-from proxy.forward import Forwarder, send_error
-from proxy.guard import CallerGuard
-from proxy.logs import AccessLog, event
-from proxy.metrics import RequestMetrics, render, sidecar_registry
+from proxy.errors import Refusal
+from proxy.forward import send_error
 from proxy.paths import pick_route
 from proxy.request import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
-from proxy.secrets import Secret, secret_file_warnings, secret_files
-from proxy.server.limits import ConnectionLimits
-from proxy.settings import RouteSettings, Settings
-from proxy.store.base import Store
-from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
-from proxy.tokens.grants import Grant
-from proxy.tokens.provider import TokenProvider
+from proxy.reserved import reserved_routes
+from proxy.settings import Settings
+from proxy.sidecar import Sidecar, build_sidecar
 from proxy.tokens.schedule import RefreshPolicy
 from proxy.types import Message, Receive, Scope, Send
-from proxy.watch import SECRET_POLL_INTERVAL, watch_files
+from proxy.watch import SECRET_POLL_INTERVAL
 
 log = logging.getLogger("proxy.app")
 
-
 # Error codes that are not answers: the client left first. Logged, not counted in sidecar_errors_total.
+NOT_ANSWERED = frozenset({"client_gone"})
 # What the metrics listener answers for anything but the /-/ routes.
 _METRICS_LISTENER_ONLY = Refusal(
     404,
@@ -54,117 +37,40 @@ _METRICS_LISTENER_ONLY = Refusal(
     "this listener (SIDECAR_METRICS_LISTEN) serves /-/metrics, /-/healthz and /-/readyz only; requests to "
     "forward go to SIDECAR_LISTEN",
 )
-NOT_ANSWERED = frozenset({"client_gone"})
 
 
-@dataclass(frozen=True)
-class UpstreamRoute:
-    """A path prefix (as raw bytes, no trailing slash; ``/`` matches everything) and its forwarder."""
-
-    prefix: bytes
-    forwarder: Forwarder
-
-    @property
-    def label(self) -> str:
-        """The route in logs and metrics."""
-        return self.prefix.decode("latin-1")
-
-
-@dataclass
-class Sidecar:
-    """The pieces of one running sidecar, kept on ``app.state.sidecar`` for the routes, metrics and tests."""
-
-    settings: Settings
-    http: httpx2.AsyncClient
-    providers: list[TokenProvider]
-    routes: list[UpstreamRoute]  # longest prefix first
-    guard: CallerGuard = field(default_factory=CallerGuard)
-    # Secret files other users could read or replace (proxy.secrets.exposure): logged, shown by readyz.
-    file_warnings: list[str] = field(default_factory=list)
-    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-    requests: RequestMetrics = field(default_factory=RequestMetrics)
-    draining: bool = False
-    # The token store shared with other sidecars (None: memory, each process on its own).
-    store: Store | None = None
-    # Every TLS context with files of its own (trusted CAs, client certificates), each once: re-read on change.
-    tls: list[TlsContext] = field(default_factory=list)
-    forwarders: list[Forwarder] = field(init=False)
-    # Set whenever a re-read brought a new value (tests wait on it).
-    secrets_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-
-    def reload_secrets(self) -> bool:
-        """Re-read every secret and TLS file (SIGHUP, or the watcher saw one change); True when a value changed."""
-        # Every file is re-read (a list, not any(): no short-circuit).
-        results = [context.reload() for context in self.tls]
-        results += [forwarder.reload_tls() for forwarder in self.forwarders]
-        results += [provider.reload_credentials() for provider in self.providers]
-        results += [forwarder.reload_secrets() for forwarder in self.forwarders]
-        if self.guard.caller_token is not None:
-            results.append(self.guard.caller_token.reload())
-        changed = any(results)
-        log.info(
-            "secret files re-read (%s)",
-            "a value changed" if changed else "nothing changed",
-            extra=event("secrets_reloaded", changed=changed),
-        )
-        if changed:
-            self.secrets_changed.set()
-        return changed
-
-    @property
-    def errors(self) -> Counter[str]:
-        """The sidecar's own error answers by code: the app's, and the connections' (``ConnectionLimits``)."""
-        return self.limits.errors
-
-    def __post_init__(self) -> None:
-        self.forwarders = [route.forwarder for route in self.routes]
-
-    # The first route's pieces: the whole sidecar in the usual one-route form.
-    @property
-    def tokens(self) -> TokenProvider:
-        return self.providers[0]
-
-    @property
-    def grant(self) -> Grant:
-        return self.tokens.grant
-
-    @property
-    def forwarder(self) -> Forwarder:
-        return self.routes[-1].forwarder
-
-
-class SidecarApp(Starlette):
-    """Starlette for lifespan and the ``/-/`` routes; every other request goes straight to a forwarder.
+class SidecarApp:
+    """The ASGI app: every request goes straight to the forwarder of its route, except the ``/-/`` routes and
+    lifespan, which go to a small Starlette app (``proxy.reserved``).
 
     Skipping Starlette's middleware and router on the hot path saves several wrappers around every
     ``send`` and a regex match per route; the forwarder answers its own errors.
     """
 
-    def __init__(
-        self,
-        *,
-        routes_by_prefix: list[UpstreamRoute],
-        access_log: AccessLog | None,
-        guard: CallerGuard,
-        limits: ConnectionLimits,
-        request_metrics: RequestMetrics,
-        metrics_port: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.upstream_routes = routes_by_prefix
-        self.prefixes = [route.prefix for route in routes_by_prefix]
-        self.labels = [route.label for route in routes_by_prefix]
-        self.access_log = access_log
-        self.guard = guard
-        self.limits = limits  # logs refusals (at most one line per code per 10 s); its errors are the app's too
-        self.request_metrics = request_metrics
+    def __init__(self, sidecar: Sidecar, *, clock: Clock = SYSTEM_CLOCK, metrics_port: int | None = None) -> None:
+        self.sidecar = sidecar
+        self.upstream_routes = sidecar.routes
+        self.prefixes = [route.prefix for route in sidecar.routes]
+        self.labels = [route.label for route in sidecar.routes]
+        self.access_log = sidecar.access_log
+        self.guard = sidecar.guard
+        self.limits = sidecar.limits  # logs refusals (at most one line per code per 10 s); its errors are the app's
+        self.request_metrics = sidecar.requests
         # Requests to this local port (SIDECAR_METRICS_LISTEN) get the /-/ routes only, never the forwarder.
         self.metrics_port = metrics_port
+        self.reserved = reserved_routes(sidecar, clock, self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.sidecar.start()
+        try:
+            yield
+        finally:
+            await self.sidecar.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await super().__call__(scope, receive, send)  # lifespan
+            await self.reserved(scope, receive, send)  # lifespan
             return
         start = time.perf_counter()
         # Whatever happens to the request is noted here, and counted and logged once, below.
@@ -247,118 +153,7 @@ class SidecarApp(Starlette):
                 record.bytes_out += len(message.get("body", b""))
             await send(message)
 
-        await super().__call__(scope, receive, send_and_note)
-
-
-def _error(status: int, code: str, detail: str) -> Response:
-    return Response(
-        error_body(code, detail, CURRENT_REQUEST_ID.get()),
-        status_code=status,
-        media_type="application/json",
-        headers={"x-sidecar-error": code, "cache-control": "no-store"},
-    )
-
-
-def build_sidecar(
-    settings: Settings,
-    *,
-    policy: RefreshPolicy | None = None,
-    clock: Clock = SYSTEM_CLOCK,
-    private_store: bool = False,
-) -> Sidecar:
-    """Assemble the sidecar's parts from settings (no I/O happens here). ``private_store``: the token store is the
-    one ``SIDECAR_WORKERS`` made for its workers, removed at exit (rotated refresh tokens must still reach the
-    refresh token file)."""
-    routes = settings.effective_routes()
-    if not routes:
-        raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
-    egress = settings.egress
-    tls = TlsContexts()
-    token_context = token_tls(settings)
-    if token_context is not None:
-        tls.contexts[token_context.files] = token_context
-    http = token_http(settings, token_context)
-    store = open_configured_store(settings)
-    providers: dict[tuple[str, ...], TokenProvider] = {}
-    kinds: dict[tuple[str, ...], set[str]] = {}
-    for route in routes:
-        kinds.setdefault(route.credential_key(), set()).add(route.token)
-    # Shortest prefix first, so the catch-all route's provider (the one-route form's) is providers[0].
-    for route in reversed(routes):
-        key = route.credential_key()
-        if key not in providers:
-            providers[key] = provider_for(
-                settings,
-                route,
-                http,
-                kinds=kinds[key],
-                store=store,
-                policy=policy,
-                clock=clock,
-                durable=not private_store,
-            )
-    upstream_routes = [
-        UpstreamRoute(
-            route.prefix.encode(),
-            Forwarder(
-                upstream_url=route.upstream_url,
-                tokens=providers[route.credential_key()].view(route.token),
-                header=route.header,
-                header_prefix=route.header_prefix,
-                strip_prefix=route.prefix if route.strip_prefix else "",
-                connect_timeout=settings.connect_timeout,
-                read_timeout=settings.read_timeout,
-                pool_timeout=settings.pool_timeout,
-                max_connections=settings.max_connections,
-                api_key=Secret(route.api_key.get_secret_value(), route.api_key_file) if route.api_key else None,
-                max_body_bytes=settings.max_body_bytes,
-                methods=route.methods,
-                paths=route.paths,
-                api_id=route.api_id,
-                proxy=egress.proxy_for(route.upstream_url),
-                tls=tls.for_route(route),
-            ),
-        )
-        for route in routes
-    ]
-    caller_token = settings.caller_token
-    guard = CallerGuard(
-        allowed_hosts=settings.allowed_hosts,
-        allowed_origins=settings.allowed_origins,
-        allow_from=None if settings.listens_on_loopback else settings.allow_from,
-        caller_token=Secret(caller_token.get_secret_value(), settings.caller_token_file) if caller_token else None,
-    )
-    limits = ConnectionLimits(max_clients=settings.max_clients, max_header_bytes=settings.max_header_bytes)
-    return Sidecar(
-        settings,
-        http,
-        list(providers.values()),
-        upstream_routes,
-        store=store,
-        guard=guard,
-        limits=limits,
-        file_warnings=secret_file_warnings(settings),
-        tls=list(tls.contexts.values()),
-    )
-
-
-class TlsContexts:
-    """One ``TlsContext`` per distinct set of TLS files: routes that name the same files share it."""
-
-    def __init__(self) -> None:
-        self.contexts: dict[TlsFiles, TlsContext] = {}
-
-    def for_route(self, route: RouteSettings) -> TlsContext | None:
-        names = TOP_LEVEL_NAMES
-        if route.prefix != "/":
-            label = f"route {route.prefix}:"
-            names = (f"{label} ca_file", f"{label} client_cert_file", f"{label} client_key_file")
-        files = route.tls_files(names)
-        if not files.custom:
-            return None
-        if files not in self.contexts:  # the names only say how messages name the files: not compared
-            self.contexts[files] = TlsContext(files)
-        return self.contexts[files]
+        await self.reserved(scope, receive, send_and_note)
 
 
 def create_app(
@@ -372,96 +167,10 @@ def create_app(
 ) -> SidecarApp:
     """The sidecar as an ASGI app. ``metrics_port``: the bound port of ``SIDECAR_METRICS_LISTEN``, if any (requests
     arriving there get the ``/-/`` routes only). ``policy``, ``clock`` and ``watch_interval`` are for tests."""
-    sidecar = build_sidecar(settings, policy=policy, clock=clock, private_store=private_store)
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(request: Request) -> Response:
-        # From state alone, never waiting on the network: probes have short timeouts.
-        if sidecar.draining:
-            return _error(503, "draining", "the sidecar is shutting down")
-        states = [provider.state() for provider in sidecar.providers]
-        for code, reason in states:
-            if code != "ready":
-                return _error(503, code, reason)
-        held = [tokens.expires_at for p in sidecar.providers if (tokens := p.usable()) is not None]
-        body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
-        warnings = [
-            warning
-            for p in sidecar.providers
-            for warning in (p.grant.persist_error, p.grant.shared_warning, p.shared.problem if p.shared else None)
-            if warning
-        ] + sidecar.file_warnings
-        if warnings:
-            body["warning"] = " ".join(warnings)  # serving, but a restart (or a rotation) could lose a credential
-        return JSONResponse(body)
-
-    registry = sidecar_registry(sidecar, clock)
-
-    async def metrics(request: Request) -> Response:
-        body, content_type = render(registry, request.headers.get("accept"))
-        return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
-
-    async def not_found(request: Request) -> Response:
-        return _error(
-            404, "not_found", f"{request.url.path} is not a sidecar route (reserved: /-/healthz, /-/readyz, /-/metrics)"
-        )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        for warning in sidecar.file_warnings:
-            log.warning("%s", warning)
-        for forwarder in sidecar.forwarders:
-            await forwarder.open()
-        if sidecar.store is not None:
-            log.info("sharing tokens through the token store %s", sidecar.store.name)
-        for provider in sidecar.providers:
-            if provider.shared is None:
-                provider.grant.claim()  # with a store, sharing the refresh token is the point
-            provider.start()
-        flusher = asyncio.create_task(access_log.run()) if access_log else None
-        files = list(dict.fromkeys([*secret_files(settings), *(p for c in sidecar.tls for p in c.files.paths())]))
-        watcher = (
-            asyncio.create_task(watch_files(files, sidecar.reload_secrets, interval=watch_interval)) if files else None
-        )
-        try:
-            yield
-        finally:
-            sidecar.draining = True
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            if flusher is not None:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
-            for provider in sidecar.providers:
-                await provider.aclose()
-                provider.grant.release()
-            for forwarder in sidecar.forwarders:
-                await forwarder.aclose()
-            if sidecar.store is not None:
-                await sidecar.store.aclose()
-            await sidecar.http.aclose()
-
-    access_log = AccessLog(settings.log_format, query=settings.access_log_query) if settings.access_log else None
-    app = SidecarApp(
-        routes_by_prefix=sidecar.routes,
-        access_log=access_log,
-        guard=sidecar.guard,
-        limits=sidecar.limits,
-        request_metrics=sidecar.requests,
-        metrics_port=metrics_port,
-        routes=[
-            Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
-            Route("/-/readyz", readyz, methods=["GET", "HEAD"]),
-            Route("/-/metrics", metrics, methods=["GET"]),
-            Route("/-/{rest:path}", not_found),
-            Route("/-", not_found),
-        ],
-        lifespan=lifespan,
+    sidecar = build_sidecar(
+        settings, policy=policy, clock=clock, watch_interval=watch_interval, private_store=private_store
     )
-    app.state.sidecar = sidecar
-    return app
+    return SidecarApp(sidecar, clock=clock, metrics_port=metrics_port)
+
+
+__all__ = ["SidecarApp", "create_app"]

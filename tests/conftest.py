@@ -17,10 +17,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from proxy.app import Sidecar, create_app
+from proxy.app import create_app
 from proxy.emulator import EmulatorStack, make_stack
+from proxy.forward import Forwarder
 from proxy.server.serving import ServerTls, bind_listen, bound_url, running
 from proxy.settings import Settings
+from proxy.sidecar import Sidecar
+from proxy.tokens.grants import Grant
+from proxy.tokens.provider import TokenProvider
 from proxy.tokens.schedule import RefreshPolicy
 
 # Retries in tests: the same code path, with waits of milliseconds instead of seconds. The refusal hold and
@@ -133,6 +137,19 @@ class RunningSidecar:
     parts: Sidecar
     metrics_url: str | None = None  # SIDECAR_METRICS_LISTEN's, when the settings have it
 
+    # The first route's pieces: the whole sidecar in the usual one-route form.
+    @property
+    def tokens(self) -> TokenProvider:
+        return self.parts.providers[0]
+
+    @property
+    def grant(self) -> Grant:
+        return self.tokens.grant
+
+    @property
+    def forwarder(self) -> Forwarder:
+        return self.parts.routes[-1].forwarder
+
 
 @contextlib.asynccontextmanager
 async def run_sidecar(
@@ -148,8 +165,8 @@ async def run_sidecar(
         kwargs["clock"] = clock
     also = [bind_listen(settings.metrics_listen)] if settings.metrics_listen else []
     app = create_app(settings, metrics_port=also[0].getsockname()[1] if also else None, **kwargs)
-    async with running(app, host=host, limits=app.state.sidecar.limits, also=also) as url:
-        yield RunningSidecar(url, app.state.sidecar, bound_url(also[0]) if also else None)
+    async with running(app, host=host, limits=app.sidecar.limits, also=also) as url:
+        yield RunningSidecar(url, app.sidecar, bound_url(also[0]) if also else None)
 
 
 @pytest.fixture

@@ -179,7 +179,7 @@ async def test_a_certificate_from_an_unknown_ca_is_refused_until_the_ca_file_nam
             async with asyncio.timeout(20):
                 while (trusted := await get(client, f"{sidecar.url}/hello")).status_code != 200:
                     with contextlib.suppress(TokenError):
-                        await sidecar.parts.tokens.get()  # waits for the refresher's next try
+                        await sidecar.tokens.get()  # waits for the refresher's next try
         assert trusted.status_code == 200, trusted.text
 
 

@@ -29,7 +29,7 @@ async def test_rotated_refresh_token_is_written_to_its_file(client: httpx2.Async
         async with run_sidecar(settings, clock=clock) as sidecar:
             assert (await client.get(f"{sidecar.url}/a")).status_code == 200
             first = read_secret_file(token_file)
-            in_memory = sidecar.parts.grant.refresh_token
+            in_memory = sidecar.grant.refresh_token
             # Compared by fingerprint: a failure message never shows a token.
             assert fingerprint(first) != fingerprint(stack.emulator.refresh_token)
             assert fingerprint(first) == fingerprint(in_memory)
@@ -140,7 +140,7 @@ async def test_reload_lifts_a_permanent_failure_at_once(client: httpx2.AsyncClie
         ) as sidecar:
             assert (await client.get(f"{sidecar.url}/a")).status_code == 503
             token_file.write_text(stack.emulator.refresh_token + "\n")  # a person logged in again
-            assert sidecar.parts.tokens.reload_credentials()  # what SIGHUP does
+            assert sidecar.tokens.reload_credentials()  # what SIGHUP does
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200
 
 
@@ -167,7 +167,7 @@ async def test_api_key_file_is_reread_like_the_other_secrets(client: httpx2.Asyn
         async with run_sidecar(settings) as sidecar:
             assert (await client.get(f"{sidecar.url}/a")).status_code == 403
             key_file.write_text("rotated-key\n")
-            assert sidecar.parts.forwarder.reload_secrets()  # what SIGHUP does, with the providers' reload
+            assert sidecar.forwarder.reload_secrets()  # what SIGHUP does, with the providers' reload
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200
 
 

@@ -21,7 +21,7 @@ async def test_request_arrives_with_a_valid_id_token(stack: Stack, sidecar: Runn
     assert echo["query_string"] == "name=world"
     assert echo["claims"]["token_use"] == "id"
     assert echo["claims"]["aud"] == stack.emulator.client.client_id
-    tokens = sidecar.parts.tokens.usable()
+    tokens = sidecar.tokens.usable()
     assert tokens is not None
     token = tokens["id_token"]
     assert echo["token_sha256"] == fingerprint(token.value)
@@ -110,7 +110,7 @@ async def test_short_lived_tokens_use_half_their_life_as_margin(client: httpx2.A
         stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             await client.get(f"{sidecar.url}/a")
-            tokens = sidecar.parts.tokens.current
+            tokens = sidecar.tokens.current
             assert tokens is not None
             # margin min(300 s, 30 s); kept 6 s (a tenth, at most 5 s) from the real expiry.
             assert tokens.refresh_at - tokens.received_at == pytest.approx(30, abs=1)
@@ -149,12 +149,12 @@ async def test_rotated_refresh_token_replaces_the_old_one(client: httpx2.AsyncCl
         stack.use_clock(clock)
         async with run_sidecar(stack.settings(), clock=clock) as sidecar:
             assert (await client.get(f"{sidecar.url}/a")).status_code == 200
-            assert sidecar.parts.grant.rotations == 1
-            assert fingerprint(sidecar.parts.grant.refresh_token) != fingerprint(stack.emulator.refresh_token)
+            assert sidecar.grant.rotations == 1
+            assert fingerprint(sidecar.grant.refresh_token) != fingerprint(stack.emulator.refresh_token)
             clock.advance(3600)
             # The old refresh token is dead (grace 0): this only works with the rotated one.
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200
-            assert sidecar.parts.grant.rotations == 2
+            assert sidecar.grant.rotations == 2
             assert stack.token_requests == 2
 
 

@@ -108,7 +108,7 @@ async def test_hop_by_hop_and_connection_listed_headers_are_stripped(stack: Stac
     names = [name for name, _ in echo["headers"]]
     for gone in ("connection", "x-drop-me", "keep-alive", "te", "proxy-authorization", "upgrade", "expect"):
         assert gone not in names, gone
-    tokens = sidecar.parts.tokens.usable()
+    tokens = sidecar.tokens.usable()
     assert tokens is not None
     token = tokens["id_token"]
     assert [h for h in echo["headers"] if h[0] == "authorization"] == [
@@ -260,7 +260,7 @@ async def test_authorizer_401_refreshes_once_and_replays(
     assert response.status_code == 200
     assert response.json()["body_sha256"] == hashlib.sha256(b"payload").hexdigest()
     assert stack.token_requests == 2
-    assert sidecar.parts.forwarder.replays == 1
+    assert sidecar.forwarder.replays == 1
 
 
 async def test_authorizer_401_for_a_post_refreshes_but_never_replays(

@@ -50,14 +50,14 @@ async def test_steady_state_requests_never_wait_for_a_token(client: httpx2.Async
     async with run_stack(token_lifetime=8) as stack, run_sidecar(stack.settings()) as sidecar:
         stack.emulator.cognito.latency = 0.1  # a slow token endpoint: waiting for it would show
         assert (await client.get(f"{sidecar.url}/first")).status_code == 200
-        waits_after_start = sidecar.parts.tokens.waits
+        waits_after_start = sidecar.tokens.waits
         statuses: list[int] = []
         deadline = time.monotonic() + 30
         while stack.token_requests < 3 and time.monotonic() < deadline and len(statuses) < 100_000:
             statuses.append((await client.get(f"{sidecar.url}/steady")).status_code)
         assert stack.token_requests >= 3, "the background refresh did not run"
         assert set(statuses) == {200}
-        assert sidecar.parts.tokens.waits == waits_after_start  # not one request waited for a refresh
+        assert sidecar.tokens.waits == waits_after_start  # not one request waited for a refresh
 
 
 async def test_token_endpoint_hanging_answers_503_within_the_bounds(client: httpx2.AsyncClient):

@@ -299,7 +299,7 @@ async def test_a_unix_socket_listener_with_file_permissions(stack: Stack, tmp_pa
     path = str(tmp_path / "sidecar.sock")
     app = create_app(stack.settings(listen=f"unix:{path}"), policy=FAST_POLICY)
     sock = bind_unix(path, 0o660)
-    async with running(app, sock=sock, limits=app.state.sidecar.limits) as url:
+    async with running(app, sock=sock, limits=app.sidecar.limits) as url:
         assert url == f"unix:{path}"
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         transport = httpx2.AsyncHTTPTransport(uds=path)

@@ -85,12 +85,12 @@ async def test_sidecars_sharing_redis_make_one_token_request_and_store_nothing_r
         statuses = await get_all(client, [f"{sidecars[i % 3].url}/items/{i}" for i in range(90)])
         assert statuses == [200] * 90
         assert stack.token_requests == 1
-        shared = [s.parts.tokens.shared for s in sidecars]
+        shared = [s.tokens.shared for s in sidecars]
         assert all(each is not None for each in shared)
         assert sum(each.adopted for each in shared if each) == 2
         text = (await client.get(f"{sidecars[0].url}/-/metrics")).text
         assert metric(text, "sidecar_token_store_errors_total") == 0
-        held = sidecars[0].parts.tokens.usable()
+        held = sidecars[0].tokens.usable()
         assert held is not None
         values = stored_values(redis_srv)
         assert any(key.endswith(b":state") for key in values)
@@ -110,9 +110,9 @@ async def test_rotation_with_grace_zero_loses_no_credential_across_sidecars(
             await clock.settle(60)
             assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
             assert stack.token_requests == 2 + lifetime
-        outcomes = [s.parts.tokens.outcomes for s in sidecars]
+        outcomes = [s.tokens.outcomes for s in sidecars]
         assert all(each["permanent"] == 0 for each in outcomes)
-        assert sum(s.parts.grant.rotations for s in sidecars) == 4  # each rotation seen once, by its holder
+        assert sum(s.grant.rotations for s in sidecars) == 4  # each rotation seen once, by its holder
         assert stack.emulator.cognito.grant_counts["refresh_token"] == 4
         for sidecar in sidecars:  # the store keeps the rotated token: nothing to warn about
             assert "warning" not in (await client.get(f"{sidecar.url}/-/readyz")).json()
@@ -121,7 +121,7 @@ async def test_rotation_with_grace_zero_loses_no_credential_across_sidecars(
 async def test_a_lease_whose_holder_died_is_taken_over(redis_srv: RedisServer, client: httpx2.AsyncClient) -> None:
     async with run_stack() as stack:
         settings = stack.settings(token_store=redis_srv.url, token_store_lease=0.5)
-        shared = create_app(settings).state.sidecar.tokens.shared
+        shared = create_app(settings).sidecar.providers[0].shared
         assert shared is not None
         # Another sidecar took the lease and was killed before it released it (or wrote anything).
         dead = RedisStore(redis_srv.url)
@@ -130,7 +130,7 @@ async def test_a_lease_whose_holder_died_is_taken_over(redis_srv: RedisServer, c
         assert lease is not None and not lease.takeover
         async with run_sidecar(settings) as sidecar:
             assert (await client.get(f"{sidecar.url}/x")).status_code == 200
-            shared = sidecar.parts.tokens.shared
+            shared = sidecar.tokens.shared
             assert shared is not None and shared.takeovers == 1 and shared.lock_waits == 1
             text = (await client.get(f"{sidecar.url}/-/metrics")).text
             assert metric(text, "sidecar_token_store_takeovers_total") == 1
@@ -183,7 +183,7 @@ async def test_unreachable_redis_with_rotation_never_refreshes_without_the_lease
         await clock.settle(5)
         assert await get_all(client, [f"{s.url}/d" for s in sidecars]) == [200, 200]
         assert stack.token_requests == 2
-        assert all(s.parts.tokens.outcomes["permanent"] == 0 for s in sidecars)
+        assert all(s.tokens.outcomes["permanent"] == 0 for s in sidecars)
 
 
 async def test_a_store_that_lost_its_latest_writes_does_not_lose_the_credential(
@@ -200,7 +200,7 @@ async def test_a_store_that_lost_its_latest_writes_does_not_lose_the_credential(
         await clock.settle(60)
         assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
         assert stack.emulator.cognito.refresh_outcomes == {"ok": 3}  # nothing refused: nothing lost
-        said = [s.parts.tokens.shared for s in sidecars]
+        said = [s.tokens.shared for s in sidecars]
         assert all(each is not None for each in said)
 
 
@@ -214,7 +214,7 @@ async def test_a_refused_refresh_holds_the_whole_fleet_off(redis_srv: RedisServe
                 answer = await client.get(f"{sidecar.url}/a")
                 assert (answer.status_code, answer.json()["error"]) == (503, "token_rejected")
             assert stack.token_requests == 1  # one asked; the others took its refusal from the store
-            held = [s for s in sidecars if s.parts.grant.endpoint.outcomes["permanent"] == 0]
+            held = [s for s in sidecars if s.grant.endpoint.outcomes["permanent"] == 0]
             assert len(held) == 2
             ready = await client.get(f"{held[0].url}/-/readyz")
             assert "Another sidecar sharing this credential was refused" in ready.json()["detail"]
@@ -287,7 +287,7 @@ async def test_redis_over_tls_with_a_private_ca(client: httpx2.AsyncClient) -> N
         async with run_stack() as stack, fleet(stack, 2, token_store=server.url) as sidecars:
             assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
             assert stack.token_requests == 1
-            assert all(s.parts.tokens.shared and s.parts.tokens.shared.problem is None for s in sidecars)
+            assert all(s.tokens.shared and s.tokens.shared.problem is None for s in sidecars)
         # Without the CA, the server's certificate is refused, and said so.
         untrusted = server.url.split("?")[0]
         async with run_stack() as stack, run_sidecar(stack.settings(token_store=untrusted)) as sidecar:
@@ -298,7 +298,7 @@ async def test_redis_over_tls_with_a_private_ca(client: httpx2.AsyncClient) -> N
         settings = {"token_store": untrusted, "ca_file": Path(server.ca_file)}
         async with run_stack() as stack, run_sidecar(stack.settings(**settings)) as sidecar:
             assert (await client.get(f"{sidecar.url}/c")).status_code == 200
-            assert sidecar.parts.tokens.shared and sidecar.parts.tokens.shared.problem is None
+            assert sidecar.tokens.shared and sidecar.tokens.shared.problem is None
             assert "warning" not in (await client.get(f"{sidecar.url}/-/readyz")).json()
 
 
@@ -337,13 +337,13 @@ async def test_a_new_login_replaces_the_stored_credential_and_old_seeds_follow_i
             assert stack.token_requests == 1
             await clock.settle(HOUR)
             assert (await client.get(f"{new.url}/c")).status_code == 200
-            assert new.parts.tokens.outcomes["permanent"] == 0
+            assert new.tokens.outcomes["permanent"] == 0
         assert stack.token_requests == 2
         # A replica that still reads the old Secret: its seed is one the store has seen, so it follows the store.
         async with run_sidecar(settings, clock=clock) as stale:
             await clock.settle(HOUR)
             assert (await client.get(f"{stale.url}/d")).status_code == 200
-            assert stale.parts.tokens.outcomes["permanent"] == 0
+            assert stale.tokens.outcomes["permanent"] == 0
         assert stack.token_requests == 3
 
 
@@ -357,7 +357,7 @@ async def test_token_and_check_go_through_the_store(redis_srv: RedisServer, clie
             )
             code, out, said = await run_cli("token", env=env)
             assert code == 0, said
-            held = sidecar.parts.tokens.usable()
+            held = sidecar.tokens.usable()
             assert held is not None and out.strip() == held["id_token"].value  # the fleet's token, not a new one
             code, out, said = await run_cli("check", env=env)
             assert code == 0, out + said

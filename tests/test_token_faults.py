@@ -57,12 +57,12 @@ async def test_a_hanging_token_endpoint_never_stalls_requests_that_hold_a_valid_
             assert (await client.get(f"{sidecar.url}/a")).status_code == 200
             stack.emulator.cognito.latency = HOUR  # from now on the token endpoint hangs
             clock.advance(HOUR - 200)  # inside the margin: the refresher is asking, and hanging
-            waits_before = sidecar.parts.tokens.waits
+            waits_before = sidecar.tokens.waits
             started = time.monotonic()
             statuses = [(await client.get(f"{sidecar.url}/b")).status_code for _ in range(50)]
             probes = [(await client.get(f"{sidecar.url}/-/readyz")).status_code for _ in range(20)]
             took = time.monotonic() - started
-            waited = sidecar.parts.tokens.waits - waits_before
+            waited = sidecar.tokens.waits - waits_before
             clock.advance(200)  # the token's real expiry: now requests have nothing to send
             expired = await client.get(f"{sidecar.url}/c")
     assert statuses == [200] * 50

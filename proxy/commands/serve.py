@@ -50,7 +50,7 @@ def _serve_on(settings: Settings, sockets: Sequence[socket.socket], private_stor
     )
     if len(sockets) > 1:
         log.info("metrics and health (the /-/ routes only) on %s", bound_url(sockets[1]))
-    sidecar = app.state.sidecar
+    sidecar = app.sidecar
 
     def start_draining() -> None:
         sidecar.draining = True

@@ -95,6 +95,12 @@ class TokenProvider:
             raise ValueError(f"this provider does not fetch {kind}")
         return TokenView(self, kind)
 
+    def warnings(self) -> list[str]:
+        """What readiness reports while a token is held: a rotated refresh token that could not be written,
+        another process serving with the same file, a problem with the token store."""
+        found = (self.grant.persist_error, self.grant.shared_warning, self.shared.problem if self.shared else None)
+        return [warning for warning in found if warning]
+
     def usable(self) -> TokenSet | None:
         """The current tokens if they may still be sent, without waiting or asking for anything."""
         tokens = self.current

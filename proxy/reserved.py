@@ -1,0 +1,70 @@
+"""The reserved ``/-/`` routes, a small Starlette app: ``/-/healthz``, ``/-/readyz`` (from state alone, never
+waiting on the network: probes have short timeouts) and ``/-/metrics``. Their answers are reports, not errors."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.clock import Clock
+from proxy.errors import error_body
+from proxy.metrics import render, sidecar_registry
+from proxy.request import CURRENT_REQUEST_ID
+from proxy.sidecar import Sidecar
+from proxy.types import Lifespan
+
+
+def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starlette:
+    """The ``/-/`` routes over ``sidecar``'s state; ``lifespan`` runs the sidecar's start and stop."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if sidecar.draining:
+            return _error(503, "draining", "the sidecar is shutting down")
+        for code, reason in (provider.state() for provider in sidecar.providers):
+            if code != "ready":
+                return _error(503, code, reason)
+        held = [tokens.expires_at for p in sidecar.providers if (tokens := p.usable()) is not None]
+        body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
+        warnings = sidecar.warnings()
+        if warnings:
+            body["warning"] = " ".join(warnings)  # serving, but a restart (or a rotation) could lose a credential
+        return JSONResponse(body)
+
+    registry = sidecar_registry(sidecar, clock)
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = render(registry, request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
+
+    async def not_found(request: Request) -> Response:
+        return _error(
+            404, "not_found", f"{request.url.path} is not a sidecar route (reserved: /-/healthz, /-/readyz, /-/metrics)"
+        )
+
+    return Starlette(
+        routes=[
+            Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/-/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/-/metrics", metrics, methods=["GET"]),
+            Route("/-/{rest:path}", not_found),
+            Route("/-", not_found),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _error(status: int, code: str, detail: str) -> Response:
+    return Response(
+        error_body(code, detail, CURRENT_REQUEST_ID.get()),
+        status_code=status,
+        media_type="application/json",
+        headers={"x-sidecar-error": code, "cache-control": "no-store"},
+    )
+
+
+__all__ = ["reserved_routes"]

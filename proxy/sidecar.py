@@ -1,0 +1,260 @@
+"""The sidecar's parts, assembled from settings (``build_sidecar``), and their lifecycle (``Sidecar.start`` and
+``Sidecar.stop``, in numbered steps). Routes whose credentials are the same share one token provider: one cache,
+one refresh. The ASGI entry that serves them is ``proxy.app``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2
+
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.egress.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
+from proxy.errors import ConfigError
+from proxy.forward import Forwarder
+from proxy.guard import CallerGuard
+from proxy.logs import AccessLog, event
+from proxy.metrics import RequestMetrics
+from proxy.secrets import Secret, secret_file_warnings, secret_files
+from proxy.server.limits import ConnectionLimits
+from proxy.settings import RouteSettings, Settings
+from proxy.store.base import Store
+from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
+from proxy.tokens.provider import TokenProvider
+from proxy.tokens.schedule import RefreshPolicy
+from proxy.watch import SECRET_POLL_INTERVAL, watch_files
+
+log = logging.getLogger("proxy.app")
+
+
+@dataclass(frozen=True)
+class UpstreamRoute:
+    """A path prefix (as raw bytes, no trailing slash; ``/`` matches everything) and its forwarder."""
+
+    prefix: bytes
+    forwarder: Forwarder
+
+    @property
+    def label(self) -> str:
+        """The route in logs and metrics."""
+        return self.prefix.decode("latin-1")
+
+
+@dataclass
+class Sidecar:
+    """The pieces of one sidecar, and its lifecycle: ``start()`` and ``stop()`` run in the server's lifespan."""
+
+    settings: Settings
+    http: httpx2.AsyncClient
+    providers: list[TokenProvider]
+    routes: list[UpstreamRoute]  # longest prefix first
+    guard: CallerGuard = field(default_factory=CallerGuard)
+    # Secret files other users could read or replace (proxy.secrets.exposure): logged, shown by readyz.
+    file_warnings: list[str] = field(default_factory=list)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    requests: RequestMetrics = field(default_factory=RequestMetrics)
+    draining: bool = False
+    # The token store shared with other sidecars (None: memory, each process on its own).
+    store: Store | None = None
+    # Every TLS context with files of its own (trusted CAs, client certificates), each once: re-read on change.
+    tls: list[TlsContext] = field(default_factory=list)
+    # Written off the hot path by its own task (None: SIDECAR_ACCESS_LOG=0).
+    access_log: AccessLog | None = None
+    # How often the secret and TLS files are looked at (tests look more often).
+    watch_interval: float = SECRET_POLL_INTERVAL
+    forwarders: list[Forwarder] = field(init=False)
+    # Set whenever a re-read brought a new value.
+    secrets_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+
+    async def start(self) -> None:
+        """Start serving, in order:
+
+        1. say which secret files other users could read or replace;
+        2. open every route's upstream connection pool;
+        3. claim each refresh token file (unless a store shares it) and start each credential's refresher,
+           which asks for a token at once;
+        4. start the access log's writer;
+        5. watch the secret and TLS files for changes.
+        """
+        for warning in self.file_warnings:
+            log.warning("%s", warning)
+        for forwarder in self.forwarders:
+            await forwarder.open()
+        if self.store is not None:
+            log.info("sharing tokens through the token store %s", self.store.name)
+        for provider in self.providers:
+            if provider.shared is None:
+                provider.grant.claim()  # with a store, sharing the refresh token is the point
+            provider.start()
+        if self.access_log is not None:
+            self._tasks.append(asyncio.create_task(self.access_log.run(), name="access-log"))
+        files = self.watched_files()
+        if files:
+            watcher = watch_files(files, self.reload_secrets, interval=self.watch_interval)
+            self._tasks.insert(0, asyncio.create_task(watcher, name="secret-files"))
+
+    async def stop(self) -> None:
+        """Stop, in order: 1. readiness says draining; 2. stop watching files; 3. write the last access lines;
+        4. stop the refreshers and release the refresh token files; 5. close the upstream pools; 6. close the
+        token store; 7. close the token endpoint's client."""
+        self.draining = True
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for provider in self.providers:
+            await provider.aclose()
+            provider.grant.release()
+        for forwarder in self.forwarders:
+            await forwarder.aclose()
+        if self.store is not None:
+            await self.store.aclose()
+        await self.http.aclose()
+
+    def watched_files(self) -> list[Path]:
+        """Every secret file and TLS file the settings name, each once."""
+        tls_files = (path for context in self.tls for path in context.files.paths())
+        return list(dict.fromkeys([*secret_files(self.settings), *tls_files]))
+
+    def warnings(self) -> list[str]:
+        """What readiness reports while serving: a restart (or a rotation) could lose a credential."""
+        return [warning for provider in self.providers for warning in provider.warnings()] + self.file_warnings
+
+    def reload_secrets(self) -> bool:
+        """Re-read every secret and TLS file (SIGHUP, or the watcher saw one change); True when a value changed."""
+        # Every file is re-read (a list, not any(): no short-circuit).
+        results = [context.reload() for context in self.tls]
+        results += [forwarder.reload_tls() for forwarder in self.forwarders]
+        results += [provider.reload_credentials() for provider in self.providers]
+        results += [forwarder.reload_secrets() for forwarder in self.forwarders]
+        if self.guard.caller_token is not None:
+            results.append(self.guard.caller_token.reload())
+        changed = any(results)
+        log.info(
+            "secret files re-read (%s)",
+            "a value changed" if changed else "nothing changed",
+            extra=event("secrets_reloaded", changed=changed),
+        )
+        if changed:
+            self.secrets_changed.set()
+        return changed
+
+    @property
+    def errors(self) -> Counter[str]:
+        """The sidecar's own error answers by code: the app's, and the connections' (``ConnectionLimits``)."""
+        return self.limits.errors
+
+    def __post_init__(self) -> None:
+        self.forwarders = [route.forwarder for route in self.routes]
+
+
+def build_sidecar(
+    settings: Settings,
+    *,
+    policy: RefreshPolicy | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    watch_interval: float = SECRET_POLL_INTERVAL,
+    private_store: bool = False,
+) -> Sidecar:
+    """Assemble the sidecar's parts from settings (no I/O happens here). ``private_store``: the token store is the
+    one ``SIDECAR_WORKERS`` made for its workers, removed at exit (rotated refresh tokens must still reach the
+    refresh token file)."""
+    routes = settings.effective_routes()
+    if not routes:
+        raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
+    egress = settings.egress
+    tls = TlsContexts()
+    token_context = token_tls(settings)
+    if token_context is not None:
+        tls.contexts[token_context.files] = token_context
+    http = token_http(settings, token_context)
+    store = open_configured_store(settings)
+    providers: dict[tuple[str, ...], TokenProvider] = {}
+    kinds: dict[tuple[str, ...], set[str]] = {}
+    for route in routes:
+        kinds.setdefault(route.credential_key(), set()).add(route.token)
+    # Shortest prefix first, so the catch-all route's provider (the one-route form's) is providers[0].
+    for route in reversed(routes):
+        key = route.credential_key()
+        if key not in providers:
+            providers[key] = provider_for(
+                settings,
+                route,
+                http,
+                kinds=kinds[key],
+                store=store,
+                policy=policy,
+                clock=clock,
+                durable=not private_store,
+            )
+    upstream_routes = [
+        UpstreamRoute(
+            route.prefix.encode(),
+            Forwarder(
+                upstream_url=route.upstream_url,
+                tokens=providers[route.credential_key()].view(route.token),
+                header=route.header,
+                header_prefix=route.header_prefix,
+                strip_prefix=route.prefix if route.strip_prefix else "",
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                pool_timeout=settings.pool_timeout,
+                max_connections=settings.max_connections,
+                api_key=Secret(route.api_key.get_secret_value(), route.api_key_file) if route.api_key else None,
+                max_body_bytes=settings.max_body_bytes,
+                methods=route.methods,
+                paths=route.paths,
+                api_id=route.api_id,
+                proxy=egress.proxy_for(route.upstream_url),
+                tls=tls.for_route(route),
+            ),
+        )
+        for route in routes
+    ]
+    caller_token = settings.caller_token
+    guard = CallerGuard(
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+        allow_from=None if settings.listens_on_loopback else settings.allow_from,
+        caller_token=Secret(caller_token.get_secret_value(), settings.caller_token_file) if caller_token else None,
+    )
+    limits = ConnectionLimits(max_clients=settings.max_clients, max_header_bytes=settings.max_header_bytes)
+    return Sidecar(
+        settings,
+        http,
+        list(providers.values()),
+        upstream_routes,
+        store=store,
+        guard=guard,
+        limits=limits,
+        file_warnings=secret_file_warnings(settings),
+        tls=list(tls.contexts.values()),
+        access_log=AccessLog(settings.log_format, query=settings.access_log_query) if settings.access_log else None,
+        watch_interval=watch_interval,
+    )
+
+
+class TlsContexts:
+    """One ``TlsContext`` per distinct set of TLS files: routes that name the same files share it."""
+
+    def __init__(self) -> None:
+        self.contexts: dict[TlsFiles, TlsContext] = {}
+
+    def for_route(self, route: RouteSettings) -> TlsContext | None:
+        names = TOP_LEVEL_NAMES
+        if route.prefix != "/":
+            label = f"route {route.prefix}:"
+            names = (f"{label} ca_file", f"{label} client_cert_file", f"{label} client_key_file")
+        files = route.tls_files(names)
+        if not files.custom:
+            return None
+        if files not in self.contexts:  # the names only say how messages name the files: not compared
+            self.contexts[files] = TlsContext(files)
+        return self.contexts[files]
