@@ -23,11 +23,6 @@ from proxy.server.limits import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER_BYTES
 from proxy.settings.route import INHERITED, Credentialed, RouteSettings
 from proxy.settings.rules import (
     DEFAULT_ALLOW_FROM,
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_POOL_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
     DEFAULT_REFRESH_MARGIN,
     DEFAULT_SHUTDOWN_DELAY,
     DEFAULT_SHUTDOWN_GRACE,
@@ -39,6 +34,15 @@ from proxy.settings.rules import (
     words,
 )
 from proxy.store.base import DEFAULT_STORE_LEASE
+from proxy.upstream import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_POOL_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    Limits,
+    Timeouts,
+)
 
 
 class Settings(Credentialed):
@@ -188,6 +192,16 @@ class Settings(Credentialed):
     egress_proxy_file: Path | None = None
     # HTTPS_PROXY, HTTP_PROXY and NO_PROXY as load_settings found them in the environment (not SIDECAR_ settings).
     proxy_environment: ProxyEnvironment = ProxyEnvironment()
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """The upstream timeouts, as one value."""
+        return Timeouts(connect=self.connect_timeout, read=self.read_timeout, pool=self.pool_timeout)
+
+    @property
+    def limits(self) -> Limits:
+        """The upstream limits, as one value."""
+        return Limits(max_connections=self.max_connections, max_body_bytes=self.max_body_bytes)
 
     @cached_property
     def egress(self) -> Egress:

@@ -28,17 +28,8 @@ PATH_KEYS = ("ca_file", "client_cert_file", "client_key_file")
 
 # Default safety margin before expiry: AWS's own SDKs refresh when less than 5 minutes remain.
 DEFAULT_REFRESH_MARGIN = 300.0
-# API Gateway gives up on an integration after 29 s; waiting a little longer lets its own 504 reach the client.
-DEFAULT_READ_TIMEOUT = 30.0
-# A TCP connect on a healthy network takes milliseconds; a few seconds means the upstream is unreachable.
-DEFAULT_CONNECT_TIMEOUT = 5.0
 # The token endpoint answers in well under a second; longer means trouble worth reporting.
 DEFAULT_TOKEN_TIMEOUT = 10.0
-# Upstream connections kept and opened at once; one legacy host rarely needs more.
-DEFAULT_MAX_CONNECTIONS = 100
-# How long a request may wait for a free upstream connection: a slow upstream then turns into quick 504s
-# instead of an ever-growing queue.
-DEFAULT_POOL_TIMEOUT = 5.0
 # Serving processes on one host (SIDECAR_WORKERS): a few per core at most is ever useful.
 MAX_WORKERS = 64
 # On SIGTERM, new requests are still served this long while /-/readyz says draining: Kubernetes takes a few
@@ -47,8 +38,6 @@ MAX_WORKERS = 64
 DEFAULT_SHUTDOWN_DELAY = 5.0
 # Then in-flight requests get this long to finish (Kubernetes waits 30 s in all before SIGKILL: 5 + 20 < 30).
 DEFAULT_SHUTDOWN_GRACE = 20
-# A request body larger than this gets 413: API Gateway's payload limit is 10 MB.
-DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 # Who may call when the sidecar listens on a non-loopback address: loopback and the private ranges
 # (a compose or Kubernetes network), never the internet.
 DEFAULT_ALLOW_FROM = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
