@@ -188,7 +188,7 @@ class SidecarCollector(Collector):
         yield GaugeMetricFamily(
             "sidecar_token_consecutive_failures",
             "Failed refreshes since the last success (the largest over credentials)",
-            value=max((p.failures_in_row for p in providers), default=0),
+            value=max((p.schedule.failures_in_row for p in providers), default=0),
         )
         yield CounterMetricFamily(
             "sidecar_refresh_token_rotations",

@@ -118,9 +118,11 @@ def provider_for(
 async def one_shot(settings: Settings, http: httpx2.AsyncClient, kinds: Iterable[str]) -> AsyncIterator[TokenProvider]:
     """A running provider of the top-level credential, through the configured store, for one command."""
     store = open_configured_store(settings)
+    provider = provider_for(settings, settings, http, kinds=kinds, store=store)
+    provider.start()
     try:
-        async with provider_for(settings, settings, http, kinds=kinds, store=store).running() as provider:
-            yield provider
+        yield provider
     finally:
+        await provider.aclose()
         if store is not None:
             await store.aclose()

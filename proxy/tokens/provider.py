@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.errors import TokenEndpointError, TokenError, TransientTokenError
@@ -31,6 +31,7 @@ from proxy.logs import event
 from proxy.stats import Histogram
 from proxy.tokens.fleet import SharedRefresh
 from proxy.tokens.grants import Grant
+from proxy.tokens.refresher import NextOutcome, Refresher
 from proxy.tokens.schedule import RefreshPolicy, RefreshSchedule
 from proxy.tokens.spec import TokenSpec
 from proxy.tokens.token import Token, TokenResponse, TokenSet
@@ -69,29 +70,20 @@ class TokenProvider:
         self.current: TokenSet | None = None
         self.last_error: TokenError | None = None
         self._attempting = False
-        self._outcome: asyncio.Future[TokenSet] | None = None  # what waiters await: the next attempt's result
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._outcome = NextOutcome()  # what waiters await: the next attempt's result
+        self.refresher = Refresher(self.schedule, clock, lambda: self.current, self._attempt)
         # Refreshes by outcome ("success" or ``failure_kind``) and their durations in real seconds, for /-/metrics.
         self.outcomes: Counter[str] = Counter()
         self.durations = Histogram()
         # Requests that waited for a token request because no valid token was held; flat at steady state.
         self.waits = 0
 
-    @property
-    def kinds(self) -> frozenset[str]:
-        return self.spec.kinds
-
-    @property
-    def failures_in_row(self) -> int:
-        return self.schedule.failures_in_row
-
     def __repr__(self) -> str:
-        return f"TokenProvider(grant={self.grant!r}, kinds={sorted(self.kinds)!r})"
+        return f"TokenProvider(grant={self.grant!r}, kinds={sorted(self.spec.kinds)!r})"
 
     def view(self, kind: str) -> TokenView:
         """A source of ``kind`` tokens for one forwarder; every view shares this provider's tokens."""
-        if kind not in self.kinds:
+        if kind not in self.spec.kinds:
             raise ValueError(f"this provider does not fetch {kind}")
         return TokenView(self, kind)
 
@@ -144,30 +136,17 @@ class TokenProvider:
                 self.waits += 1
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await asyncio.shield(self._next_outcome())
+                    return await asyncio.shield(self._outcome.next())
             except TimeoutError:
-                raise self.last_error or self._no_token_error() from None
+                raise self.last_error or _unanswered(self.grant.flow, self._wait_limit, waiting=True) from None
             except TokenError:
                 pass  # look again: the next attempt may be due at once (a secret file changed meanwhile)
-
-    def _no_token_error(self) -> TransientTokenError:
-        return TransientTokenError.unanswered(
-            flow=self.grant.flow,
-            summary=f"The token endpoint did not answer within {self._wait_limit:g} s; no valid token is held "
-            "(a token request is still in progress).",
-            fix="check the token endpoint's health and network access; the sidecar keeps trying.",
-        )
-
-    def _next_outcome(self) -> asyncio.Future[TokenSet]:
-        if self._outcome is None:
-            self._outcome = asyncio.get_running_loop().create_future()
-        return self._outcome
 
     def _ask(self) -> None:
         # An attempt in flight answers whoever asks meanwhile: its outcome is as new as one asked for now.
         if not self.schedule.asked and not self._attempting:
             self.schedule.asked = True
-            self._wake.set()
+            self.refresher.wake()
 
     def refused(self, token: Token) -> bool:
         """API Gateway refused ``token``: refresh once, unless one was asked for this way in the last
@@ -187,7 +166,7 @@ class TokenProvider:
         if self.refused(token) or self._attempting:
             with contextlib.suppress(TokenError, TimeoutError):
                 async with asyncio.timeout(self._wait_limit):
-                    await asyncio.shield(self._next_outcome())
+                    await asyncio.shield(self._outcome.next())
         tokens = self.usable()
         if tokens is None or tokens.holds(token):
             return None
@@ -203,49 +182,15 @@ class TokenProvider:
             self.schedule.credentials_changed()
             if self.usable() is None:
                 self._ask()
-            self._wake.set()
+            self.refresher.wake()
         return changed
 
     def start(self) -> None:
         """Start the refresher; call from a running loop (the app's lifespan). It asks for a token at once."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="token-refresher")
+        self.refresher.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[TokenProvider]:
-        """The provider with its refresher running, for one-shot users (``token``, ``check``)."""
-        self.start()
-        try:
-            yield self
-        finally:
-            await self.aclose()
-
-    async def _run(self) -> None:
-        while True:
-            now = self._clock.monotonic()
-            delay = self.schedule.next_attempt_at(now, self.current) - now
-            if delay > 0:
-                await self._sleep(delay)
-                continue
-            await self._attempt()
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep on the clock until ``seconds`` pass or someone asks; the loop then plans again."""
-        self._wake.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await self.refresher.aclose()
 
     async def _attempt(self) -> None:
         self.schedule.started(self._clock.monotonic())
@@ -269,12 +214,7 @@ class TokenProvider:
                 # The grant stores a rotated refresh token before this returns.
                 response: TokenResponse = await self.grant.fetch()
         except TimeoutError:
-            raise TransientTokenError.unanswered(
-                flow=self.grant.flow,
-                summary=f"The token endpoint did not finish answering within {limit:g} s"
-                + (" (or the token store's refresh lease stayed held)." if self.shared is not None else "."),
-                fix="check the token endpoint's health and network access; the sidecar keeps trying.",
-            ) from None
+            raise _unanswered(self.grant.flow, limit, store=self.shared is not None) from None
         return self.spec.token_set(response)
 
     def _succeeded(self, tokens: TokenSet, seconds: float) -> None:
@@ -284,10 +224,10 @@ class TokenProvider:
         self.durations.observe(seconds)
         self.last_error = None
         now = self._clock.monotonic()
-        _log_refreshed(self.kinds, seconds, round(tokens.expires_at - now), round(self.schedule.background_at - now))
-        outcome, self._outcome = self._outcome, None
-        if outcome is not None and not outcome.done():
-            outcome.set_result(tokens)
+        _log_refreshed(
+            self.spec.kinds, seconds, round(tokens.expires_at - now), round(self.schedule.background_at - now)
+        )
+        self._outcome.resolve(tokens)
 
     def _failed(self, error: TokenError, seconds: float) -> None:
         wait = self.schedule.failed(self._clock.monotonic(), error)
@@ -296,11 +236,24 @@ class TokenProvider:
         self.last_error = error
         held = self.usable()
         valid = round(held.expires_at - self._clock.monotonic()) if held else None
-        _log_failed(error, self.failures_in_row, wait, seconds, valid)
-        outcome, self._outcome = self._outcome, None
-        if outcome is not None and not outcome.done():
-            outcome.set_exception(error)
-            outcome.exception()  # retrieved: waiters that gave up must not leave an unretrieved-exception warning
+        _log_failed(error, self.schedule.failures_in_row, wait, seconds, valid)
+        self._outcome.fail(error)
+
+
+def _unanswered(flow: str, seconds: float, *, waiting: bool = False, store: bool = False) -> TransientTokenError:
+    """No tokens within ``seconds``: for a request ``waiting`` on the attempt in flight, or for the attempt itself
+    (with a ``store``, its lease may be what stayed held)."""
+    if waiting:
+        summary = (
+            f"The token endpoint did not answer within {seconds:g} s; no valid token is held "
+            "(a token request is still in progress)."
+        )
+    else:
+        summary = f"The token endpoint did not finish answering within {seconds:g} s" + (
+            " (or the token store's refresh lease stayed held)." if store else "."
+        )
+    fix = "check the token endpoint's health and network access; the sidecar keeps trying."
+    return TransientTokenError.unanswered(flow=flow, summary=summary, fix=fix)
 
 
 def _log_refreshed(kinds: frozenset[str], seconds: float, valid: int, next_refresh: int) -> None:
