@@ -279,8 +279,8 @@ class TokenEndpoint:
         # only in this process's memory.
         self.last_answer_at = time.perf_counter()
         if response.status_code == 200:
-            return self._parse_success(flow, response, on_refresh_token)
-        raise self._classify(flow, response, secrets)
+            return parse_success(flow, response, on_refresh_token)
+        raise classify(flow, self.token_url, response, secrets)
 
     def _egress_error(self, flow: str, failure: EgressFailure) -> EgressError:
         self.egress_failures[failure.code] += 1
@@ -294,101 +294,103 @@ class TokenEndpoint:
             fix=failure.fix + "; the sidecar keeps retrying.",
         )
 
-    def _parse_success(
-        self, flow: str, response: httpx2.Response, on_refresh_token: Callable[[str], None] | None
-    ) -> TokenResponse:
-        # A 200 body holds tokens: it is never quoted, only described.
-        try:
-            data = json.loads(response.content)
-        except ValueError:
-            data = None
-        if on_refresh_token is not None and isinstance(data, dict):
-            rotated = data.get("refresh_token")
-            if isinstance(rotated, str) and rotated:
-                on_refresh_token(rotated)  # before anything else: until it is stored, a crash loses it
-        if not isinstance(data, dict) or not (data.get("access_token") or data.get("id_token")):
-            shape = (
-                f"keys {sorted(data)}"
-                if isinstance(data, dict)
-                else f"{len(response.content)} bytes, not a JSON object"
-            )
-            raise TransientTokenError(
-                flow=flow,
-                status=200,
-                error=None,
-                body=f"(body withheld: {shape})",
-                summary="The token endpoint answered 200 without tokens.",
-                causes=("a proxy or captive portal answered instead of Cognito", "the endpoint is overloaded"),
-                fix="check SIDECAR_TOKEN_URL; the sidecar keeps retrying.",
-            )
-        expires_in = data.get("expires_in")
 
-        def text(name: str) -> str | None:
-            value = data.get(name)
-            return value if isinstance(value, str) and value else None
-
-        return TokenResponse(
-            id_token=text("id_token"),
-            access_token=text("access_token"),
-            refresh_token=text("refresh_token"),
-            expires_in=int(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None,
-            token_type=str(data.get("token_type", "Bearer")),
+def parse_success(
+    flow: str, response: httpx2.Response, on_refresh_token: Callable[[str], None] | None
+) -> TokenResponse:
+    """The tokens of a 200 answer; a rotated refresh token goes to ``on_refresh_token`` before anything else is
+    looked at. A 200 body holds tokens: it is never quoted, only described."""
+    try:
+        data = json.loads(response.content)
+    except ValueError:
+        data = None
+    if on_refresh_token is not None and isinstance(data, dict):
+        rotated = data.get("refresh_token")
+        if isinstance(rotated, str) and rotated:
+            on_refresh_token(rotated)  # before anything else: until it is stored, a crash loses it
+    if not isinstance(data, dict) or not (data.get("access_token") or data.get("id_token")):
+        shape = (
+            f"keys {sorted(data)}" if isinstance(data, dict) else f"{len(response.content)} bytes, not a JSON object"
         )
-
-    def _classify(self, flow: str, response: httpx2.Response, secrets: tuple[str, ...]) -> TokenEndpointError:
-        status = response.status_code
-        causes: tuple[str, ...] = ()
-        body = _excerpt(response.content.decode("utf-8", "replace"), secrets)
-        error: str | None = None
-        try:
-            data = json.loads(response.content)
-            if isinstance(data, dict) and isinstance(data.get("error"), str):
-                error = data["error"]
-        except ValueError:
-            pass
-        if error in PERMANENT_ERRORS and status in (400, 401):
-            causes, fix = explain(error, flow)
-            return PermanentTokenError(
-                flow=flow,
-                status=status,
-                error=error,
-                body=body,
-                summary=f"Cognito refused the {flow} request with {error}.",
-                causes=causes,
-                fix=fix,
-            )
-        if status in (404, 405):
-            return PermanentTokenError(
-                flow=flow,
-                status=status,
-                error=error,
-                body=body,
-                summary=f"{self.token_url} is not a token endpoint (HTTP {status}).",
-                causes=("SIDECAR_COGNITO_DOMAIN or SIDECAR_TOKEN_URL names the wrong host or path",),
-                fix="use the user pool domain from Cognito (App integration > Domain); the token URL is it plus "
-                "/oauth2/token.",
-            )
-        # Cognito throttles with 429, or with TooManyRequestsException in a JSON or HTML body under another status.
-        throttled = status == 429 or b"TooManyRequestsException" in response.content
-        retry_after = (
-            parse_retry_after(response.headers.get("retry-after"), now=time.time()) if status in (429, 503) else None
+        raise TransientTokenError(
+            flow=flow,
+            status=200,
+            error=None,
+            body=f"(body withheld: {shape})",
+            summary="The token endpoint answered 200 without tokens.",
+            causes=("a proxy or captive portal answered instead of Cognito", "the endpoint is overloaded"),
+            fix="check SIDECAR_TOKEN_URL; the sidecar keeps retrying.",
         )
-        if throttled or (status == 400 and error is None):
-            summary = f"The token endpoint is throttling or answered an unknown error (HTTP {status})."
-            causes = ("the account's UserAuthentication quota is exhausted",)
-        elif status >= 500:
-            summary = f"The token endpoint failed (HTTP {status})."
-            causes = ("Cognito or a proxy in between is having trouble",)
-        else:
-            summary = f"The token endpoint answered HTTP {status}" + (f" with {error}." if error else ".")
-        return TransientTokenError(
+    expires_in = data.get("expires_in")
+
+    def text(name: str) -> str | None:
+        value = data.get(name)
+        return value if isinstance(value, str) and value else None
+
+    return TokenResponse(
+        id_token=text("id_token"),
+        access_token=text("access_token"),
+        refresh_token=text("refresh_token"),
+        expires_in=int(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None,
+        token_type=str(data.get("token_type", "Bearer")),
+    )
+
+
+def classify(flow: str, token_url: str, response: httpx2.Response, secrets: tuple[str, ...]) -> TokenEndpointError:
+    """What a non-200 answer means: a refusal a person must fix, or a failure worth retrying."""
+    status = response.status_code
+    causes: tuple[str, ...] = ()
+    body = _excerpt(response.content.decode("utf-8", "replace"), secrets)
+    error: str | None = None
+    try:
+        data = json.loads(response.content)
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            error = data["error"]
+    except ValueError:
+        pass
+    if error in PERMANENT_ERRORS and status in (400, 401):
+        causes, fix = explain(error, flow)
+        return PermanentTokenError(
             flow=flow,
             status=status,
             error=error,
             body=body,
-            summary=summary,
+            summary=f"Cognito refused the {flow} request with {error}.",
             causes=causes,
-            fix="the sidecar retries with backoff; if it persists, check the token endpoint's health.",
-            retry_after=retry_after,
-            throttled=throttled,
+            fix=fix,
         )
+    if status in (404, 405):
+        return PermanentTokenError(
+            flow=flow,
+            status=status,
+            error=error,
+            body=body,
+            summary=f"{token_url} is not a token endpoint (HTTP {status}).",
+            causes=("SIDECAR_COGNITO_DOMAIN or SIDECAR_TOKEN_URL names the wrong host or path",),
+            fix="use the user pool domain from Cognito (App integration > Domain); the token URL is it plus "
+            "/oauth2/token.",
+        )
+    # Cognito throttles with 429, or with TooManyRequestsException in a JSON or HTML body under another status.
+    throttled = status == 429 or b"TooManyRequestsException" in response.content
+    retry_after = (
+        parse_retry_after(response.headers.get("retry-after"), now=time.time()) if status in (429, 503) else None
+    )
+    if throttled or (status == 400 and error is None):
+        summary = f"The token endpoint is throttling or answered an unknown error (HTTP {status})."
+        causes = ("the account's UserAuthentication quota is exhausted",)
+    elif status >= 500:
+        summary = f"The token endpoint failed (HTTP {status})."
+        causes = ("Cognito or a proxy in between is having trouble",)
+    else:
+        summary = f"The token endpoint answered HTTP {status}" + (f" with {error}." if error else ".")
+    return TransientTokenError(
+        flow=flow,
+        status=status,
+        error=error,
+        body=body,
+        summary=summary,
+        causes=causes,
+        fix="the sidecar retries with backoff; if it persists, check the token endpoint's health.",
+        retry_after=retry_after,
+        throttled=throttled,
+    )
