@@ -48,7 +48,8 @@ def instructions(tree: str, upstream: int, count: int, work: Path) -> int:
     """Instructions the sidecar of ``tree`` executed from start to exit, forwarding ``count`` requests."""
     port = free_port()
     cwd, env = tree_env(tree, upstream, port)
-    if "shutdown_delay" in (cwd / "proxy" / "settings.py").read_text():  # older trees (the baseline) predate it
+    settings = [cwd / "proxy" / "settings.py", *(cwd / "proxy" / "settings").glob("*.py")]
+    if any("shutdown_delay" in path.read_text() for path in settings if path.exists()):  # the baseline predates it
         env["SIDECAR_SHUTDOWN_DELAY"] = "0"
     out = work / f"callgrind-{port}.out"
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "proxy", "serve"]
