@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Mapping, Sequence
 
 from proxy.app import create_app
+from proxy.errors import ConfigError
 from proxy.logs import configure_logging
 from proxy.server.serving import GracefulServer, bind_listen, bound_url, config_for, tune_gc
 from proxy.server.workers import run_workers
@@ -26,7 +29,7 @@ def serve(env: Mapping[str, str]) -> int:
         sockets.append(bind_listen(settings.metrics_listen))
     try:
         if settings.workers > 1:
-            return run_workers(settings, sockets, _serve_on)
+            return _serve_workers(settings, sockets)
         return _serve_on(settings, sockets, False)
     finally:
         if settings.unix_socket is not None:
@@ -68,3 +71,34 @@ def _serve_on(settings: Settings, sockets: Sequence[socket.socket], private_stor
     tune_gc()
     server.run(sockets=list(sockets))
     return 0
+
+
+def _serve_workers(settings: Settings, sockets: Sequence[socket.socket]) -> int:
+    """``SIDECAR_WORKERS`` processes on the bound sockets, sharing the token through the configured store, or through
+    a file store in a private directory made here and removed at exit."""
+    settings, private = shared_settings(settings)
+    sharing = settings.token_store if settings.token_store.startswith("file:") else "the token store"
+    try:
+        return run_workers(settings.workers, lambda: _serve_on(settings, sockets, private is not None), sharing=sharing)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def shared_settings(settings: Settings) -> tuple[Settings, str | None]:
+    """The settings the workers run with, and the private directory made for them (None: a store was configured)."""
+    if settings.token_store != "memory":
+        return settings, None
+    base = os.environ.get("XDG_RUNTIME_DIR") or None
+    try:
+        directory = tempfile.mkdtemp(prefix="cognito-sidecar-", dir=base)  # mode 0700
+    except OSError as exc:
+        raise ConfigError(
+            [
+                f"SIDECAR_WORKERS: the workers share their token through a file store in a private directory, and "
+                f"none can be made in {base or tempfile.gettempdir()} ({exc.strerror}). Give the sidecar a writable "
+                "temporary directory (a tmpfs on /tmp with a read-only root filesystem), or set "
+                "SIDECAR_TOKEN_STORE=file:/a/writable/dir"
+            ]
+        ) from None
+    return settings.model_copy(update={"token_store": f"file:{directory}"}), directory

@@ -13,18 +13,14 @@ import contextlib
 import ctypes
 import logging
 import os
-import shutil
 import signal
-import socket
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import FrameType
 
 from proxy.errors import EXIT_CONFIG, ConfigError, SidecarError
 from proxy.logs import event
-from proxy.settings import Settings
 
 log = logging.getLogger("proxy.workers")
 
@@ -36,28 +32,8 @@ MAX_QUICK_DEATHS = 5
 # orphans serving with the credential).
 _PR_SET_PDEATHSIG = 1
 
-# Serves one process on the sockets; the flag says the token store is the private one made here.
-
-ServeOne = Callable[[Settings, Sequence[socket.socket], bool], int]
-
-
-def shared_settings(settings: Settings) -> tuple[Settings, str | None]:
-    """The settings the workers run with, and the private directory made for them (None: a store was configured)."""
-    if settings.token_store != "memory":
-        return settings, None
-    base = os.environ.get("XDG_RUNTIME_DIR") or None
-    try:
-        directory = tempfile.mkdtemp(prefix="cognito-sidecar-", dir=base)  # mode 0700
-    except OSError as exc:
-        raise ConfigError(
-            [
-                f"SIDECAR_WORKERS: the workers share their token through a file store in a private directory, and "
-                f"none can be made in {base or tempfile.gettempdir()} ({exc.strerror}). Give the sidecar a writable "
-                "temporary directory (a tmpfs on /tmp with a read-only root filesystem), or set "
-                "SIDECAR_TOKEN_STORE=file:/a/writable/dir"
-            ]
-        ) from None
-    return settings.model_copy(update={"token_store": f"file:{directory}"}), directory
+# Serves in one worker process (on the sockets the parent bound); returns its exit status.
+ServeOne = Callable[[], int]
 
 
 def _die_with_parent(parent: int) -> None:
@@ -70,12 +46,9 @@ def _die_with_parent(parent: int) -> None:
 class Supervisor:
     """Forks and watches the workers."""
 
-    def __init__(
-        self, settings: Settings, sockets: Sequence[socket.socket], serve_one: ServeOne, *, private_store: bool
-    ) -> None:
-        self._settings = settings
-        self._private_store = private_store
-        self._sockets = sockets
+    def __init__(self, count: int, serve_one: ServeOne, *, sharing: str) -> None:
+        self._count = count
+        self._sharing = sharing
         self._serve_one = serve_one
         self._children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started at)
         self._stopping = False
@@ -89,7 +62,7 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent(parent)
-                code = self._serve_one(self._settings, self._sockets, self._private_store)
+                code = self._serve_one()
             except ConfigError as exc:
                 print(f"cognito-sidecar: {exc}", file=sys.stderr)
                 code = EXIT_CONFIG
@@ -112,13 +85,13 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._forward)
-        for number in range(self._settings.workers):
+        for number in range(self._count):
             self._spawn(number)
         log.info(
             "%d workers serving (pids %s), sharing tokens through %s",
             len(self._children),
             " ".join(str(pid) for pid in self._children),
-            self._settings.token_store if self._settings.token_store.startswith("file:") else "the token store",
+            self._sharing,
             extra=event("workers_started", workers=len(self._children)),
         )
         quick_deaths = 0
@@ -157,11 +130,7 @@ class Supervisor:
         return status
 
 
-def run_workers(settings: Settings, sockets: Sequence[socket.socket], serve_one: ServeOne) -> int:
-    """Serve with ``settings.workers`` processes; returns the exit status once they have all ended."""
-    settings, private = shared_settings(settings)
-    try:
-        return Supervisor(settings, sockets, serve_one, private_store=private is not None).run()
-    finally:
-        if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
+def run_workers(count: int, serve_one: ServeOne, *, sharing: str) -> int:
+    """Serve with ``count`` processes, each running ``serve_one`` (``sharing`` names the token store they share, for
+    the log); returns the exit status once they have all ended."""
+    return Supervisor(count, serve_one, sharing=sharing).run()
