@@ -212,6 +212,19 @@ async def raw_request(url: str, request: bytes) -> tuple[int, dict[str, list[str
 PROXY_VARIABLES = frozenset({"https_proxy", "http_proxy", "no_proxy", "all_proxy"})
 
 
+# Settings for tests that need no server: made-up values, which must never show in any output.
+SECRET = "s3cr3t-client-secret"
+REFRESH = "rt-very-secret-refresh-token"
+
+BASE = {
+    "SIDECAR_UPSTREAM_URL": "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
+    "SIDECAR_COGNITO_DOMAIN": "https://my-app.auth.us-east-1.amazoncognito.com",
+    "SIDECAR_CLIENT_ID": "client123",
+    "SIDECAR_CLIENT_SECRET": SECRET,
+    "SIDECAR_REFRESH_TOKEN": REFRESH,
+}
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The test process's environment without any SIDECAR_ setting or proxy variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_") and k.lower() not in PROXY_VARIABLES}

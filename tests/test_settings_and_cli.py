@@ -15,18 +15,7 @@ import pytest
 
 from proxy import __version__
 from proxy.settings import PATH_KEYS, Settings
-from tests.conftest import Stack, assert_hidden, cli_env, run_cli, sidecar_process, stack_env
-
-SECRET = "s3cr3t-client-secret"
-REFRESH = "rt-very-secret-refresh-token"
-
-BASE = {
-    "SIDECAR_UPSTREAM_URL": "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
-    "SIDECAR_COGNITO_DOMAIN": "https://my-app.auth.us-east-1.amazoncognito.com",
-    "SIDECAR_CLIENT_ID": "client123",
-    "SIDECAR_CLIENT_SECRET": SECRET,
-    "SIDECAR_REFRESH_TOKEN": REFRESH,
-}
+from tests.conftest import BASE, SECRET, Stack, assert_hidden, cli_env, run_cli, sidecar_process, stack_env
 
 
 async def test_bad_configuration_exits_2_without_a_traceback():

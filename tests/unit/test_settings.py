@@ -8,17 +8,7 @@ import pytest
 
 from proxy.errors import ConfigError
 from proxy.settings import load_settings
-
-SECRET = "s3cr3t-client-secret"
-REFRESH = "rt-very-secret-refresh-token"
-
-BASE = {
-    "SIDECAR_UPSTREAM_URL": "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
-    "SIDECAR_COGNITO_DOMAIN": "https://my-app.auth.us-east-1.amazoncognito.com",
-    "SIDECAR_CLIENT_ID": "client123",
-    "SIDECAR_CLIENT_SECRET": SECRET,
-    "SIDECAR_REFRESH_TOKEN": REFRESH,
-}
+from tests.conftest import BASE, REFRESH, SECRET
 
 
 def _config(tmp_path: Path, text: str) -> str:
