@@ -30,6 +30,8 @@ log = logging.getLogger("proxy.forward")
 # after a refresh; larger or unannounced (chunked) bodies stream and are never replayed.
 REPLAY_BODY_LIMIT = 64 * 1024
 
+_BAD_LENGTH = "Content-Length must be the body's size in plain digits, without spaces or signs"
+
 
 class ClientGone(Exception):
     """The client disconnected while its request body was being read."""
@@ -88,7 +90,10 @@ class Exchange:
             if refused is not None:
                 raise refused
         url = forwarder.url(self.scope)
-        length = request_body_length(self.scope["headers"])
+        try:
+            length = request_body_length(self.scope["headers"])
+        except ValueError:
+            raise Refusal(400, "bad_request", _BAD_LENGTH) from None
         limit = forwarder.max_body_bytes
         if length and limit and length > limit:
             raise _too_large(limit)

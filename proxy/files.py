@@ -1,10 +1,12 @@
-"""Files that hold secrets, written so that a crash leaves the old content or the new, whole. Imports nothing from
-the package."""
+"""Files that hold secrets or locks: written so that a crash leaves the old content or the new, whole, and opened
+so that a link another user planted is never followed. Imports nothing from the package."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -30,3 +32,30 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# A lock file is opened without following a symlink, and without leaking into a forked worker's exec.
+_OWNED_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_owned(path: Path, *, create: bool = True) -> int:
+    """Open ``path`` for reading and writing (created 0600 if missing and ``create``), only if it is a plain file
+    of the sidecar's own user with one name: never through a symlink, never a hard link to another file, never a
+    file another user made. Raises ``OSError`` (``ELOOP`` for a symlink, ``EPERM`` for the others) so that a
+    caller never truncates or writes a file it does not own."""
+    flags = os.O_RDWR | _OWNED_FLAGS | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
+            whose = "another user's file" if info.st_uid != os.geteuid() else "not a plain file with one name"
+            raise PermissionError(errno.EPERM, f"{path} is {whose}: left untouched")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_to_read(path: Path) -> int:
+    """Open ``path`` read-only, never through a symlink. Raises ``OSError``."""
+    return os.open(path, os.O_RDONLY | _OWNED_FLAGS)

@@ -116,13 +116,14 @@ def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[lis
 
 
 def request_body_length(raw: RawHeaders) -> int | None:
-    """The announced body size: 0 for none, ``None`` when it streams without a length (chunked) or is unreadable."""
+    """The announced body size: 0 for none, ``None`` when it streams without a length (chunked). ``ValueError``
+    for a Content-Length that is not plain digits (``5 `` with trailing whitespace passes the parser, and the
+    upstream client fails on it)."""
     for name, value in raw:
         if name == b"transfer-encoding":
             return None
         if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+            if not value.isdigit():
+                raise ValueError(value)
+            return int(value)
     return 0

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -17,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from proxy.files import write_atomically
+from proxy.files import open_owned, write_atomically
 
 if TYPE_CHECKING:
     from proxy.settings import Settings
@@ -52,8 +53,15 @@ class FileUseLock:
         """Take the lock; a warning naming the other process if it is held, ``None`` otherwise (also when the
         directory cannot hold a lock file, e.g. a read-only Secret volume)."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_owned(self.path)
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EPERM):
+                # A symlink, a hard link or another user's file where the lock belongs: somebody else can write
+                # entries in this directory. Nothing is truncated or written through it.
+                return (
+                    f"{self.path} is a symlink or another user's file, left untouched: other users can create files "
+                    f"in {self.path.parent}. Keep the refresh token file in a directory of the sidecar's own (700)."
+                )
             log.debug("cannot create %s (%s); another process using the same file goes undetected", self.path, exc)
             return None
         try:
@@ -94,7 +102,10 @@ def exposure(path: Path) -> str | None:
     if mode & others:
         problems.append(f"{path} has mode {stat.S_IMODE(mode):04o} (other users may read or write it)")
     writers = 0o002 | (0o020 if directory.st_gid != os.getegid() else 0)
-    if directory.st_mode & writers and not directory.st_mode & stat.S_ISVTX:
+    if directory.st_mode & writers and directory.st_mode & stat.S_ISVTX:
+        # Sticky, as /tmp: others cannot replace the file, but they can plant names beside it (a lock file's).
+        problems.append(f"its directory {path.parent} is a shared directory other users can create files in")
+    elif directory.st_mode & writers:
         problems.append(f"its directory {path.parent} is writable by other users")
     if not problems:
         return None

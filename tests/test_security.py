@@ -169,6 +169,19 @@ async def test_a_huge_header_block_gets_431_without_growing_memory(stack: Stack,
     assert stack.emulator.apigw.requests == before
 
 
+@pytest.mark.parametrize("length", [b"5 ", b"5\t"])
+async def test_a_content_length_with_trailing_whitespace_gets_a_400_not_a_traceback(
+    stack: Stack, sidecar: RunningSidecar, length: bytes, caplog: pytest.LogCaptureFixture
+):
+    before = stack.emulator.apigw.requests
+    request = b"POST /up HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: " + length + b"\r\n\r\nhello"
+    status, headers, body = await raw_request(sidecar.url, request)
+    assert (status, headers["x-sidecar-error"]) == (400, ["bad_request"])
+    assert b"plain digits" in body
+    assert stack.emulator.apigw.requests == before
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
 async def test_bodies_over_the_limit_get_413_before_anything_is_sent(stack: Stack, client: httpx2.AsyncClient):
     async with run_sidecar(stack.settings(max_body_bytes=100_000)) as sidecar:
         before = stack.emulator.apigw.requests

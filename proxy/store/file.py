@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 from proxy.errors import StoreError
-from proxy.files import write_atomically
+from proxy.files import open_owned, open_to_read, write_atomically
 from proxy.store.base import Lease, owner_name
 
 
@@ -31,14 +31,22 @@ class FileStore:
         return f"FileStore({str(self.directory)!r})"
 
     def prepare(self) -> None:
-        """Create the directory (0700) if needed; refuse one that other users may write (they could plant a lease or
-        a token set)."""
+        """Create the directory (0700) if needed; refuse one the sidecar's user does not own, or that anyone else may
+        write, sticky or not: another user could plant a lease, a token set of their choosing, or a link where a
+        file belongs."""
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = os.stat(self.directory)
         except OSError as exc:
             raise StoreError(self.name, f"cannot create the directory ({exc.strerror})") from None
-        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        if info.st_uid != os.geteuid():
+            raise StoreError(
+                self.name,
+                f"the directory belongs to uid {info.st_uid}, not to this sidecar's user (uid {os.geteuid()}): another "
+                "user could plant a token set there. Use a directory of the sidecar's own, e.g. "
+                "file:/var/lib/cognito-sidecar",
+            )
+        if info.st_mode & 0o022:
             raise StoreError(
                 self.name,
                 f"the directory has mode {stat.S_IMODE(info.st_mode):04o}: other users could write it; chmod 700 it",
@@ -69,7 +77,7 @@ class FileStore:
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None:
         try:
-            fd = os.open(self._path(key, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_owned(self._path(key, "lock"))
         except OSError as exc:
             raise self._wrap("opening the lock file", exc) from None
         try:
@@ -132,7 +140,7 @@ class FileStore:
 
     async def holder(self, key: str) -> str | None:
         try:
-            fd = os.open(self._path(key, "lock"), os.O_RDONLY)
+            fd = open_to_read(self._path(key, "lock"))
         except FileNotFoundError:
             return None
         except OSError as exc:

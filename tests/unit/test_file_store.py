@@ -74,8 +74,32 @@ def test_a_directory_others_may_write_is_refused(tmp_path: Path):
     shared.chmod(0o777)
     with pytest.raises(StoreError, match="other users could write it; chmod 700 it"):
         open_store(f"file:{shared}")
-    shared.chmod(0o1777)  # sticky, as /tmp: others cannot replace what the sidecar writes
+    shared.chmod(0o1777)  # sticky, as /tmp: others could still plant a token set or a link where a file belongs
+    with pytest.raises(StoreError, match="other users could write it"):
+        open_store(f"file:{shared}")
+    shared.chmod(0o700)
     assert isinstance(open_store(f"file:{shared}"), FileStore)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory of another user needs root")
+def test_a_directory_of_another_user_is_refused(tmp_path: Path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(StoreError, match="belongs to uid 65534"):
+        open_store(f"file:{theirs}")
+
+
+async def test_a_planted_lock_link_is_never_followed(tmp_path: Path):
+    store = store_in(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "store" / "k.lock").symlink_to(victim)
+    with pytest.raises(StoreError, match="opening the lock file"):
+        await store.acquire("k", 5)
+    with pytest.raises(StoreError, match="reading the lock file"):
+        await store.holder("k")
+    assert victim.read_text() == "precious"
 
 
 def test_store_specs():

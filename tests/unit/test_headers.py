@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
 
 
@@ -64,4 +68,6 @@ def test_request_body_length():
     assert request_body_length(raw()) == 0
     assert request_body_length(raw(("content-length", "12"))) == 12
     assert request_body_length(raw(("transfer-encoding", "chunked"))) is None
-    assert request_body_length(raw(("content-length", "twelve"))) is None
+    for bad in ("twelve", "5 ", "5\t", "+5", "-1", " 5"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad.encode()))):
+            request_body_length(raw(("content-length", bad)))
