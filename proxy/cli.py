@@ -22,6 +22,7 @@ from proxy.commands.login import (
 )
 from proxy.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SidecarError
 from proxy.logs import configure_logging
+from proxy.secrets import keep_out_of_core_dumps
 from proxy.settings import settings_help
 
 
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    keep_out_of_core_dumps()  # before any secret is read
     env = os.environ
     try:
         if args.command in (None, "serve"):

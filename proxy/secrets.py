@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
 import os
+import resource
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,3 +171,16 @@ class Secret:
         self._value = fresh
         log.info("picked up a new value from %s", self.path)
         return True
+
+
+# Linux prctl: whether the process may dump core and be read through /proc/PID/mem by its own user.
+_PR_SET_DUMPABLE = 4
+
+
+def keep_out_of_core_dumps() -> None:
+    """Secrets live in this process's memory: no core file may hold them, and (Linux) no other process of the same
+    user may read them through ``/proc/PID/mem`` or ptrace. Best effort where the system has neither."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)

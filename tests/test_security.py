@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import stat
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from starlette.routing import Route
 from proxy.app import create_app
 from proxy.server.serving import bind_unix, running
 from proxy.settings import RouteSettings
-from tests.conftest import FAST_POLICY, RunningSidecar, Stack, raw_request, run_sidecar
+from tests.conftest import FAST_POLICY, RunningSidecar, Stack, raw_request, run_sidecar, sidecar_process, stack_env
 
 
 def _error(response: httpx2.Response) -> str:
@@ -174,7 +175,9 @@ async def test_a_content_length_with_trailing_whitespace_gets_a_400_not_a_traceb
     stack: Stack, sidecar: RunningSidecar, length: bytes, caplog: pytest.LogCaptureFixture
 ):
     before = stack.emulator.apigw.requests
-    request = b"POST /up HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: " + length + b"\r\n\r\nhello"
+    request = (
+        b"POST /up HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: " + length + b"\r\n\r\nhello"
+    )
     status, headers, body = await raw_request(sidecar.url, request)
     assert (status, headers["x-sidecar-error"]) == (400, ["bad_request"])
     assert b"plain digits" in body
@@ -349,3 +352,21 @@ async def test_a_token_with_line_breaks_is_refused_never_sent(
             assert "not a JWT" in response.json()["detail"]
     assert stack.emulator.apigw.requests == 0
     assert "Traceback" not in caplog.text
+
+
+async def test_no_core_file_or_same_user_process_can_read_the_secrets(stack: Stack):
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+    async with sidecar_process(env) as sidecar:
+        limits = await asyncio.to_thread(Path(f"/proc/{sidecar.process.pid}/limits").read_text)
+        await sidecar.stop()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+    # PR_GET_DUMPABLE (3) in a process that ran the same start-up step: 0, so /proc/PID/mem and ptrace are closed
+    # to other processes of the same user, and the kernel writes no core.
+    probe = (
+        "import ctypes; from proxy.secrets import keep_out_of_core_dumps; keep_out_of_core_dumps(); "
+        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+    )
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert (process.returncode, out.strip()) == (0, b"0")
