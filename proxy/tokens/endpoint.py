@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
+import re
 import time
 import urllib.parse
 from collections import Counter
@@ -140,13 +141,19 @@ def _secret_forms(client_id: str, client_secret: str | None) -> tuple[str, ...]:
     return (client_secret, basic, basic.rstrip("="))
 
 
+def _redact(text: str, secret: str) -> str:
+    """``text`` with ``secret`` replaced wherever it stands alone: not inside a longer run of letters and digits,
+    so that a short secret (``r``) leaves "Errno" whole while ``client_secret=r&`` still hides it."""
+    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "[redacted]", text)
+
+
 def _excerpt(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "[redacted]")
+            text = _redact(text, secret)
             encoded = urllib.parse.quote_plus(secret)
             if encoded != secret:
-                text = text.replace(encoded, "[redacted]")
+                text = _redact(text, encoded)
     text = " ".join(text.split())
     if len(text) > BODY_EXCERPT_CHARS:
         text = text[:BODY_EXCERPT_CHARS] + "..."

@@ -55,3 +55,11 @@ def test_throttling_server_errors_and_wrong_urls():
 def test_secrets_echoed_in_an_error_body_are_masked():
     echoed = classify("refresh", URL, httpx2.Response(500, text="client_secret=s3cret-value"), ("s3cret-value",))
     assert "s3cret-value" not in str(echoed) and "s3cret-value" not in echoed.body
+
+
+def test_a_short_secret_hides_itself_and_leaves_the_message_readable():
+    said = classify(
+        "refresh", URL, httpx2.Response(502, text="[Errno -2] Name or service not known; secret=r&x"), ("r",)
+    )
+    assert "[Errno -2] Name or service not known" in said.body
+    assert "secret=[redacted]&x" in said.body
