@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from proxy.errors import CLOSE, Refusal
+from proxy.listen import in_networks
 from proxy.secrets import Secret
 from proxy.types import Scope
 
@@ -51,6 +52,7 @@ _NO_CALLER = Refusal(
     401,
     "caller_unauthenticated",
     "this sidecar wants the caller token in the X-Sidecar-Caller header (SIDECAR_CALLER_TOKEN)",
+    CLOSE,  # every refusal of the caller ends its connection: a refused caller holds no client slot
 )
 
 
@@ -118,6 +120,7 @@ class CallerGuard:
                 f"Host {shown!r} is not this sidecar's name; a browser page may be trying to reach it through DNS "
                 "rebinding. Call it by IP, localhost or a single-label name, or list the name in "
                 "SIDECAR_ALLOWED_HOSTS",
+                CLOSE,
             )
         if origin is not None and origin.strip().lower() not in self._origins:
             shown = origin.decode("ascii", "replace")[:100]
@@ -126,6 +129,7 @@ class CallerGuard:
                 "origin_not_allowed",
                 f"requests from web pages are refused (Origin {shown!r}); list trusted origins in "
                 "SIDECAR_ALLOWED_ORIGINS",
+                CLOSE,
             )
         if fetch_site in (b"cross-site", b"same-site") and origin is None:
             return Refusal(
@@ -133,6 +137,7 @@ class CallerGuard:
                 "origin_not_allowed",
                 "a browser sent this request from another site (Sec-Fetch-Site); list trusted origins in "
                 "SIDECAR_ALLOWED_ORIGINS",
+                CLOSE,
             )
         if self._allow_from is not None:
             client = scope.get("client")
@@ -141,6 +146,7 @@ class CallerGuard:
                     403,
                     "client_not_allowed",
                     f"{client[0]} is not in SIDECAR_ALLOW_FROM; add its network there to let it use the sidecar",
+                    CLOSE,
                 )
         return None
 
@@ -158,17 +164,7 @@ class CallerGuard:
         return _remembered(self._hosts, host, lambda: host_allowed(host_name(host), self._allowed_hosts))
 
     def _peer_ok(self, address: str) -> bool:
-        return _remembered(self._peers, address, lambda: _in_networks(address, self._allow_from or ()))
-
-
-def _in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+        return _remembered(self._peers, address, lambda: in_networks(address, self._allow_from or ()))
 
 
 def _remembered(cache: dict[K, bool], key: K, answer: Callable[[], bool]) -> bool:

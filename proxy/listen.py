@@ -1,9 +1,12 @@
-"""``SIDECAR_LISTEN`` values: ``host:port`` (``[::1]:8080`` for IPv6) or ``unix:/path``. Standard library only,
-so the healthcheck can read them without importing the settings machinery."""
+"""Addresses: ``SIDECAR_LISTEN`` values (``host:port``, ``[::1]:8080`` for IPv6, or ``unix:/path``) and whether a
+peer is in a set of networks. Standard library only, so the healthcheck can read them without importing the
+settings machinery."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Sequence
 
 _HOST_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})")
 
@@ -22,4 +25,15 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-__all__ = ["parse_listen"]
+def in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether ``address`` is in one of ``networks`` (an IPv4-mapped IPv6 address counts as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+__all__ = ["in_networks", "parse_listen"]

@@ -222,7 +222,11 @@ def build_sidecar(
         allow_from=None if settings.listens_on_loopback else settings.allow_from,
         caller_token=Secret(caller_token.get_secret_value(), settings.caller_token_file) if caller_token else None,
     )
-    limits = ConnectionLimits(max_clients=settings.max_clients, max_header_bytes=settings.max_header_bytes)
+    limits = ConnectionLimits(
+        max_clients=settings.max_clients,
+        max_header_bytes=settings.max_header_bytes,
+        allow_from=None if settings.listens_on_loopback else settings.allow_from,
+    )
     return Sidecar(
         settings,
         http,

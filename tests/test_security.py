@@ -27,7 +27,15 @@ from starlette.routing import Route
 from proxy.app import create_app
 from proxy.server.serving import bind_unix, running
 from proxy.settings import RouteSettings
-from tests.conftest import FAST_POLICY, RunningSidecar, Stack, raw_request, run_sidecar, sidecar_process, stack_env
+from tests.conftest import (
+    FAST_POLICY,
+    RunningSidecar,
+    Stack,
+    raw_request,
+    run_sidecar,
+    sidecar_process,
+    stack_env,
+)
 
 
 def _error(response: httpx2.Response) -> str:
@@ -370,3 +378,61 @@ async def test_no_core_file_or_same_user_process_can_read_the_secrets(stack: Sta
     process = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(process.communicate(), 60)
     assert (process.returncode, out.strip()) == (0, b"0")
+
+
+async def _answer_then_eof(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the sidecar sends until it closes the connection; fails if it is still open after ``seconds``."""
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+@pytest.mark.parametrize(
+    ("extra", "settings", "code"),
+    [
+        (b"Host: rebind.attacker.example\r\n", {}, b"host_not_allowed"),
+        (b"Host: localhost\r\nOrigin: https://evil.example\r\n", {}, b"origin_not_allowed"),
+        (b"Host: localhost\r\n", {"caller_token": SecretStr("caller-secret-1")}, b"caller_unauthenticated"),
+    ],
+)
+async def test_every_refusal_of_the_caller_closes_its_connection(
+    stack: Stack, extra: bytes, settings: dict[str, object], code: bytes
+):
+    async with run_sidecar(stack.settings(**settings)) as sidecar:
+        host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /x HTTP/1.1\r\n" + extra + b"\r\n")  # keep-alive: the client would hold the slot
+        answer = await _answer_then_eof(reader, 5)
+        writer.close()
+    assert code in answer and b"connection: close" in answer.lower()
+
+
+async def test_bytes_that_start_no_request_do_not_keep_an_idle_connection_open(stack: Stack):
+    app = create_app(stack.settings(), policy=FAST_POLICY)
+    app.sidecar.limits.keep_alive_timeout = 1
+    async with running(app, limits=app.sidecar.limits) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
+        )
+        await reader.readexactly(length)
+        writer.write(b"\r\n")  # starts no message, and used to cancel the keep-alive timer for good
+        assert await _answer_then_eof(reader, 5) == b""
+        writer.close()
+
+
+async def test_peers_outside_allow_from_are_refused_before_they_cost_a_client_slot(
+    stack: Stack, client: httpx2.AsyncClient
+):
+    # Dual-stack: 127.0.0.1 arrives as ::ffff:127.0.0.1 (IPv4, refused), ::1 is allowed.
+    settings = stack.settings(listen="[::]:8080", allow_from="::1/128", max_clients=3)
+    async with run_sidecar(settings, host="::") as sidecar:
+        port = int(sidecar.url.rsplit(":", 1)[1])
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]  # connect, never send or read
+        response = await client.get(f"http://[::1]:{port}/x")
+        assert response.status_code == 200
+        refused = await _answer_then_eof(held[0][0], 5)
+        assert b"403" in refused.split(b"\r\n")[0] and b"client_not_allowed" in refused
+        for _, writer in held:
+            writer.close()

@@ -22,6 +22,7 @@ line per code per ``LOG_INTERVAL``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import httptools
 
 from proxy.errors import Refusal, error_body
+from proxy.listen import in_networks
 from proxy.server.coalesce import CoalescingHttpToolsProtocol
 
 # A request head (request line and headers) larger than this gets 431. API Gateway's own limit is 10 KiB,
@@ -53,7 +55,7 @@ LINGER_TIMEOUT = 2.0
 # Refusals log one line per code per this many seconds, with the count since: a flood must not flood the log.
 LOG_INTERVAL = 10.0
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _REASONS[503] = b"Service Unavailable"
 
 
@@ -64,6 +66,9 @@ class ConnectionLimits:
     max_clients: int = DEFAULT_MAX_CLIENTS
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     head_timeout: float = HEAD_TIMEOUT
+    keep_alive_timeout: int = KEEP_ALIVE_TIMEOUT
+    # Peers that may connect at all (SIDECAR_ALLOW_FROM on a non-loopback listener); None: any.
+    allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
     errors: Counter[str] = field(default_factory=Counter)
     _logged: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
@@ -114,6 +119,16 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._head_deadline = 0.0
         super().connection_made(transport)
         limits = self.limits
+        if limits.allow_from is not None and self.client and not in_networks(self.client[0], limits.allow_from):
+            # Refused before it costs a client slot.
+            refusal = Refusal(
+                403,
+                "client_not_allowed",
+                f"{self.client[0]} is not in SIDECAR_ALLOW_FROM; add its network there to let it use the sidecar",
+            )
+            self._refuse(refusal)
+            self.connections.discard(self)  # while it lingers, it holds no client slot
+            return
         if len(self.connections) > limits.max_clients:
             self._refuse(
                 Refusal(
@@ -157,6 +172,14 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._too_large())
+        if self.timeout_keep_alive_task is None and self._served and not self._head_started and not self.pipeline:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                # Bytes that start no request (a bare CRLF between requests) cancelled the keep-alive timer above:
+                # arm it again, or the idle connection would stay open forever.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
 
     # Parser callbacks
     def on_message_begin(self) -> None:

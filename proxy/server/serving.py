@@ -176,7 +176,7 @@ def config_for(
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=grace,
-        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
+        timeout_keep_alive=limits.keep_alive_timeout if limits is not None else KEEP_ALIVE_TIMEOUT,
         **tls_options,
     )
 

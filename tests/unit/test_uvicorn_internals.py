@@ -31,8 +31,22 @@ PROTOCOL_METHODS = (
     "_should_upgrade",
     "handle_websocket_upgrade",
     "_unsupported_upgrade_warning",
+    "timeout_keep_alive_handler",
 )
-PROTOCOL_ATTRIBUTES = ("parser", "transport", "cycle", "connections", "loop", "flow", "headers", "scope")
+PROTOCOL_ATTRIBUTES = (
+    "parser",
+    "transport",
+    "cycle",
+    "connections",
+    "loop",
+    "flow",
+    "headers",
+    "scope",
+    "client",
+    "pipeline",
+    "timeout_keep_alive",
+    "timeout_keep_alive_task",
+)
 CYCLE_ATTRIBUTES = ("response_complete", "keep_alive", "body", "more_body", "message_event")
 # What proxy/server/serving.py's embedded server overrides or calls (its main loop wakes on stop()).
 SERVER_METHODS = ("main_loop", "on_tick", "capture_signals", "serve", "shutdown")
