@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from proxy.app import create_app
+from proxy.server.limits import MAX_PIPELINED
 from proxy.server.serving import bind_unix, running
 from proxy.settings import RouteSettings
 from tests.conftest import (
@@ -436,3 +437,21 @@ async def test_peers_outside_allow_from_are_refused_before_they_cost_a_client_sl
         assert b"403" in refused.split(b"\r\n")[0] and b"client_not_allowed" in refused
         for _, writer in held:
             writer.close()
+
+
+async def test_a_flood_of_pipelined_requests_is_bounded_per_connection(stack: Stack, sidecar: RunningSidecar):
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    flood = b"GET /-/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" * 5000  # about 225 KiB in one write
+    writer.write(flood)
+    data = await _answer_then_eof(reader, 30)
+    writer.close()
+    answers = data.count(b"HTTP/1.1 200 ")
+    assert answers == MAX_PIPELINED + 1  # the one in flight, and the queued ones; then the connection closed
+    last_head = data[data.rindex(b"HTTP/1.1 200 ") :].split(b"\r\n\r\n")[0].lower()
+    assert b"connection: close" in last_head
+    # Others are served meanwhile, and the refusal is counted.
+    async with httpx2.AsyncClient(trust_env=False, timeout=10) as client:
+        assert (await client.get(f"{sidecar.url}/x")).status_code == 200
+        metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
+    assert 'sidecar_errors_total{code="too_many_pipelined"} 1.0' in metrics

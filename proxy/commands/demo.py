@@ -60,7 +60,8 @@ async def demo(listen: str) -> int:
     async with running(stack.cognito.app) as cognito_url, running(stack.apigw) as api_url:
         settings = _stack_settings(stack, cognito_url, api_url, listen)
         host, port = settings.listen_address
-        async with running(create_app(settings), host=host, port=port) as sidecar_url:
+        app = create_app(settings)
+        async with running(app, host=host, port=port, limits=app.sidecar.limits) as sidecar_url:
             async with httpx2.AsyncClient(trust_env=False) as client:
                 response = await client.get(f"{sidecar_url}/hello?name=world", timeout=30)
             print(f"Emulated Cognito token endpoint: {settings.token_url}")

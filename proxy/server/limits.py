@@ -54,6 +54,12 @@ KEEP_ALIVE_TIMEOUT = 75
 LINGER_TIMEOUT = 2.0
 # Refusals log one line per code per this many seconds, with the count since: a flood must not flood the log.
 LOG_INTERVAL = 10.0
+# Requests a client may send ahead of their answers on one connection. httptools parses a whole read (up to
+# 256 KiB) at once and uvicorn queues a request per complete head in it: without a bound, 255 KiB of tiny
+# pipelined heads cost thousands of queued requests per connection. Past this the rest of the read is dropped,
+# the last queued request is answered with Connection: close, and the client retries the unanswered ones on a
+# new connection (RFC 9112 9.3.2). A connection then costs at most one read buffer and this many heads.
+MAX_PIPELINED = 8
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _REASONS[503] = b"Service Unavailable"
@@ -100,6 +106,10 @@ def refusal_bytes(refusal: Refusal) -> bytes:
     return head + body
 
 
+class _PipelineFull(Exception):
+    """Raised from a parser callback to stop parsing a read that holds too many pipelined requests."""
+
+
 class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     """uvicorn's httptools protocol (with coalesced writes) enforcing ``limits``; see the module docstring.
 
@@ -114,6 +124,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._head_bytes = 0
         self._head_started = False
         self._lingering = False
+        self._discarding = False  # too many requests sent ahead: the rest of the connection is dropped
         self._served = False  # a request head has arrived on this connection
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0
@@ -146,8 +157,8 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
-            return  # refused already: dropped, see LINGER_TIMEOUT
+        if self._lingering or self._discarding:
+            return  # refused already: dropped, see LINGER_TIMEOUT and MAX_PIPELINED
         self._unset_keepalive_if_required()
         # A read that starts inside a head and ends inside the same head is all head. (A head that begins
         # within a read is counted by the parser callbacks, and what httptools holds of it is one read at most.)
@@ -163,6 +174,12 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             return
         except httptools.HttpParserError as exc:
             refusal = exc.__context__
+            if refusal is not None:
+                # Its traceback holds this frame, and so the read: without this the read (up to 256 KiB) lives
+                # until the cyclic garbage collector runs, which it seldom does here (see tune_gc).
+                refusal.__traceback__ = None
+            if isinstance(refusal, _PipelineFull):
+                return
             if isinstance(refusal, Refusal):
                 self._refuse(refusal)
             else:
@@ -216,7 +233,23 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 "the sidecar speaks HTTP/1.1 only: no WebSocket or h2c upgrade (API Gateway's Cognito authorizer "
                 "cannot guard WebSockets either); send the request without Upgrade",
             )
+        if len(self.pipeline) >= MAX_PIPELINED:
+            self._stop_pipeline()
         super().on_headers_complete()
+
+    def _stop_pipeline(self) -> None:
+        """Too many requests ahead of their answers: answer the queued ones, the last with Connection: close, drop
+        the rest, and stop parsing this read (the exception ends ``feed_data``)."""
+        self._discarding = True
+        self.flow.pause_reading()
+        newest, _ = self.pipeline[0]
+        newest.keep_alive = False
+        self.limits.refused(
+            "too_many_pipelined",
+            f"a client sent more than {MAX_PIPELINED} requests ahead of their answers on one connection; the queued "
+            "ones are answered and the connection closes",
+        )
+        raise _PipelineFull
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -285,4 +318,11 @@ def protocol_for(limits: ConnectionLimits) -> type[LimitedHttpToolsProtocol]:
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits})
 
 
-__all__ = ["HEAD_TIMEOUT", "KEEP_ALIVE_TIMEOUT", "ConnectionLimits", "LimitedHttpToolsProtocol", "protocol_for"]
+__all__ = [
+    "HEAD_TIMEOUT",
+    "KEEP_ALIVE_TIMEOUT",
+    "MAX_PIPELINED",
+    "ConnectionLimits",
+    "LimitedHttpToolsProtocol",
+    "protocol_for",
+]
