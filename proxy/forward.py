@@ -15,7 +15,6 @@ token; any other gets the 401 as it came.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import ssl
 from collections import Counter
@@ -31,6 +30,7 @@ from proxy.egress.tls import TlsContext
 from proxy.errors import Refusal, error_body
 from proxy.exchange import ClientGone, Exchange
 from proxy.guard import CALLER_HEADER
+from proxy.paths import path_pattern
 from proxy.request import REQUEST_ID_HEADER, RequestRecord
 from proxy.secrets import Secret
 from proxy.tokens.token import Token
@@ -133,7 +133,7 @@ class Forwarder:
         self.read_timeout = timeouts.read
         self.max_body_bytes = limits.max_body_bytes
         self.methods = frozenset(methods) if methods is not None else None
-        self.paths = tuple(paths) if paths is not None else None
+        self.paths = tuple(path_pattern(glob) for glob in paths) if paths is not None else None
         # Streamed uploads may hold at most half the upstream connections, however slowly their clients send:
         # the other half stays free for everyone else. A streamed upload that finds no slot within the pool
         # wait gets 503 at once.
@@ -177,7 +177,7 @@ class Forwarder:
             return Refusal(405, "method_not_allowed", f"this route accepts {allowed} only")
         if self.paths is not None:
             path = raw_path.decode("latin-1")
-            if not any(fnmatch.fnmatchcase(path, pattern) for pattern in self.paths):
+            if not any(pattern.fullmatch(path) for pattern in self.paths):
                 return Refusal(403, "path_not_allowed", "this path is not in the route's paths allowlist")
         return None
 

@@ -9,6 +9,7 @@ so no single reading of them is safe. No ``..`` segment is ever forwarded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from proxy.errors import Refusal
@@ -17,6 +18,41 @@ from proxy.errors import Refusal
 def bad_path(detail: str) -> Refusal:
     """A path the sidecar will not forward: 400 ``bad_request``, ``detail`` says why."""
     return Refusal(400, "bad_request", detail)
+
+
+# Forms that some server behind API Gateway may read as a dot segment or a separator although RFC 3986 does not:
+# Tomcat's path parameters (``..;``), Windows separators (``..\``, ``%5c``), an encoded slash after ``..``, double
+# encoding (``%252e``), overlong UTF-8 for ``.`` and ``/`` (``%c0%ae``, ``%e0%80%ae``, ``%c0%af``), and NUL.
+_AMBIGUOUS = re.compile(
+    rb"(?:^|/|\\|%5c)(?:\.|%2e){2}(?:;|\\|%2f|%5c)"
+    rb"|(?:\\|%5c)(?:\.|%2e){2}(?:$|/)"
+    rb"|%25(?:2e|2f|5c)|%c0%ae|%c0%2e|%e0%80%ae|%c0%af|%c1%9c|%00",
+    re.IGNORECASE,
+)
+
+
+def _is_ambiguous(raw_path: bytes) -> bool:
+    """Whether ``raw_path`` holds one of the ``_AMBIGUOUS`` forms (a quick look first: most paths have no
+    ``%``, ``..`` or backslash at all)."""
+    if b"%" not in raw_path and b".." not in raw_path and b"\\" not in raw_path:
+        return False
+    return _AMBIGUOUS.search(raw_path) is not None
+
+
+def path_pattern(glob: str) -> re.Pattern[str]:
+    """A route's ``paths`` entry as a pattern: ``*`` matches within one segment, ``**`` across segments, ``?`` one
+    character of a segment; everything else is itself."""
+    parts = []
+    index = 0
+    while index < len(glob):
+        if glob.startswith("**", index):
+            parts.append(".*")
+            index += 2
+            continue
+        char = glob[index]
+        parts.append("[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char))
+        index += 1
+    return re.compile("".join(parts))
 
 
 def _has_dot_segment(raw_path: bytes) -> bool:
@@ -31,7 +67,13 @@ def _is_encoded_dot(segment: bytes) -> bool:
 
 def remove_dot_segments(raw_path: bytes) -> bytes:
     """``raw_path`` with ``.`` and ``..`` segments resolved (RFC 3986 5.2.4). Raises a ``Refusal`` for an encoded
-    dot segment or a ``..`` that would climb above the root."""
+    dot segment, a ``..`` that would climb above the root, or a form another server may read as either
+    (``_AMBIGUOUS``)."""
+    if _is_ambiguous(raw_path):
+        raise bad_path(
+            "the path holds a form some servers read as a dot segment or a separator (..; ..\\ ..%2f, double or "
+            "overlong encoding, %00); send a plain path"
+        )
     if not _has_dot_segment(raw_path):
         return raw_path
     segments = raw_path.split(b"/")[1:]
@@ -79,4 +121,4 @@ def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, 
     return chosen, path
 
 
-__all__ = ["bad_path", "pick_route", "prefix_matches", "remove_dot_segments"]
+__all__ = ["bad_path", "path_pattern", "pick_route", "prefix_matches", "remove_dot_segments"]

@@ -155,6 +155,16 @@ async def test_route_method_and_path_allowlists(stack: Stack, client: httpx2.Asy
         assert (response.status_code, _error(response)) == (405, "method_not_allowed")
         response = await client.get(f"{sidecar.url}/ro/admin")
         assert (response.status_code, _error(response)) == (403, "path_not_allowed")
+        # * matches one segment: it does not cross into /ro/items/7/secret, nor climb out with ..; (Tomcat's form).
+        response = await client.get(f"{sidecar.url}/ro/items/7/secret")
+        assert (response.status_code, _error(response)) == (403, "path_not_allowed")
+        before = stack.emulator.apigw.requests
+        for raw in (b"/ro/items/x/..;/..;/admin", b"/ro/items/..%2f..%2fadmin", b"/ro/items/%252e%252e/admin"):
+            status, headers, _ = await raw_request(
+                sidecar.url, b"GET " + raw + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            assert (status, headers["x-sidecar-error"]) == (400, ["bad_request"]), raw
+        assert stack.emulator.apigw.requests == before
 
 
 async def test_a_huge_header_block_gets_431_without_growing_memory(stack: Stack, sidecar: RunningSidecar):

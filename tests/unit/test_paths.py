@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import Refusal
-from proxy.paths import pick_route, prefix_matches, remove_dot_segments
+from proxy.paths import path_pattern, pick_route, prefix_matches, remove_dot_segments
 
 PREFIXES = [b"/stage/a", b"/a", b"/b", b"/"]  # longest first, as the app keeps them
 
@@ -68,3 +68,39 @@ def test_no_generated_path_reaches_another_route_or_leaves_its_base(segments: li
     # With the route's prefix stripped (as the forwarder does), the rest is still a path under the base path.
     rest = path[len(PREFIXES[index]) :] if PREFIXES[index] != b"/" else path
     assert rest == b"" or rest.startswith(b"/")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/r/orders/x/..;/..;/admin",
+        b"/r/orders/..;x/admin",
+        b"/r/a/..%2fadmin",
+        b"/r/a/..%5Cadmin",
+        b"/r/a/..\\admin",
+        b"/r/a\\..\\admin",
+        b"/r/%252e%252e/admin",
+        b"/r/%c0%ae%c0%ae/admin",
+        b"/r/%e0%80%ae%e0%80%ae/admin",
+        b"/r/a%c0%afadmin",
+        b"/r/admin%00.json",
+    ],
+)
+def test_forms_other_servers_read_as_dot_segments_are_refused(raw: bytes):
+    with pytest.raises(Refusal, match="dot segment or a separator") as refused:
+        pick_route([b"/r", b"/"], raw)
+    assert (refused.value.status, refused.value.code) == (400, "bad_request")
+
+
+@pytest.mark.parametrize("raw", [b"/r/orders/1.json", b"/r/a%20b", b"/r/a/..b", b"/r/x/...", b"/r/v1.2/items"])
+def test_plain_paths_with_dots_and_escapes_pass(raw: bytes):
+    assert pick_route([b"/r", b"/"], raw) == (0, raw)
+
+
+def test_a_star_matches_one_segment_and_two_stars_any_depth():
+    one, deep = path_pattern("/r/orders/*"), path_pattern("/r/orders/**")
+    assert one.fullmatch("/r/orders/7") and not one.fullmatch("/r/orders/7/items")
+    assert not one.fullmatch("/r/orders/x/../admin")
+    assert deep.fullmatch("/r/orders/7/items") and not deep.fullmatch("/r/admin")
+    assert path_pattern("/r/item-?").fullmatch("/r/item-7") and not path_pattern("/r/item-?").fullmatch("/r/item-/")
+    assert path_pattern("/r/a.b").fullmatch("/r/a.b") and not path_pattern("/r/a.b").fullmatch("/r/aXb")
