@@ -29,6 +29,10 @@ log = logging.getLogger("proxy.forward")
 # Request bodies up to this size are kept in memory so that a request refused with 401 can be replayed
 # after a refresh; larger or unannounced (chunked) bodies stream and are never replayed.
 REPLAY_BODY_LIMIT = 64 * 1024
+# A streamed upload must average at least this many bytes a second once the read timeout has passed: a client
+# sending a byte just inside the stall timeout would otherwise hold an upload slot and an upstream connection
+# for as long as it likes. 1 KiB/s is far below any real network.
+MIN_UPLOAD_RATE = 1024
 
 _BAD_LENGTH = "Content-Length must be the body's size in plain digits, without spaces or signs"
 
@@ -126,13 +130,21 @@ class Exchange:
         self.slot = True
 
     async def _stream_body(self, limit: int) -> AsyncIterator[bytes]:
-        """The request body as it arrives, cut off (and the upstream request aborted) past ``limit`` bytes or
-        when the client stalls for longer than the read timeout."""
+        """The request body as it arrives, cut off (and the upstream request aborted) past ``limit`` bytes, when
+        the client stalls for longer than the read timeout, or when it falls below ``MIN_UPLOAD_RATE`` on average
+        once the read timeout has passed."""
         stall = self.forwarder.read_timeout
         record = self.record
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
             try:
-                chunk, more = await _next_chunk(self.receive, stall)
+                # The time left before the average rate falls below the minimum, if that comes before a stall.
+                allowance = stall + record.bytes_in / MIN_UPLOAD_RATE - (loop.time() - started)
+                if allowance < stall:
+                    chunk, more = await _next_chunk(self.receive, allowance, _too_slow(stall))
+                else:
+                    chunk, more = await _next_chunk(self.receive, stall)
                 record.bytes_in += len(chunk)
                 if limit and record.bytes_in > limit:
                     raise _too_large(limit)
@@ -288,14 +300,23 @@ def _stalled(seconds: float) -> Refusal:
     return Refusal(408, "body_timeout", f"the request body stalled for more than {seconds:g} s", CLOSE)
 
 
-async def _next_chunk(receive: Receive, stall: float) -> tuple[bytes, bool]:
-    """The next piece of the request body and whether more follows; ``Refusal`` 408 when the client stalls
-    longer than ``stall`` seconds, ``ClientGone`` when it leaves."""
+def _too_slow(seconds: float) -> Refusal:
+    return Refusal(
+        408,
+        "body_too_slow",
+        f"the request body arrived at less than {MIN_UPLOAD_RATE} bytes a second on average after {seconds:g} s",
+        CLOSE,
+    )
+
+
+async def _next_chunk(receive: Receive, stall: float, late: Refusal | None = None) -> tuple[bytes, bool]:
+    """The next piece of the request body and whether more follows; ``late`` (by default 408 ``body_timeout``)
+    when nothing comes within ``stall`` seconds, ``ClientGone`` when the client leaves."""
     try:
-        async with asyncio.timeout(stall):
+        async with asyncio.timeout(max(stall, 0.0)):
             message = await receive()
     except TimeoutError:
-        raise _stalled(stall) from None
+        raise (late or _stalled(stall)) from None
     if message["type"] == "http.disconnect":
         raise ClientGone
     return message.get("body", b""), message.get("more_body", False)

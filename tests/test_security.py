@@ -465,3 +465,22 @@ async def test_a_flood_of_pipelined_requests_is_bounded_per_connection(stack: St
         assert (await client.get(f"{sidecar.url}/x")).status_code == 200
         metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
     assert 'sidecar_errors_total{code="too_many_pipelined"} 1.0' in metrics
+
+
+async def test_a_trickled_upload_is_cut_off_below_the_minimum_rate(stack: Stack):
+    # The read timeout is 1 s: a byte every 0.25 s never stalls, but averages far below 1 KiB/s after it.
+    async with run_sidecar(stack.settings(read_timeout=1.0)) as sidecar:
+        host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /up HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+        answer = asyncio.create_task(reader.read())
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):  # 10 s of trickling, if nothing cuts it off
+                if answer.done():
+                    break
+                writer.write(b"1\r\na\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.25)
+        data = await asyncio.wait_for(answer, 10)
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ") and b"body_too_slow" in data
