@@ -138,6 +138,24 @@ async def test_a_lease_whose_holder_died_is_taken_over(redis_srv: RedisServer, c
         assert stack.token_requests == 1
 
 
+async def test_a_lock_no_sidecar_sets_cannot_stop_every_refresh(
+    redis_srv: RedisServer, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with run_stack() as stack:
+        settings = stack.settings(token_store=redis_srv.url, token_store_lease=0.5)
+        shared = create_app(settings).sidecar.providers[0].shared
+        assert shared is not None
+        # Someone who can write to Redis without the key: a lock with no expiry.
+        with redis.Redis.from_url(redis_srv.url) as writer:
+            writer.set(f"{shared.sealer.key}:lock", "1 someone-else")
+        async with run_sidecar(settings) as sidecar:
+            assert (await client.get(f"{sidecar.url}/x")).status_code == 200
+            text = (await client.get(f"{sidecar.url}/-/metrics")).text
+            assert metric(text, "sidecar_token_store_errors_total") == 1
+        assert stack.token_requests == 1
+    assert "which no sidecar sets, was in the way and was removed" in caplog.text
+
+
 async def test_unreachable_redis_without_rotation_refreshes_locally_and_says_so(
     redis_srv: RedisServer, client: httpx2.AsyncClient
 ) -> None:

@@ -32,12 +32,14 @@ STORE_TIMEOUT = 2.0
 @dataclass(frozen=True)
 class Lease:
     """A held lease. ``fence`` grows with every lease taken; ``takeover`` says that the previous one ended
-    without a release."""
+    without a release; ``forced`` that a lock no sidecar sets (no expiry, or longer than two leases) was in the
+    way and was removed: someone who can write to the store without the key tried to stop every refresh."""
 
     fence: int
     owner: str
     takeover: bool
     handle: Any = field(default=None, repr=False, compare=False)
+    forced: bool = False
 
     @property
     def value(self) -> str:

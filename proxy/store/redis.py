@@ -16,15 +16,22 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 
-# KEYS: lock, fence counter, last released fence. ARGV: owner, lease ms. Returns the fence, negative when the
-# previous lease was not released (a takeover), 0 when the lease is held.
+# KEYS: lock, fence counter, last released fence. ARGV: owner, lease ms. Returns the fence (negative when the
+# previous lease was not released: a takeover; 0 when the lease is held) and 1 when a lock no sidecar sets (no
+# expiry, or one longer than two leases) was removed first, else 0.
 _ACQUIRE = """
-if redis.call('exists', KEYS[1]) == 1 then return 0 end
+local forced = 0
+if redis.call('exists', KEYS[1]) == 1 then
+  local ttl = redis.call('pttl', KEYS[1])
+  if ttl >= 0 and ttl <= 2 * tonumber(ARGV[2]) then return {0, 0} end
+  redis.call('del', KEYS[1])
+  forced = 1
+end
 local fence = redis.call('incr', KEYS[2])
 redis.call('set', KEYS[1], fence .. ' ' .. ARGV[1], 'px', ARGV[2])
 local released = tonumber(redis.call('get', KEYS[3]) or '0')
-if fence == 1 or released == fence - 1 then return fence end
-return -fence
+if fence == 1 or released == fence - 1 then return {fence, forced} end
+return {-fence, forced}
 """
 # KEYS: lock. ARGV: lease value, lease ms.
 _RENEW = """
@@ -113,15 +120,13 @@ class RedisStore:
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None:
         async with self._errors("taking the refresh lease"):
-            result = int(
-                await self._acquire(
-                    keys=[f"{key}:lock", f"{key}:fence", f"{key}:released"],
-                    args=[self._owner, int(lease_seconds * 1000)],
-                )
+            fence, forced = await self._acquire(
+                keys=[f"{key}:lock", f"{key}:fence", f"{key}:released"],
+                args=[self._owner, int(lease_seconds * 1000)],
             )
-        if result == 0:
+        if int(fence) == 0:
             return None
-        return Lease(fence=abs(result), owner=self._owner, takeover=result < 0)
+        return Lease(fence=abs(int(fence)), owner=self._owner, takeover=int(fence) < 0, forced=bool(int(forced)))
 
     async def renew(self, key: str, lease: Lease, lease_seconds: float) -> bool:
         async with self._errors("renewing the refresh lease"):

@@ -101,6 +101,15 @@ class SharedRefresh:
             except StoreError as exc:
                 return await self._without_store(exc, spec)
             if lease is not None:
+                if lease.forced:
+                    self._store_failed(
+                        StoreError(
+                            self.store.name,
+                            "a refresh lock with no expiry (or longer than two leases), which no sidecar sets, was in "
+                            "the way and was removed: someone who can write to the store without the key tried to "
+                            "stop every refresh. Check who can reach the store (its password, its network)",
+                        )
+                    )
                 return await self._refresh_holding(lease, spec, schedule, held)
             if not waited:
                 waited = True
