@@ -15,8 +15,9 @@ from urllib.parse import unquote
 from starlette.applications import Starlette
 
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.errors import Refusal
+from proxy.errors import CLOSE, Refusal
 from proxy.forward import send_error
+from proxy.listen import in_networks
 from proxy.paths import pick_route
 from proxy.request import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
 from proxy.reserved import reserved_routes
@@ -54,6 +55,7 @@ class SidecarApp:
         self.labels = [route.label for route in sidecar.routes]
         self.access_log = sidecar.access_log
         self.guard = sidecar.guard
+        self.metrics_allow_from = sidecar.settings.metrics_allow_from
         self.limits = sidecar.limits  # logs refusals (at most one line per code per 10 s); its errors are the app's
         self.request_metrics = sidecar.requests
         # Requests to this local port (SIDECAR_METRICS_LISTEN) get the /-/ routes only, never the forwarder.
@@ -117,8 +119,21 @@ class SidecarApp:
                 self.access_log.record(scope, record, seconds)
 
     async def _metrics_listener(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
-        """The second listener: what it serves cannot use the credential, so no caller checks apply."""
+        """The second listener: what it serves cannot use the credential, so any Host may ask (a scraper names a
+        Service) and no caller token is wanted; only peers in ``SIDECAR_METRICS_ALLOW_FROM`` get an answer."""
         record.route = OWN_ROUTE
+        client = scope.get("client")
+        if client and not in_networks(client[0], self.metrics_allow_from):
+            refusal = Refusal(
+                403,
+                "client_not_allowed",
+                f"{client[0]} is not in SIDECAR_METRICS_ALLOW_FROM; add its network there to let it scrape",
+                CLOSE,
+            )
+            self.limits.log_refusal(refusal.code, refusal.detail)
+            record.status, record.error = refusal.status, refusal.code
+            record.bytes_out = await send_error(send, refusal, request_id=record.request_id)
+            return
         path: str = scope["path"]
         if path.startswith("/-/"):
             await self._own_route(scope, receive, send, record)
@@ -137,6 +152,8 @@ class SidecarApp:
         return index
 
     def _no_route(self, scope: Scope) -> Refusal:
+        if not self.guard.trusted(scope):  # the routes are not a stranger's business
+            return Refusal(404, "no_route", "no route matches this path")
         prefixes = ", ".join(prefix.decode() for prefix in self.prefixes)
         return Refusal(404, "no_route", f"no route matches {scope['path']}; routes: {prefixes}")
 

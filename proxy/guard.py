@@ -160,11 +160,29 @@ class CallerGuard:
             return _NO_CALLER
         return None
 
+    def trusted(self, scope: Scope) -> bool:
+        """Whether the caller may see details (file paths, other processes, the token endpoint's words, the route
+        prefixes): a peer on this machine (loopback or a Unix socket), or one presenting the caller token."""
+        client = scope.get("client")
+        if not client or not client[0] or _loopback(client[0]):
+            return True
+        return self.caller_token is not None and self.check_caller(scope) is None
+
     def _host_ok(self, host: bytes) -> bool:
         return _remembered(self._hosts, host, lambda: host_allowed(host_name(host), self._allowed_hosts))
 
     def _peer_ok(self, address: str) -> bool:
         return _remembered(self._peers, address, lambda: in_networks(address, self._allow_from or ()))
+
+
+def _loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _remembered(cache: dict[K, bool], key: K, answer: Callable[[], bool]) -> bool:

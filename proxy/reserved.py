@@ -15,6 +15,9 @@ from proxy.request import CURRENT_REQUEST_ID
 from proxy.sidecar import Sidecar
 from proxy.types import Lifespan
 
+# What a caller that may not see details is told instead of them.
+UNTRUSTED_DETAIL = "details for callers on this machine or with the caller token, and in the sidecar's log"
+
 
 def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starlette:
     """The ``/-/`` routes over ``sidecar``'s state; ``lifespan`` runs the sidecar's start and stop."""
@@ -23,16 +26,19 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        # Details (file paths, other processes, the token endpoint's words) only for a caller on this machine or
+        # one with the caller token; anyone else who can reach the probe gets codes and counts.
+        trusted = sidecar.guard.trusted(request.scope)
         if sidecar.draining:
             return _error(503, "draining", "the sidecar is shutting down")
         for code, reason in (provider.state() for provider in sidecar.providers):
             if code != "ready":
-                return _error(503, code, reason)
+                return _error(503, code, reason if trusted else UNTRUSTED_DETAIL)
         held = [tokens.expires_at for p in sidecar.providers if (tokens := p.usable()) is not None]
         body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
         warnings = sidecar.warnings()
-        if warnings:
-            body["warning"] = " ".join(warnings)  # serving, but a restart (or a rotation) could lose a credential
+        if warnings:  # serving, but a restart (or a rotation) could lose a credential
+            body["warning"] = " ".join(warnings) if trusted else f"{len(warnings)} warning(s); {UNTRUSTED_DETAIL}"
         return JSONResponse(body)
 
     registry = sidecar_registry(sidecar, clock)

@@ -419,3 +419,14 @@ async def test_serve_opens_the_metrics_listener_beside_the_main_one(stack: Stack
     assert code == 0
     assert metric(metrics, "sidecar_requests_total", route="/", method="GET", status_class="2xx") == 1
     assert refused.status_code == 404
+
+
+async def test_the_metrics_listener_answers_only_peers_in_its_allow_from(stack: Stack, client: httpx2.AsyncClient):
+    settings = stack.settings(metrics_listen="127.0.0.1:0", metrics_allow_from="10.0.0.0/8")
+    async with run_sidecar(settings) as sidecar:
+        assert sidecar.metrics_url is not None
+        refused = await client.get(f"{sidecar.metrics_url}/-/metrics")
+        assert (refused.status_code, refused.json()["error"]) == (403, "client_not_allowed")
+        assert "SIDECAR_METRICS_ALLOW_FROM" in refused.json()["detail"]
+        assert refused.headers["connection"] == "close"
+        assert (await client.get(f"{sidecar.url}/-/healthz")).status_code == 200  # the main listener is not affected

@@ -126,6 +126,10 @@ class Settings(Credentialed):
         default=tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM),
         description="CIDRs that may call it when it listens on a non-loopback address",
     )
+    metrics_allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        default=tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM),
+        description="CIDRs that may reach the `SIDECAR_METRICS_LISTEN` listener (scrapers, probes)",
+    )
     caller_token: SecretStr | None = Field(
         default=None, description="a value every forwarded request must carry in `X-Sidecar-Caller`"
     )
@@ -305,7 +309,7 @@ class Settings(Credentialed):
                 raise ValueError(f"{origin!r} must be an origin: scheme://host[:port], no path")
         return value
 
-    @field_validator("allow_from", mode="before")
+    @field_validator("allow_from", "metrics_allow_from", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
         try:

@@ -97,3 +97,14 @@ def test_the_caller_token_is_compared_whole():
         assert refusal is not None and (refusal.status, refusal.code) == (401, "caller_unauthenticated")
         assert "s3cret" not in refusal.detail
     assert CallerGuard().check_caller(scope()) is None
+
+
+def test_details_are_for_callers_on_this_machine_or_with_the_caller_token():
+    guard = CallerGuard(caller_token=Secret("s3cret-caller"))
+    assert guard.trusted(scope(client="127.0.0.1"))
+    assert guard.trusted(scope(client="::1"))
+    assert guard.trusted(scope(client="::ffff:127.0.0.1"))
+    assert guard.trusted({"type": "http", "headers": [], "client": None})  # a Unix socket
+    assert not guard.trusted(scope(client="10.1.2.3"))
+    assert guard.trusted(scope(client="10.1.2.3", x_sidecar_caller="s3cret-caller"))
+    assert not CallerGuard().trusted(scope(client="10.1.2.3", x_sidecar_caller="anything"))
