@@ -191,6 +191,11 @@ class SidecarCollector(Collector):
             value=max((p.schedule.failures_in_row for p in providers), default=0),
         )
         yield CounterMetricFamily(
+            "sidecar_secret_refusals",
+            "New secret file values Cognito refused while the previous ones still worked (those stayed in use)",
+            value=total(p.new_secrets.refused_count for p in providers),
+        )
+        yield CounterMetricFamily(
             "sidecar_refresh_token_rotations",
             "Times Cognito rotated the refresh token",
             value=total(grant.rotations for grant in grants),

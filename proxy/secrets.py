@@ -149,6 +149,8 @@ class Secret:
     def __init__(self, value: str, path: Path | None = None) -> None:
         self._value = value
         self.path = path
+        self._previous: str | None = None  # the value before the last re-read, until it is settled
+        self._rejected: str | None = None  # a file value the issuer refused: not taken again from the same file
 
     def __repr__(self) -> str:
         return f"Secret(path={str(self.path) if self.path else None!r})"
@@ -166,11 +168,26 @@ class Secret:
         except OSError as exc:
             log.error("cannot re-read %s (%s); keeping the current value", self.path, exc.strerror)
             return False
-        if not fresh or fresh == self._value:
+        if fresh == self._value and self._rejected is not None:
+            self._rejected = None  # the file holds the value in use again: worth one confirmation, as a change
+            return True
+        if not fresh or fresh == self._value or fresh == self._rejected:
             return False
-        self._value = fresh
+        self._previous, self._value, self._rejected = self._value, fresh, None
         log.info("picked up a new value from %s", self.path)
         return True
+
+    def restore(self) -> bool:
+        """The value re-read last was refused: go back to the one before it (True), and do not take the refused
+        one from the file again until the file holds another. False when there is nothing to go back to."""
+        if self._previous is None:
+            return False
+        self._rejected, self._value, self._previous = self._value, self._previous, None
+        return True
+
+    def settle(self) -> None:
+        """The value re-read last works: forget the one before it."""
+        self._previous = None
 
 
 # Linux prctl: whether the process may dump core and be read through /proc/PID/mem by its own user.

@@ -25,7 +25,7 @@ from proxy.server.limits import ConnectionLimits
 from proxy.settings import RouteSettings, Settings
 from proxy.store.base import Store
 from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
-from proxy.tokens.provider import TokenProvider
+from proxy.tokens.provider import TokenProvider, TokenView
 from proxy.tokens.schedule import RefreshPolicy
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
@@ -199,7 +199,7 @@ def build_sidecar(
             route.prefix.encode(),
             Forwarder(
                 upstream_url=route.upstream_url,
-                tokens=providers[route.credential_key()].view(route.token),
+                tokens=TokenView(providers[route.credential_key()], route.token),
                 header=route.header,
                 header_prefix=route.header_prefix,
                 strip_prefix=route.prefix if route.strip_prefix else "",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import shutil
 import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -16,7 +18,7 @@ from pydantic import SecretStr
 
 from proxy.emulator import fingerprint
 from proxy.secrets import read_secret_file
-from tests.conftest import FakeClock, Stack, run_sidecar, run_stack, sidecar_process, stack_env
+from tests.conftest import FakeClock, Stack, metric, run_sidecar, run_stack, sidecar_process, stack_env
 
 
 async def test_rotated_refresh_token_is_written_to_its_file(client: httpx2.AsyncClient, tmp_path: Path):
@@ -238,3 +240,54 @@ async def test_secret_files_are_reread_when_kubernetes_swaps_them(client: httpx2
             _kubernetes_secret_volume(volume, {"api_key": "new-key"}, "2026_12_02_10_05_00.2")
             await asyncio.wait_for(sidecar.parts.secrets_changed.wait(), 10)
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+
+
+@contextlib.contextmanager
+def awaiting(event_name: str) -> Iterator[asyncio.Event]:
+    """An event set when the package logs a line for ``event_name`` (what the sidecar reports, as it reports it)."""
+    seen = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            happened = getattr(record, "sidecar_event", None)  # what logs.event() attaches: (name, fields)
+            if happened is not None and happened[0] == event_name:
+                seen.set()
+
+    handler = Watch()
+    logger = logging.getLogger("proxy")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_a_wrong_new_secret_is_tried_at_once_and_the_working_one_kept(
+    client: httpx2.AsyncClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="proxy")  # token_refreshed is an INFO line
+    async with run_stack() as stack:
+        secret_file = tmp_path / "client-secret"
+        secret_file.write_text((stack.emulator.client.secret or "") + "\n")
+        secret_file.chmod(0o600)
+        async with run_sidecar(stack.settings(client_secret_file=secret_file)) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+            assert stack.token_requests == 1
+            with awaiting("secret_refused") as refused:
+                secret_file.write_text("a-wrong-secret\n")  # a typo, with a valid token still in hand
+                assert sidecar.tokens.reload_credentials()  # what the file watcher or SIGHUP does
+                await asyncio.wait_for(refused.wait(), 10)
+            assert stack.token_requests == 2  # the one request that tried the new value, at once
+            ready = await client.get(f"{sidecar.url}/-/readyz")
+            assert ready.status_code == 200 and "refused by Cognito (invalid_client)" in ready.json()["warning"]
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+            metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
+            assert metric(metrics, "sidecar_secret_refusals_total") == 1
+            # The file fixed: tried once more, and the warning goes.
+            with awaiting("token_refreshed") as refreshed:
+                secret_file.write_text((stack.emulator.client.secret or "") + "\n")
+                assert sidecar.tokens.reload_credentials()
+                await asyncio.wait_for(refreshed.wait(), 10)
+            assert stack.token_requests == 3
+            assert "warning" not in (await client.get(f"{sidecar.url}/-/readyz")).json()
+    assert "a-wrong-secret" not in caplog.text

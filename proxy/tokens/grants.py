@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from proxy.errors import PermanentTokenError
+from proxy.errors import PermanentTokenError, TokenError
 from proxy.logs import event
 from proxy.secrets import FileUseLock, Secret, write_secret_file
 from proxy.tokens.endpoint import TokenEndpoint
@@ -65,6 +65,14 @@ class Grant(Protocol):
     async def fetch(self) -> TokenResponse: ...
 
     def reload(self) -> bool: ...
+
+    def restore(self) -> bool:
+        """Values re-read from the files were refused: go back to the previous ones; True if there were any."""
+        ...
+
+    def settle(self) -> None:
+        """Values re-read from the files worked: forget the previous ones."""
+        ...
 
     def claim(self) -> None:
         """Note that this process serves with the credential (``serve``); sets ``shared_warning`` if another does."""
@@ -132,6 +140,19 @@ class RefreshTokenGrant:
             self._configured = self._token.value
         changed_secret = self._client_secret.reload() if self._client_secret else False
         return changed_token or changed_secret
+
+    def restore(self) -> bool:
+        restored = self._token.restore()
+        if restored:
+            self._configured = self._token.value
+        if self._client_secret is not None:
+            restored = self._client_secret.restore() or restored
+        return restored
+
+    def settle(self) -> None:
+        self._token.settle()
+        if self._client_secret is not None:
+            self._client_secret.settle()
 
     async def fetch(self) -> TokenResponse:
         if self._persist_pending():
@@ -254,9 +275,52 @@ class ClientCredentialsGrant:
     def reload(self) -> bool:
         return self._client_secret.reload()
 
+    def restore(self) -> bool:
+        return self._client_secret.restore()
+
+    def settle(self) -> None:
+        self._client_secret.settle()
+
     async def fetch(self) -> TokenResponse:
         return await _rereading_files_once(
             lambda: self._endpoint.client_credentials(self._scopes, self._client_secret.value),
             self.reload,
             ("invalid_client",),
         )
+
+
+class NewSecrets:
+    """New values in a grant's secret files are tried with the next token request. Refused while the previous
+    ones still hold a valid token, the previous ones stay in use, and ``warning`` (readiness), the log and
+    ``refused_count`` (metrics) say so until the file changes again."""
+
+    def __init__(self, grant: Grant) -> None:
+        self._grant = grant
+        self._pending = False
+        self.warning: str | None = None
+        self.refused_count = 0
+
+    def changed(self) -> None:
+        self._pending = True
+
+    def trying(self) -> bool:
+        """Whether the token request about to go is the first with new values (once per change)."""
+        pending, self._pending = self._pending, False
+        return pending
+
+    def worked(self) -> None:
+        self._grant.settle()
+        self.warning = None
+
+    def refused(self, error: TokenError) -> bool:
+        """Cognito refused the new values: go back to the previous ones; False if there were none."""
+        if not self._grant.restore():
+            return False
+        self.refused_count += 1
+        said = getattr(error, "error", None) or error.code
+        self.warning = (
+            f"a new value in a secret file was refused by Cognito ({said}); the previous one is still in use: fix "
+            "the file (it is tried again when it changes)"
+        )
+        log.error("%s", self.warning, extra=event("secret_refused", code=error.code))
+        return True

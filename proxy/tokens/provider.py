@@ -30,7 +30,7 @@ from proxy.errors import TokenEndpointError, TokenError, TransientTokenError
 from proxy.logs import event
 from proxy.stats import Histogram
 from proxy.tokens.fleet import SharedRefresh
-from proxy.tokens.grants import Grant
+from proxy.tokens.grants import Grant, NewSecrets
 from proxy.tokens.refresher import NextOutcome, Refresher
 from proxy.tokens.schedule import RefreshPolicy, RefreshSchedule
 from proxy.tokens.spec import TokenSpec
@@ -55,43 +55,33 @@ class TokenProvider:
         shared: SharedRefresh | None = None,
     ) -> None:
         self.grant = grant
-        # Sidecars sharing the credential through a store: one of them refreshes, the others take its tokens.
-        self.shared = shared
+        self.shared = shared  # sidecars sharing the credential: one refreshes, the others take its tokens
         self.spec = TokenSpec(frozenset(kinds), margin, grant.flow, clock)
-        # A request with no valid token waits at most this long; a token request is bounded by twice it
-        # (the grant may re-read its files and ask once more).
+        # A request with no valid token waits at most this long; a token request at most twice it.
         self._wait_limit = wait_limit
         self._clock = clock
-        self.schedule = RefreshSchedule(
-            policy or RefreshPolicy(),
-            rng or random.Random(),  # noqa: S311 - jitter, not crypto
-            shared=shared is not None,
-        )
+        jitter = rng or random.Random()  # noqa: S311 - jitter, not crypto
+        self.schedule = RefreshSchedule(policy or RefreshPolicy(), jitter, shared=shared is not None)
         self.current: TokenSet | None = None
         self.last_error: TokenError | None = None
         self._attempting = False
+        self.new_secrets = NewSecrets(grant)
         self._outcome = NextOutcome()  # what waiters await: the next attempt's result
         self.refresher = Refresher(self.schedule, clock, lambda: self.current, self._attempt)
-        # Refreshes by outcome ("success" or ``failure_kind``) and their durations in real seconds, for /-/metrics.
+        # For /-/metrics: refreshes by outcome ("success" or ``failure_kind``) and their real durations, requests
+        # that waited for a token (flat at steady state), new secret values refused.
         self.outcomes: Counter[str] = Counter()
         self.durations = Histogram()
-        # Requests that waited for a token request because no valid token was held; flat at steady state.
         self.waits = 0
 
     def __repr__(self) -> str:
         return f"TokenProvider(grant={self.grant!r}, kinds={sorted(self.spec.kinds)!r})"
 
-    def view(self, kind: str) -> TokenView:
-        """A source of ``kind`` tokens for one forwarder; every view shares this provider's tokens."""
-        if kind not in self.spec.kinds:
-            raise ValueError(f"this provider does not fetch {kind}")
-        return TokenView(self, kind)
-
     def warnings(self) -> list[str]:
-        """What readiness reports while a token is held: a rotated refresh token that could not be written,
-        another process serving with the same file, a problem with the token store."""
-        found = (self.grant.persist_error, self.grant.shared_warning, self.shared.problem if self.shared else None)
-        return [warning for warning in found if warning]
+        """What readiness reports while a token is held: a rotated refresh token that could not be written, another
+        process serving with the same file, the token store's trouble, a new secret value refused."""
+        store = self.shared.problem if self.shared else None
+        return [w for w in (self.grant.persist_error, self.grant.shared_warning, store, self.new_secrets.warning) if w]
 
     def usable(self) -> TokenSet | None:
         """The current tokens if they may still be sent, without waiting or asking for anything."""
@@ -152,10 +142,8 @@ class TokenProvider:
         """API Gateway refused ``token``: refresh once, unless one was asked for this way in the last
         ``suspect_interval`` seconds. The token in hand stays until a new one has arrived. True if asked now."""
         tokens = self.current
-        if tokens is None or not tokens.holds(token):
-            return False  # already replaced
-        if not self.schedule.suspect(self._clock.monotonic()):
-            return False
+        if tokens is None or not tokens.holds(token) or not self.schedule.suspect(self._clock.monotonic()):
+            return False  # already replaced, or asked for this way lately
         log.warning("API Gateway refused the current token; asking for a new one", extra=event("token_refused"))
         self._ask()
         return True
@@ -173,20 +161,20 @@ class TokenProvider:
         return tokens[token.kind]
 
     def reload_credentials(self) -> bool:
-        """Re-read secret files (SIGHUP, a changed file); a change lifts any hold and retries at once if no valid
-        token is held."""
+        """Re-read secret files (SIGHUP, a changed file); a change lifts any hold and is tried at once with a token
+        request (within the usual minimum interval): a wrong new value shows now, not at the next refresh."""
         changed = self.grant.reload()
         if changed:
             if self.shared is not None:
                 self.shared.credentials_changed()
             self.schedule.credentials_changed()
-            if self.usable() is None:
-                self._ask()
+            self.new_secrets.changed()
+            self._ask()
             self.refresher.wake()
         return changed
 
     def start(self) -> None:
-        """Start the refresher; call from a running loop (the app's lifespan). It asks for a token at once."""
+        """Start the refresher (in a running loop); it asks for a token at once."""
         self.refresher.start()
 
     async def aclose(self) -> None:
@@ -196,11 +184,19 @@ class TokenProvider:
         self.schedule.started(self._clock.monotonic())
         self._attempting = True
         began = time.perf_counter()  # real time, whatever the clock: how long the endpoint took
+        trying = self.new_secrets.trying()
         try:
             tokens = await self._fetch()
         except TokenError as exc:
-            self._failed(exc, time.perf_counter() - began)
+            # Refused while the previous values still hold a valid token: those stay, and the failure is theirs.
+            if trying and exc.permanent and self.usable() is not None and self.new_secrets.refused(exc):
+                self._count(exc.failure_kind, time.perf_counter() - began)
+                self._outcome.fail(exc)
+            else:
+                self._failed(exc, time.perf_counter() - began)
         else:
+            if trying:
+                self.new_secrets.worked()
             self._succeeded(tokens, time.perf_counter() - began)
         finally:
             self._attempting = False
@@ -220,8 +216,7 @@ class TokenProvider:
     def _succeeded(self, tokens: TokenSet, seconds: float) -> None:
         self.current = tokens
         self.schedule.succeeded(tokens)
-        self.outcomes["success"] += 1
-        self.durations.observe(seconds)
+        self._count("success", seconds)
         self.last_error = None
         now = self._clock.monotonic()
         _log_refreshed(
@@ -229,10 +224,13 @@ class TokenProvider:
         )
         self._outcome.resolve(tokens)
 
+    def _count(self, outcome: str, seconds: float) -> None:
+        self.outcomes[outcome] += 1
+        self.durations.observe(seconds)
+
     def _failed(self, error: TokenError, seconds: float) -> None:
         wait = self.schedule.failed(self._clock.monotonic(), error)
-        self.outcomes[error.failure_kind] += 1
-        self.durations.observe(seconds)
+        self._count(error.failure_kind, seconds)
         self.last_error = error
         held = self.usable()
         valid = round(held.expires_at - self._clock.monotonic()) if held else None
@@ -299,9 +297,12 @@ def _log_failed(error: TokenError, failures: int, wait: float, seconds: float, v
 
 
 class TokenView:
-    """One kind of token from a shared ``TokenProvider``: what a forwarder is handed."""
+    """One kind of token from a shared ``TokenProvider``: what a forwarder is handed. Every view of a provider
+    shares its tokens."""
 
     def __init__(self, provider: TokenProvider, kind: str) -> None:
+        if kind not in provider.spec.kinds:
+            raise ValueError(f"this provider does not fetch {kind}")
         self._provider = provider
         self._clock = provider._clock
         self.kind = kind
