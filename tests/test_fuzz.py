@@ -87,6 +87,18 @@ MUTATIONS: dict[str, Mutation] = {
         _head(r, target=r.choice([b"/..", b"/a/../..", b"/%2e%2e/x", b"/a/.%2E/b", b"/%2E"])) + b"\r\n"
     ),
     "injected_byte": lambda r: _inject(r),
+    "ows_content_length": lambda r: _head(
+        r, b"POST", extra=b"Content-Length: 4" + r.choice([b" ", b"\t", b"  "]) + b"\r\n\r\nabcd"
+    ),
+    "ambiguous_dot": lambda r: (
+        _head(
+            r, target=r.choice([b"/a/..;/b", b"/..%2fx", b"/a/..%5cb", b"/%252e%252e/x", b"/%c0%ae%c0%ae/x", b"/a%00"])
+        )
+        + b"\r\n"
+    ),
+    "padded_head": lambda r: _head(r, extra=b"X-Pad: " + b" \t" * r.randrange(9_000, 20_000) + b"v\r\n\r\n"),
+    "pipelined_refusals": lambda r: (_head(r, target=b"/..") + b"\r\n") * r.randrange(20, 200),
+    "blank_lines_only": lambda r: b"\r\n" * r.randrange(1, 2000),
 }
 
 

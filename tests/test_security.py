@@ -204,6 +204,21 @@ async def test_a_content_length_with_trailing_whitespace_gets_a_400_not_a_traceb
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
 
 
+async def test_whitespace_padding_counts_toward_the_head_limit(stack: Stack, sidecar: RunningSidecar):
+    before = stack.emulator.apigw.requests
+    padded = b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: " + b" " * 20_000 + b"v\r\n\r\n"
+    status, headers, _ = await raw_request(sidecar.url, padded)
+    assert (status, headers["x-sidecar-error"]) == (431, ["headers_too_large"])
+    # The same padding over two reads: the first part alone is past the limit.
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(padded[: len(padded) - 10])
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert stack.emulator.apigw.requests == before
+
+
 async def test_bodies_over_the_limit_get_413_before_anything_is_sent(stack: Stack, client: httpx2.AsyncClient):
     async with run_sidecar(stack.settings(max_body_bytes=100_000)) as sidecar:
         before = stack.emulator.apigw.requests

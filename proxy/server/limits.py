@@ -125,6 +125,13 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._head_started = False
         self._lingering = False
         self._discarding = False  # too many requests sent ahead: the rest of the connection is dropped
+        # Heads are measured in the bytes that carried them, padding included (httptools hands over header values
+        # without their surrounding whitespace): the current read, and where in it the parser is while the
+        # messages in it can be followed (None once they cannot: a chunked body, or a read that began mid-message).
+        self._read = b""
+        self._at: int | None = None
+        self._head_from = 0
+        self._in_message = False
         self._served = False  # a request head has arrived on this connection
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0
@@ -164,6 +171,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         # within a read is counted by the parser callbacks, and what httptools holds of it is one read at most.)
         counted = self._in_head
         self._began = False
+        self._read, self._at = data, (None if self._in_message else 0)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -185,8 +193,15 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             else:
                 self._refuse(Refusal(400, "bad_request", "the request is not valid HTTP/1.1"))
             return
+        finally:
+            self._read = b""  # never kept past the read: an idle connection holds no buffer
         if counted and self._in_head and not self._began:
             self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(self._too_large())
+        elif self._began and self._in_head and self._at is not None:
+            # A head that began in this read and goes on in the next: all of the read from its start is head.
+            self._head_bytes = max(self._head_bytes, len(data) - self._head_from)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._too_large())
         if self.timeout_keep_alive_task is None and self._served and not self._head_started and not self.pipeline:
@@ -201,6 +216,12 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     # Parser callbacks
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_message = True
+        at, read = self._at, self._read
+        if at is not None:
+            while at < len(read) and read[at] in b"\r\n":  # the parser skips blank lines between messages
+                at += 1
+            self._head_from = at
         self._in_head = True
         self._began = True
         self._head_started = True
@@ -221,6 +242,14 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._at is not None:
+            end = self._read.find(b"\r\n\r\n", self._head_from)
+            if end < 0:
+                self._at = None
+            else:
+                self._at = end + 4
+                if self._at - self._head_from > self.limits.max_header_bytes:
+                    raise self._too_large()  # padding the parser does not report counts too
         self._in_head = False
         self._head_started = False
         self._served = True
@@ -250,6 +279,18 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             "ones are answered and the connection closes",
         )
         raise _PipelineFull
+
+    def on_body(self, body: bytes) -> None:
+        if self._at is not None:
+            self._at += len(body)
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._at = None  # chunk sizes and extensions are not reported: the rest of this read cannot be followed
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
