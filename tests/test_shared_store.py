@@ -435,3 +435,22 @@ async def test_workers_share_one_token_and_are_restarted(client: httpx2.AsyncCli
             code, said = await process.stop()
             assert code == 0
             assert_hidden(said, stack.emulator.refresh_token, stack.emulator.client.secret or "")
+
+
+async def test_a_member_starting_late_in_the_fleets_token_life_adopts_its_set(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    clock = FakeClock()
+    async with run_stack(token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        settings = stack.settings(token_store=redis_srv.url)
+        async with run_sidecar(settings, clock=clock) as first:
+            assert (await client.get(f"{first.url}/a")).status_code == 200
+            clock.advance(40 * 60)  # the stored set is 40 minutes old: 20 left, 15 before its refresh point
+            async with run_sidecar(settings, clock=clock) as late:
+                assert (await client.get(f"{late.url}/b")).status_code == 200
+                held = late.tokens.usable()
+                assert held is not None
+                # Its age counted once: it expires when the first member's does, not 40 minutes sooner.
+                assert abs(held.expires_at - clock.monotonic() - 20 * 60) < 10
+        assert stack.token_requests == 1

@@ -30,6 +30,7 @@ class TokenSpec:
             received_at=self.clock.monotonic() - age,
             wall_now=self.clock.time(),
             flow=self.flow,
+            age=age,
         )
 
     def adoptable(self, record: Record, held: TokenSet | None) -> TokenSet | None:

@@ -95,12 +95,22 @@ class TokenSet:
 
 
 def make_token_set(
-    response: TokenResponse, *, kinds: frozenset[str], margin: float, received_at: float, wall_now: float, flow: str
+    response: TokenResponse,
+    *,
+    kinds: frozenset[str],
+    margin: float,
+    received_at: float,
+    wall_now: float,
+    flow: str,
+    age: float = 0.0,
 ) -> TokenSet:
-    """The ``kinds`` of token the routes need, from one answer; ``TokenError`` if one cannot be used."""
+    """The ``kinds`` of token the routes need, from one answer that arrived ``age`` seconds before ``wall_now``;
+    ``TokenError`` if one cannot be used."""
     return TokenSet(
         {
-            kind: make_token(response, kind=kind, margin=margin, received_at=received_at, wall_now=wall_now, flow=flow)
+            kind: make_token(
+                response, kind=kind, margin=margin, received_at=received_at, wall_now=wall_now, flow=flow, age=age
+            )
             for kind in sorted(kinds)
         }
     )
@@ -111,14 +121,23 @@ def _number(value: object) -> float | None:
 
 
 def make_token(
-    response: TokenResponse, *, kind: str, margin: float, received_at: float, wall_now: float, flow: str = "refresh"
+    response: TokenResponse,
+    *,
+    kind: str,
+    margin: float,
+    received_at: float,
+    wall_now: float,
+    flow: str = "refresh",
+    age: float = 0.0,
 ) -> Token:
     """Turn a token response into the ``Token`` to inject.
 
     Its life is what the endpoint announced (``expires_in``, or the JWT's own ``exp - iat`` when shorter: id
     and access tokens may live differently), counted from ``received_at`` on the monotonic clock, and bounded by
-    ``exp`` read against this machine's wall clock ``wall_now``. A token with no more life left than the margin
-    is refused with ``TokenClockSkewError`` (transient): it would be refreshed at once, again and again.
+    ``exp`` read against this machine's wall clock ``wall_now``, which is ``age`` seconds after ``received_at``
+    (a set adopted from the token store arrived earlier: its age counts once). A token with no more life left
+    than the margin when it arrived is refused with ``TokenClockSkewError`` (transient): it would be refreshed
+    at once, again and again.
     """
     value = response.id_token if kind == "id_token" else response.access_token
     if not value:
@@ -144,7 +163,7 @@ def make_token(
     announced = [float(life) for life in (response.expires_in,) if life]
     if exp is not None and iat is not None and exp > iat:
         announced.append(exp - iat)
-    by_clock = exp - wall_now if exp is not None else None
+    by_clock = exp - wall_now + age if exp is not None else None  # life from receipt, by the wall clock
     if not announced and by_clock is None:
         raise TokenUnusableError(
             f"the {kind} has no exp claim and the answer no expires_in, so the sidecar cannot tell when it expires"
