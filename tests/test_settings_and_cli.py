@@ -91,6 +91,19 @@ async def test_sigint_skips_the_shutdown_delay(stack: Stack):
     assert code == 0 and "draining; new requests" not in text
 
 
+async def test_a_second_signal_still_runs_the_shutdown_steps(stack: Stack):
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_LOG_LEVEL="info")
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        assert (await client.get(f"{sidecar.url}/x")).status_code == 200
+        sidecar.process.send_signal(signal.SIGINT)
+        await sidecar.read_until("Shutting down")
+        sidecar.process.send_signal(signal.SIGINT)  # an impatient second Ctrl-C
+        code, text = await sidecar.stop(None)
+    assert code == 0
+    assert "Traceback" not in text and "CancelledError" not in text
+    assert "Application shutdown complete" in text
+
+
 def test_version_and_serve_help_list_every_setting():
     out = subprocess.run(
         [sys.executable, "-m", "proxy", "--version"], capture_output=True, text=True, check=True

@@ -244,6 +244,13 @@ class GracefulServer(uvicorn.Server):
             self._stopping.cancel()
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self.force_exit:
+            # A second signal makes uvicorn skip the app's shutdown (and cancel it, with a traceback): the
+            # sidecar's stop steps (the last access lines, the store, the refresh token file's lock) still run.
+            await self.lifespan.shutdown()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}

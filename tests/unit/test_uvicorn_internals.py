@@ -66,6 +66,10 @@ def test_the_httptools_protocol_still_has_what_the_sidecar_overrides_and_reads()
 def test_the_server_still_has_the_main_loop_the_embedded_server_replaces():
     missing = [name for name in SERVER_METHODS if not callable(getattr(Server, name, None))]
     assert not missing, f"uvicorn's Server lost {missing}: proxy/server/serving.py needs work"
+    shutdown = inspect.getsource(Server.shutdown)
+    assert "if not self.force_exit" in shutdown and "self.lifespan.shutdown()" in shutdown, (
+        "uvicorn's Server.shutdown changed: check GracefulServer.shutdown's second-signal path"
+    )
     main_loop = inspect.getsource(Server.main_loop)
     assert "await self.on_tick(counter)" in main_loop and "asyncio.sleep(0.1)" in main_loop, (
         "uvicorn's Server.main_loop changed: compare _EmbeddedServer.main_loop with it"
