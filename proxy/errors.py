@@ -100,6 +100,9 @@ class TokenError(SidecarError):
     # Seconds after which trying again costs the token endpoint nothing (the failure was elsewhere, e.g. the token
     # store): the refresher then looks again at least this often, whatever the backoff says. None: back off.
     retry_within: float | None = None
+    # Whether a token request went out: a failure that cost the token endpoint nothing (the store was out of reach)
+    # does not count toward the backoff or the fleet's hold-off.
+    asked_endpoint = True
 
 
 class TokenEndpointError(TokenError):
@@ -235,6 +238,7 @@ class StoreUnavailableError(TransientTokenError):
     code = "store_unavailable"
     failure_kind = "store_unavailable"
     retry_within = STORE_RETRY
+    asked_endpoint = False
 
     def __init__(self, error: StoreError, flow: str) -> None:
         self.store_error = error

@@ -122,9 +122,14 @@ class RefreshSchedule:
         self.not_before = 0.0
 
     def failed(self, now: float, error: TokenError) -> float:
-        """A failed token request: the wait before the next one, which is also returned."""
-        self.failures_in_row += 1
-        wait = self.policy.backoff(self.failures_in_row, error, self._rng)
+        """A failed attempt: the wait before the next one, which is also returned. One that asked no token
+        endpoint (a look at an unreachable store) waits its own ``retry_within`` and leaves the count of failures
+        in a row, and so the backoff, where it was."""
+        if not error.asked_endpoint:
+            wait = error.retry_within if error.retry_within is not None else self.policy.first_wait
+        else:
+            self.failures_in_row += 1
+            wait = self.policy.backoff(self.failures_in_row, error, self._rng)
         self.not_before = now + wait
         return wait
 

@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from proxy.errors import PermanentTokenError, TokenClockSkewError, TransientTokenError
+from proxy.errors import (
+    PermanentTokenError,
+    StoreError,
+    StoreUnavailableError,
+    TokenClockSkewError,
+    TransientTokenError,
+)
 from proxy.tokens.endpoint import parse_retry_after
 from proxy.tokens.schedule import MAX_RETRY_WAIT, RefreshPolicy, RefreshSchedule
 from proxy.tokens.token import Token, TokenSet
@@ -106,3 +112,15 @@ def test_refused_tokens_ask_at_most_once_per_suspect_interval():
     assert schedule.suspect(10.0)
     assert not schedule.suspect(39.0)
     assert schedule.suspect(40.0)
+
+
+def test_looks_at_an_unreachable_store_do_not_grow_the_backoff():
+    schedule = RefreshSchedule(RefreshPolicy(), random.Random(5))
+    outage = StoreUnavailableError(StoreError("redis://redis:6379/0", "connection refused"), "refresh")
+    for second in range(30):  # the store down for half a minute, looked at every second
+        assert schedule.failed(float(second), outage) == outage.retry_within
+    assert schedule.failures_in_row == 0
+    # Then Cognito fails once: the first failure's short wait, not the 30th's.
+    assert schedule.failed(30.0, DOWN) <= RefreshPolicy().first_wait
+    assert schedule.failures_in_row == 1
+    assert schedule.hold_for(DOWN, 1) <= 2 * RefreshPolicy().first_wait  # what a fleet's hold-off note asks
