@@ -106,6 +106,67 @@ def refusal_bytes(refusal: Refusal) -> bytes:
     return head + body
 
 
+class HeadMeter:
+    """Where the parser is in the current read, so that heads are measured in the bytes that carried them,
+    padding included (httptools hands over header values without their surrounding whitespace). ``at`` is None
+    once the messages in the read cannot be followed: a chunked body, or a read that began mid-message (the
+    parser callbacks' count stays then)."""
+
+    __slots__ = ("at", "head_from", "in_message", "read")
+
+    def __init__(self) -> None:
+        self.read = b""
+        self.at: int | None = None
+        self.head_from = 0
+        self.in_message = False
+
+    def start(self, data: bytes) -> None:
+        self.read, self.at = data, (None if self.in_message else 0)
+
+    def message_begins(self) -> None:
+        self.in_message = True
+        at, read = self.at, self.read
+        if at is not None:
+            while at < len(read) and read[at] in b"\r\n":  # the parser skips blank lines between messages
+                at += 1
+            self.head_from = at
+
+    def head_ends(self) -> int | None:
+        """The size of the head that just ended, when it could be followed."""
+        if self.at is None:
+            return None
+        end = self.read.find(b"\r\n\r\n", self.head_from)
+        if end < 0:
+            self.at = None
+            return None
+        self.at = end + 4
+        return self.at - self.head_from
+
+
+_TOO_MANY_PIPELINED = (
+    f"a client sent more than {MAX_PIPELINED} requests ahead of their answers on one connection; the queued ones "
+    "are answered and the connection closes"
+)
+
+
+def _not_allowed(peer: str) -> Refusal:
+    detail = f"{peer} is not in SIDECAR_ALLOW_FROM; add its network there to let it use the sidecar"
+    return Refusal(403, "client_not_allowed", detail)
+
+
+def _too_many_clients(limit: int) -> Refusal:
+    detail = f"the sidecar already serves {limit} connections (SIDECAR_MAX_CLIENTS); retry shortly"
+    return Refusal(503, "too_many_clients", detail)
+
+
+def _head_too_large(limit: int) -> Refusal:
+    detail = (
+        f"the request head is larger than {limit} bytes (SIDECAR_MAX_HEADER_BYTES; API Gateway itself refuses more "
+        "than 10 KiB)"
+    )
+    return Refusal(431, "headers_too_large", detail)
+
+
 class _PipelineFull(Exception):
     """Raised from a parser callback to stop parsing a read that holds too many pipelined requests."""
 
@@ -125,36 +186,18 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._head_started = False
         self._lingering = False
         self._discarding = False  # too many requests sent ahead: the rest of the connection is dropped
-        # Heads are measured in the bytes that carried them, padding included (httptools hands over header values
-        # without their surrounding whitespace): the current read, and where in it the parser is while the
-        # messages in it can be followed (None once they cannot: a chunked body, or a read that began mid-message).
-        self._read = b""
-        self._at: int | None = None
-        self._head_from = 0
-        self._in_message = False
+        self._meter = HeadMeter()
         self._served = False  # a request head has arrived on this connection
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0
         super().connection_made(transport)
         limits = self.limits
         if limits.allow_from is not None and self.client and not in_networks(self.client[0], limits.allow_from):
-            # Refused before it costs a client slot.
-            refusal = Refusal(
-                403,
-                "client_not_allowed",
-                f"{self.client[0]} is not in SIDECAR_ALLOW_FROM; add its network there to let it use the sidecar",
-            )
-            self._refuse(refusal)
-            self.connections.discard(self)  # while it lingers, it holds no client slot
+            self._refuse(_not_allowed(self.client[0]))  # before it costs a client slot:
+            self.connections.discard(self)  # while it lingers for its answer, it holds none
             return
         if len(self.connections) > limits.max_clients:
-            self._refuse(
-                Refusal(
-                    503,
-                    "too_many_clients",
-                    f"the sidecar already serves {limits.max_clients} connections (SIDECAR_MAX_CLIENTS); retry shortly",
-                )
-            )
+            self._refuse(_too_many_clients(limits.max_clients))
             return
         self._head_deadline = self.loop.time() + limits.head_timeout
         self._head_timer = self.loop.call_at(self._head_deadline, self._head_expired)
@@ -167,11 +210,9 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self._lingering or self._discarding:
             return  # refused already: dropped, see LINGER_TIMEOUT and MAX_PIPELINED
         self._unset_keepalive_if_required()
-        # A read that starts inside a head and ends inside the same head is all head. (A head that begins
-        # within a read is counted by the parser callbacks, and what httptools holds of it is one read at most.)
-        counted = self._in_head
+        counted = self._in_head  # a read that starts inside a head and ends inside it is all head
         self._began = False
-        self._read, self._at = data, (None if self._in_message else 0)
+        self._meter.start(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -182,9 +223,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             return
         except httptools.HttpParserError as exc:
             refusal = exc.__context__
-            if refusal is not None:
-                # Its traceback holds this frame, and so the read: without this the read (up to 256 KiB) lives
-                # until the cyclic garbage collector runs, which it seldom does here (see tune_gc).
+            if refusal is not None:  # its traceback would hold this frame and the read until a (rare) full GC
                 refusal.__traceback__ = None
             if isinstance(refusal, _PipelineFull):
                 return
@@ -194,21 +233,20 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 self._refuse(Refusal(400, "bad_request", "the request is not valid HTTP/1.1"))
             return
         finally:
-            self._read = b""  # never kept past the read: an idle connection holds no buffer
+            self._meter.read = b""  # never kept past the read: an idle connection holds no buffer
         if counted and self._in_head and not self._began:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._too_large())
-        elif self._began and self._in_head and self._at is not None:
+        elif self._began and self._in_head and self._meter.at is not None:
             # A head that began in this read and goes on in the next: all of the read from its start is head.
-            self._head_bytes = max(self._head_bytes, len(data) - self._head_from)
+            self._head_bytes = max(self._head_bytes, len(data) - self._meter.head_from)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._too_large())
         if self.timeout_keep_alive_task is None and self._served and not self._head_started and not self.pipeline:
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
-                # Bytes that start no request (a bare CRLF between requests) cancelled the keep-alive timer above:
-                # arm it again, or the idle connection would stay open forever.
+                # Bytes that start no request (a CRLF between requests) cancelled the idle timer above: arm it again.
                 self.timeout_keep_alive_task = self.loop.call_later(
                     self.timeout_keep_alive, self.timeout_keep_alive_handler
                 )
@@ -216,12 +254,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     # Parser callbacks
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_message = True
-        at, read = self._at, self._read
-        if at is not None:
-            while at < len(read) and read[at] in b"\r\n":  # the parser skips blank lines between messages
-                at += 1
-            self._head_from = at
+        self._meter.message_begins()
         self._in_head = True
         self._began = True
         self._head_started = True
@@ -242,14 +275,9 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        if self._at is not None:
-            end = self._read.find(b"\r\n\r\n", self._head_from)
-            if end < 0:
-                self._at = None
-            else:
-                self._at = end + 4
-                if self._at - self._head_from > self.limits.max_header_bytes:
-                    raise self._too_large()  # padding the parser does not report counts too
+        size = self._meter.head_ends()
+        if size is not None and size > self.limits.max_header_bytes:
+            raise self._too_large()  # padding the parser does not report counts too
         self._in_head = False
         self._head_started = False
         self._served = True
@@ -273,23 +301,19 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.flow.pause_reading()
         newest, _ = self.pipeline[0]
         newest.keep_alive = False
-        self.limits.refused(
-            "too_many_pipelined",
-            f"a client sent more than {MAX_PIPELINED} requests ahead of their answers on one connection; the queued "
-            "ones are answered and the connection closes",
-        )
+        self.limits.refused("too_many_pipelined", _TOO_MANY_PIPELINED)
         raise _PipelineFull
 
     def on_body(self, body: bytes) -> None:
-        if self._at is not None:
-            self._at += len(body)
+        if self._meter.at is not None:
+            self._meter.at += len(body)
         super().on_body(body)
 
     def on_chunk_header(self) -> None:
-        self._at = None  # chunk sizes and extensions are not reported: the rest of this read cannot be followed
+        self._meter.at = None  # chunk sizes are not reported: the rest of this read cannot be followed
 
     def on_message_complete(self) -> None:
-        self._in_message = False
+        self._meter.in_message = False
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -304,13 +328,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             raise self._too_large()
 
     def _too_large(self) -> Refusal:
-        limit = self.limits.max_header_bytes
-        return Refusal(
-            431,
-            "headers_too_large",
-            f"the request head is larger than {limit} bytes (SIDECAR_MAX_HEADER_BYTES; API Gateway itself "
-            "refuses more than 10 KiB)",
-        )
+        return _head_too_large(self.limits.max_header_bytes)
 
     def _head_expired(self) -> None:
         self._head_timer = None
