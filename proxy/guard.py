@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from proxy.errors import CLOSE, Refusal
-from proxy.listen import in_networks
+from proxy.listen import in_networks, peer_ip
 from proxy.secrets import Secret
 from proxy.types import Scope
 
@@ -164,7 +164,7 @@ class CallerGuard:
         """Whether the caller may see details (file paths, other processes, the token endpoint's words, the route
         prefixes): a peer on this machine (loopback or a Unix socket), or one presenting the caller token."""
         client = scope.get("client")
-        if not client or not client[0] or _loopback(client[0]):
+        if not client or not client[0] or ((ip := peer_ip(client[0])) is not None and ip.is_loopback):
             return True
         return self.caller_token is not None and self.check_caller(scope) is None
 
@@ -173,16 +173,6 @@ class CallerGuard:
 
     def _peer_ok(self, address: str) -> bool:
         return _remembered(self._peers, address, lambda: in_networks(address, self._allow_from or ()))
-
-
-def _loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def _remembered(cache: dict[K, bool], key: K, answer: Callable[[], bool]) -> bool:

@@ -25,15 +25,21 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-def in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    """Whether ``address`` is in one of ``networks`` (an IPv4-mapped IPv6 address counts as IPv4)."""
+def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as an IP (an IPv4-mapped IPv6 address as the IPv4 one); None when it is not an IP."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+        return ip.ipv4_mapped
+    return ip
 
 
-__all__ = ["in_networks", "parse_listen"]
+def in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether ``address`` is in one of ``networks`` (an IPv4-mapped IPv6 address counts as IPv4)."""
+    ip = peer_ip(address)
+    return ip is not None and any(ip in network for network in networks)
+
+
+__all__ = ["in_networks", "parse_listen", "peer_ip"]
