@@ -199,7 +199,8 @@ async def test_a_content_length_with_trailing_whitespace_gets_a_400_not_a_traceb
     )
     status, headers, body = await raw_request(sidecar.url, request)
     assert (status, headers["x-sidecar-error"]) == (400, ["bad_request"])
-    assert b"plain digits" in body
+    # The sidecar's own 400: its Content-Length check, or (older httptools) the parser's.
+    assert b"plain digits" in body or b"not valid HTTP/1.1" in body
     assert stack.emulator.apigw.requests == before
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
 
