@@ -32,7 +32,7 @@ from proxy.errors import ConfigError, SidecarError
 from proxy.secrets import write_secret_file
 from proxy.server.serving import running
 from proxy.settings import load_settings
-from proxy.tokens.build import token_http
+from proxy.tokens.build import endpoint_for, token_http
 from proxy.tokens.endpoint import TokenEndpoint
 from proxy.tokens.token import TokenResponse
 
@@ -178,13 +178,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
     secret = settings.client_secret.get_secret_value() if settings.client_secret else None
     async with token_http(settings) as http:
-        endpoint = TokenEndpoint(
-            http,
-            token_url=settings.token_url,
-            client_id=settings.client_id,
-            timeout=settings.token_timeout,
-            proxy=settings.egress.proxy_for(settings.token_url),
-        )
+        endpoint = endpoint_for(settings, settings, http)
         verifier = args.code_verifier
         code = args.code
         if code is None:

@@ -44,6 +44,9 @@ from proxy.upstream import (
     Timeouts,
 )
 
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+_DEFAULT_NETWORKS: Networks = tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM)
+
 
 class Settings(Credentialed):
     """Validated, immutable settings. Build with ``load_settings``; tests may construct it directly."""
@@ -122,12 +125,12 @@ class Settings(Credentialed):
     allowed_origins: tuple[str, ...] = Field(
         default=(), description="browser origins allowed to call it, e.g. `https://tool.internal`"
     )
-    allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
-        default=tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM),
+    allow_from: Networks = Field(
+        default=_DEFAULT_NETWORKS,
         description="CIDRs that may call it when it listens on a non-loopback address",
     )
-    metrics_allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
-        default=tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM),
+    metrics_allow_from: Networks = Field(
+        default=_DEFAULT_NETWORKS,
         description="CIDRs that may reach the `SIDECAR_METRICS_LISTEN` listener (scrapers, probes)",
     )
     caller_token: SecretStr | None = Field(

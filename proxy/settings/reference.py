@@ -11,7 +11,8 @@ from proxy.settings.model import Settings
 from proxy.settings.rules import FILE_KEYS, PATH_KEYS, env_name
 
 CONFIG_HELP = "TOML file with these settings (lower-case keys; the environment wins)"
-PROXY_VARIABLES = "HTTPS_PROXY, HTTP_PROXY, NO_PROXY (or lower case, which wins)"
+PROXY_NAMES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
+PROXY_VARIABLES = f"{', '.join(PROXY_NAMES)} (or lower case, which wins)"
 PROXY_HELP = "the standard proxy variables, read as curl reads them, unless SIDECAR_EGRESS_PROXY is set"
 
 
@@ -59,7 +60,7 @@ def settings_reference() -> str:
         names = " ".join(f"`{name}`" for name in variables(key).split(" / "))
         shown = "required" if field.is_required() else f"`{default}`" if default else ""
         rows.append(f"| {names} | {shown} | {field.description} |")
-    rows.append(f"| `{'`, `'.join(PROXY_VARIABLES.split(' (')[0].split(', '))}` | | {PROXY_HELP} |")
+    rows.append(f"| {', '.join(f'`{name}`' for name in PROXY_NAMES)} (lower case wins) | | {PROXY_HELP} |")
     return "\n".join(rows)
 
 

@@ -72,6 +72,18 @@ def open_configured_store(settings: Settings) -> Store | None:
         raise ConfigError([f"SIDECAR_TOKEN_STORE: {exc.reason}"]) from None
 
 
+def endpoint_for(settings: Settings, credential: Settings | RouteSettings, http: httpx2.AsyncClient) -> TokenEndpoint:
+    """The token endpoint client of ``credential`` (the top level or a route), through the egress proxy its URL
+    calls for."""
+    return TokenEndpoint(
+        http,
+        token_url=credential.token_url,
+        client_id=credential.client_id,
+        timeout=settings.token_timeout,
+        proxy=settings.egress.proxy_for(credential.token_url),
+    )
+
+
 def provider_for(
     settings: Settings,
     credential: Settings | RouteSettings,
@@ -85,14 +97,7 @@ def provider_for(
 ) -> TokenProvider:
     """The provider of ``credential``'s tokens. ``durable``: the store keeps rotated refresh tokens across restarts
     (not so the private one ``SIDECAR_WORKERS`` makes and removes)."""
-    endpoint = TokenEndpoint(
-        http,
-        token_url=credential.token_url,
-        client_id=credential.client_id,
-        timeout=settings.token_timeout,
-        proxy=settings.egress.proxy_for(credential.token_url),
-    )
-    grant = grant_from_settings(credential, endpoint)
+    grant = grant_from_settings(credential, endpoint_for(settings, credential, http))
     shared = None
     if store is not None:
         # The credential's key and seal come from its identity and the key material (see proxy.tokens.sealed).
