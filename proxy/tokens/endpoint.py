@@ -63,9 +63,17 @@ def _secret_forms(client_id: str, client_secret: str | None) -> tuple[str, ...]:
     return (client_secret, basic, basic.rstrip("="))
 
 
+# A secret at least this long is replaced wherever it occurs (it cannot turn up by chance, and an endpoint that
+# glues it to other letters must not reveal it); a shorter one only where it stands alone.
+REDACT_ANYWHERE = 8
+
+
 def _redact(text: str, secret: str) -> str:
-    """``text`` with ``secret`` replaced wherever it stands alone: not inside a longer run of letters and digits,
-    so that a short secret (``r``) leaves "Errno" whole while ``client_secret=r&`` still hides it."""
+    """``text`` with ``secret`` replaced: everywhere when it is long enough to be a real secret, else only where it
+    stands alone (not inside a run of letters and digits), so that a short secret (``r``) leaves "Errno" whole
+    while ``client_secret=r&`` still hides it."""
+    if len(secret) >= REDACT_ANYWHERE:
+        return text.replace(secret, "[redacted]")
     return re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "[redacted]", text)
 
 

@@ -63,3 +63,10 @@ def test_a_short_secret_hides_itself_and_leaves_the_message_readable():
     )
     assert "[Errno -2] Name or service not known" in said.body
     assert "secret=[redacted]&x" in said.body
+
+
+def test_a_long_secret_is_hidden_even_glued_to_other_letters():
+    secret = "s3cretvalue0123456789"
+    answer = httpx2.Response(500, text=f"x{secret}y and {secret}")
+    said = classify("refresh", URL, answer, (secret,))
+    assert secret not in said.body and secret not in str(said)
