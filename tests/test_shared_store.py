@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from pydantic import SecretStr
 
 from proxy.app import create_app
 from proxy.store.redis import RedisStore
+from proxy.tokens.build import identity_of
+from proxy.tokens.sealed import Record, Sealer
+from proxy.tokens.token import TokenResponse
 from tests.conftest import (
     FakeClock,
     RunningSidecar,
@@ -454,3 +459,47 @@ async def test_a_member_starting_late_in_the_fleets_token_life_adopts_its_set(
                 # Its age counted once: it expires when the first member's does, not 40 minutes sooner.
                 assert abs(held.expires_at - clock.monotonic() - 20 * 60) < 10
         assert stack.token_requests == 1
+
+
+async def test_a_public_clients_file_store_is_sealed_and_a_planted_set_is_refused(
+    tmp_path: Path, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "store"
+    async with run_stack(public_client=True) as stack:
+        settings = stack.settings(token_store=f"file:{directory}")
+        assert settings.client_secret is None and settings.token_store_key is None
+        # A record an older sidecar wrote in clear, before the store had a key: sealed in place, then used.
+        answer = await client.post(
+            stack.token_url,
+            data={
+                "grant_type": "refresh_token",
+                "client_id": settings.client_id,
+                "refresh_token": stack.emulator.refresh_token,
+            },
+        )
+        assert answer.status_code == 200
+        issued = answer.json()
+        plain = Sealer(identity_of(settings), None)
+        legacy = Record(
+            received=time.time(),
+            response=TokenResponse(issued["id_token"], issued["access_token"], None, issued["expires_in"], "Bearer"),
+            refresh_token=stack.emulator.refresh_token,
+            rotates=False,
+            origins=(plain.fingerprint(stack.emulator.refresh_token),),
+        )
+        directory.mkdir(mode=0o700)
+        state = directory / f"{plain.key}.state"
+        state.write_bytes(plain.seal_record(legacy))
+        async with run_sidecar(settings) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+            assert stack.token_requests == 1  # the one above: the old record was adopted
+        assert not state.read_bytes().startswith(b"p1:")
+        assert_hidden(state.read_bytes().decode("latin-1"), stack.emulator.refresh_token, issued["id_token"])
+        # Now the store has a key: a set planted in clear is not trusted, and the sidecar buys its own.
+        state.write_bytes(plain.seal_record(dataclasses.replace(legacy, received=time.time())))
+        async with run_sidecar(settings) as sidecar:
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+            assert stack.token_requests == 2
+            held = sidecar.tokens.usable()
+            assert held is not None and held["id_token"].value != issued["id_token"]
+        assert "is in plaintext but this sidecar seals: it is not trusted" in caplog.text

@@ -7,11 +7,18 @@ import contextlib
 import fcntl
 import os
 import stat
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from proxy.errors import StoreError
 from proxy.files import open_owned, open_to_read, write_atomically
 from proxy.store.base import Lease, owner_name
+
+# The directory's own random key (``.sealing-key``, 0600): it seals the records of a credential that has no key
+# material of its own (a public client with no ``SIDECAR_TOKEN_STORE_KEY``).
+KEY_FILE = ".sealing-key"
+KEY_BYTES = 32
 
 
 class FileStore:
@@ -26,6 +33,7 @@ class FileStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.name = f"file:{directory}"
+        self.key_made = False  # this process made the directory's sealing key (records before it are plaintext)
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.directory)!r})"
@@ -51,6 +59,59 @@ class FileStore:
                 self.name,
                 f"the directory has mode {stat.S_IMODE(info.st_mode):04o}: other users could write it; chmod 700 it",
             )
+
+    def sealing_key(self) -> bytes:
+        """The directory's own random key, made on first use. Raises ``StoreError`` for a key file that is not
+        the sidecar user's own private file of the right size."""
+        path = self.directory / KEY_FILE
+        try:
+            made = self._make_key(path)
+            fd = open_owned(path, create=False)
+        except OSError as exc:
+            raise self._wrap(f"opening {KEY_FILE}", exc) from None
+        try:
+            info = os.fstat(fd)
+            key = os.read(fd, KEY_BYTES + 1)
+        finally:
+            os.close(fd)
+        if stat.S_IMODE(info.st_mode) & 0o077 or len(key) != KEY_BYTES:
+            raise StoreError(
+                self.name,
+                f"{path} is not a private {KEY_BYTES}-byte key (mode {stat.S_IMODE(info.st_mode):04o}, "
+                f"{len(key)} bytes): remove it and the sidecars make a new one (and new tokens)",
+            )
+        self.key_made = made
+        return key
+
+    @staticmethod
+    def _make_key(path: Path) -> bool:
+        """Make the key file unless it exists: written whole under a temporary name, then linked into place, so
+        that sidecars starting together agree on one key. True if this call made it."""
+        if os.path.lexists(path):
+            return False
+        fd, temporary = tempfile.mkstemp(prefix=f"{KEY_FILE}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, os.urandom(KEY_BYTES))
+            os.fsync(fd)
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.close(fd)
+            os.unlink(temporary)
+        return True
+
+    def reseal(self, key: str, upgrade: Callable[[bytes], bytes | None]) -> None:
+        """Rewrite ``key``'s records with what ``upgrade`` makes of them (None: leave as is)."""
+        for suffix in ("state", "hold"):
+            blob = self._read(key, suffix)
+            new = upgrade(blob) if blob is not None else None
+            if new is not None:
+                try:
+                    write_atomically(self._path(key, suffix), new)
+                except OSError as exc:
+                    raise self._wrap(f"sealing {self._path(key, suffix).name}", exc) from None
 
     def _path(self, key: str, suffix: str) -> Path:
         return self.directory / f"{key}.{suffix}"

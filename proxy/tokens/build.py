@@ -21,6 +21,7 @@ from proxy.secrets import Secret
 from proxy.settings import RouteSettings, Settings
 from proxy.store import open_store
 from proxy.store.base import Store
+from proxy.store.file import FileStore
 from proxy.tokens.endpoint import TokenEndpoint
 from proxy.tokens.fleet import SharedRefresh
 from proxy.tokens.grants import ClientCredentialsGrant, RefreshTokenGrant
@@ -100,11 +101,7 @@ def provider_for(
     grant = grant_from_settings(credential, endpoint_for(settings, credential, http))
     shared = None
     if store is not None:
-        # The credential's key and seal come from its identity and the key material (see proxy.tokens.sealed).
-        scopes = credential.scopes if credential.grant == "client_credentials" else ""
-        identity = "\n".join((credential.token_url, credential.client_id, credential.grant, scopes))
-        material = settings.token_store_key or credential.client_secret
-        sealer = Sealer(identity, material.get_secret_value().encode() if material is not None else None)
+        sealer = sealer_for(settings, credential, store)
         if isinstance(grant, RefreshTokenGrant):
             grant.kept_elsewhere = durable
         shared = SharedRefresh(store, sealer, grant, lease_seconds=settings.token_store_lease, clock=clock)
@@ -117,6 +114,30 @@ def provider_for(
         clock=clock,
         shared=shared,
     )
+
+
+def identity_of(credential: Settings | RouteSettings) -> str:
+    """What tells one credential from another in a store: token URL, client id, grant and (for client_credentials)
+    scopes."""
+    scopes = credential.scopes if credential.grant == "client_credentials" else ""
+    return "\n".join((credential.token_url, credential.client_id, credential.grant, scopes))
+
+
+def sealer_for(settings: Settings, credential: Settings | RouteSettings, store: Store) -> Sealer:
+    """The seal of ``credential``'s records: from its identity and the key material (see proxy.tokens.sealed)."""
+    identity = identity_of(credential)
+    material = settings.token_store_key or credential.client_secret
+    if material is not None:
+        return Sealer(identity, material.get_secret_value().encode())
+    if not isinstance(store, FileStore):
+        return Sealer(identity, None)  # SIDECAR_TOKEN_STORE_PLAINTEXT
+    try:
+        sealer = Sealer(identity, None, local_key=store.sealing_key())
+        if store.key_made:
+            store.reseal(sealer.key, sealer.upgrade)  # records from before the store had a key
+    except StoreError as exc:
+        raise ConfigError([f"SIDECAR_TOKEN_STORE: {exc.reason}"]) from None
+    return sealer
 
 
 @contextlib.asynccontextmanager

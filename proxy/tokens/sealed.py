@@ -10,8 +10,10 @@ as context:
   lacks the key material can neither read the tokens nor move a blob to another credential's key;
 - refresh token fingerprints (to tell a person's new login from a replica's old seed) are HMACs too.
 
-Without key material (a public client and no store key), sealing is off only where the operator opted in
-(``SIDECAR_TOKEN_STORE_PLAINTEXT``) or for the file store, whose files are 0600 like the refresh token file.
+Without key material (a public client and no store key), the file store seals with a random key of its own
+(``.sealing-key`` in its directory, 0600, made with it): the key name and fingerprints then come from public facts
+only, so that they stay those of the records written before the store had a key. A Redis store stays plaintext
+only where the operator opted in (``SIDECAR_TOKEN_STORE_PLAINTEXT``).
 """
 
 from __future__ import annotations
@@ -48,21 +50,30 @@ class UnreadableRecord(ValueError):
 
 
 class Sealer:
-    """Seals one credential's records. ``material`` is None for plaintext."""
+    """Seals one credential's records. ``material`` is None for a public client: then ``local_key`` (the file
+    store's own) seals, while key names and fingerprints come from the identity alone; with neither, plaintext."""
 
-    def __init__(self, identity: str, material: bytes | None) -> None:
-        self.sealed = material is not None
+    def __init__(self, identity: str, material: bytes | None, *, local_key: bytes | None = None) -> None:
+        self.sealed = material is not None or local_key is not None
+        self._aead: AESGCM | None = None
         if material is not None:
-            derived = HKDF(algorithm=hashes.SHA256(), length=64, salt=_SALT, info=identity.encode()).derive(material)
-            self._aead: AESGCM | None = AESGCM(derived[:32])
+            derived = _derive(material, identity)
+            self._aead = AESGCM(derived[:32])
             self._mac = derived[32:]
         else:
-            self._aead = None
+            if local_key is not None:
+                self._aead = AESGCM(_derive(local_key, identity)[:32])
             self._mac = hashlib.sha256(_SALT + identity.encode()).digest()
         self.key = "cognito-sidecar:" + hmac.new(self._mac, identity.encode(), hashlib.sha256).hexdigest()[:32]
 
     def __repr__(self) -> str:
         return f"Sealer(key={self.key!r}, sealed={self.sealed})"
+
+    def upgrade(self, blob: bytes) -> bytes | None:
+        """``blob`` sealed, if it is a plaintext record written before this credential's store had a key."""
+        if self._aead is None or not blob.startswith(_PLAIN):
+            return None
+        return self.seal(blob[len(_PLAIN) :])
 
     def fingerprint(self, value: str) -> str:
         return hmac.new(self._mac, value.encode(), hashlib.sha256).hexdigest()[:32]
@@ -111,6 +122,10 @@ class Sealer:
             if isinstance(exc, UnreadableRecord):
                 raise
             raise UnreadableRecord(f"the hold-off note is malformed ({type(exc).__name__})") from None
+
+
+def _derive(material: bytes, identity: str) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=64, salt=_SALT, info=identity.encode()).derive(material)
 
 
 @dataclass(frozen=True)

@@ -106,3 +106,38 @@ def test_store_specs():
     assert open_store("memory") is None
     with pytest.raises(StoreError, match="unknown kind of store"):
         open_store("etcd://x")
+
+
+def test_the_sealing_key_is_made_once_private_and_shared(tmp_path: Path):
+    first = store_in(tmp_path)
+    key = first.sealing_key()
+    assert len(key) == 32 and first.key_made
+    path = tmp_path / "store" / ".sealing-key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    second = store_in(tmp_path)
+    assert second.sealing_key() == key and not second.key_made
+    assert [p.name for p in (tmp_path / "store").iterdir()] == [".sealing-key"]  # no temporary left
+
+
+def test_a_sealing_key_that_is_not_private_or_is_a_link_is_refused(tmp_path: Path):
+    store = store_in(tmp_path)
+    store.sealing_key()
+    path = tmp_path / "store" / ".sealing-key"
+    path.chmod(0o644)
+    with pytest.raises(StoreError, match=r"is not a private 32-byte key \(mode 0644"):
+        store.sealing_key()
+    path.unlink()
+    planted = tmp_path / "planted"
+    planted.write_bytes(b"p" * 32)
+    path.symlink_to(planted)
+    with pytest.raises(StoreError, match=r"opening \.sealing-key"):
+        store.sealing_key()
+
+
+def test_reseal_rewrites_only_what_the_upgrade_changes(tmp_path: Path):
+    store = store_in(tmp_path)
+    (tmp_path / "store" / "k.state").write_bytes(b"old")
+    (tmp_path / "store" / "k.hold").write_bytes(b"keep")
+    store.reseal("k", lambda blob: b"new" if blob == b"old" else None)
+    assert (tmp_path / "store" / "k.state").read_bytes() == b"new"
+    assert (tmp_path / "store" / "k.hold").read_bytes() == b"keep"

@@ -52,3 +52,29 @@ def test_a_public_client_on_redis_needs_a_store_key() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({**env, "SIDECAR_TOKEN_STORE": "file:relative"})
     assert "absolute" in str(caught.value)
+
+
+def test_a_public_client_seals_with_the_stores_own_key_under_the_same_names() -> None:
+    record = Record(
+        received=1.0,
+        response=TokenResponse(id_token="a.b.c", access_token=None, refresh_token=None, expires_in=60, token_type="x"),
+        refresh_token="rt-secret",
+        rotates=False,
+    )
+    identity = "url\npublic-client\nrefresh_token\n"
+    plain = Sealer(identity, None)
+    local = Sealer(identity, None, local_key=b"k" * 32)
+    assert local.sealed and not plain.sealed
+    # Records written before the store had a key keep their name and fingerprints...
+    assert local.key == plain.key and local.fingerprint("rt-secret") == plain.fingerprint("rt-secret")
+    blob = local.seal_record(record)
+    assert b"rt-secret" not in blob and local.open_record(blob) == record
+    with pytest.raises(UnreadableRecord):
+        Sealer(identity, None, local_key=b"o" * 32).open_record(blob)  # another directory's key
+    # ...and are sealed once, when the key is made; a plaintext record is refused otherwise.
+    old = plain.seal_record(record)
+    with pytest.raises(UnreadableRecord):
+        local.open_record(old)
+    upgraded = local.upgrade(old)
+    assert upgraded is not None and local.open_record(upgraded) == record
+    assert local.upgrade(blob) is None and plain.upgrade(old) is None
