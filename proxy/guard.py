@@ -3,9 +3,10 @@
 The sidecar turns any request that reaches it into one carrying a credential, so it answers only callers it
 is meant for (``CallerGuard.check``, first thing for every HTTP request):
 
-- ``Host`` must name the sidecar: an IP literal, ``localhost``, a single-label name (``sidecar``, a compose
-  service), or a name in ``SIDECAR_ALLOWED_HOSTS``. A DNS-rebinding page reaches the sidecar under the
-  attacker's dotted domain, so that Host is refused with 421.
+- ``Host`` must name the sidecar: an IP literal, ``localhost``, or a name in ``SIDECAR_ALLOWED_HOSTS`` (a
+  compose service's name included). A DNS-rebinding page reaches the sidecar under a name the attacker
+  controls: a dotted domain, or a single label answered by LLMNR/NBNS poisoning or a shared AD DNS zone, so
+  that Host is refused with 421.
 - A browser says where a request comes from: an ``Origin`` not in ``SIDECAR_ALLOWED_ORIGINS``, or
   ``Sec-Fetch-Site: cross-site``/``same-site`` without a listed Origin, is refused with 403. curl and
   services send neither header.
@@ -74,11 +75,29 @@ def _is_ip(name: bytes) -> bool:
 
 
 def host_allowed(name: bytes, allowed: Sequence[str]) -> bool:
-    """IP literals, ``localhost``, single-label names, and the ``allowed`` names (exact, or ``*.suffix``)."""
-    if _is_ip(name) or name == b"localhost" or _LABEL.fullmatch(name):
+    """IP literals, ``localhost``, and the ``allowed`` names (exact, or ``*.suffix``)."""
+    if _is_ip(name) or name == b"localhost":
         return True
     text = name.decode("ascii", "replace")
     return any(text == entry or (entry.startswith("*.") and text.endswith(entry[1:])) for entry in allowed)
+
+
+def _host_refused(name: bytes) -> Refusal:
+    shown = name.decode("ascii", "replace")[:100]
+    fix = "call it by IP or localhost, or list the name in SIDECAR_ALLOWED_HOSTS"
+    if _LABEL.fullmatch(name):
+        # A compose stack meets this first: say the one-line change.
+        fix = (
+            f"a single-label name (a compose service) must be listed too: SIDECAR_ALLOWED_HOSTS={shown} in the "
+            "sidecar's environment, or call it by IP or localhost"
+        )
+    return Refusal(
+        421,
+        "host_not_allowed",
+        f"Host {shown!r} is not this sidecar's name; a browser page may be trying to reach it through DNS "
+        f"rebinding. Fix: {fix}",
+        CLOSE,
+    )
 
 
 class CallerGuard:
@@ -113,15 +132,7 @@ class CallerGuard:
             elif name == b"sec-fetch-site":
                 fetch_site = value
         if host is not None and not self._host_ok(host):
-            shown = host_name(host).decode("ascii", "replace")[:100]
-            return Refusal(
-                421,
-                "host_not_allowed",
-                f"Host {shown!r} is not this sidecar's name; a browser page may be trying to reach it through DNS "
-                "rebinding. Call it by IP, localhost or a single-label name, or list the name in "
-                "SIDECAR_ALLOWED_HOSTS",
-                CLOSE,
-            )
+            return _host_refused(host_name(host))
         if origin is not None and origin.strip().lower() not in self._origins:
             shown = origin.decode("ascii", "replace")[:100]
             return Refusal(

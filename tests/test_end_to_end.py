@@ -44,7 +44,7 @@ async def test_every_method_and_body_arrives_intact(sidecar: RunningSidecar, cli
 async def test_raw_path_and_query_pass_byte_for_byte(sidecar: RunningSidecar):
     target = b"/a%2Fb/%7Euser/x+y/caf%C3%A9/;p=1?b=1&b=2&empty=&plus=a+b&pct=%20%2B&flag"
     status, _, body = await raw_request(
-        sidecar.url, b"GET " + target + b" HTTP/1.1\r\nHost: legacy\r\nConnection: close\r\n\r\n"
+        sidecar.url, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     assert status == 200
     echo = __import__("json").loads(body)

@@ -64,13 +64,19 @@ async def test_hosts_that_are_not_the_sidecars_name_are_refused(
     assert stack.emulator.apigw.requests == before  # nothing reached the upstream
     assert await _metric(client, sidecar, "host_not_allowed") == 4
     port = sidecar.url.rsplit(":", 1)[1]
-    for host in (f"127.0.0.1:{port}", "localhost", f"[::1]:{port}", "sidecar", "legacy_app"):
+    for host in (f"127.0.0.1:{port}", "localhost", f"[::1]:{port}"):
         assert (await client.get(f"{sidecar.url}/x", headers={"Host": host})).status_code == 200, host
+    # A single label (a compose service, or a name LLMNR poisoning answers) must be listed; the fix says how.
+    response = await client.get(f"{sidecar.url}/x", headers={"Host": "sidecar"})
+    assert response.status_code == 421
+    assert "SIDECAR_ALLOWED_HOSTS=sidecar in the sidecar's environment" in response.json()["detail"]
 
 
 async def test_allowed_hosts_lists_names_and_suffixes(stack: Stack, client: httpx2.AsyncClient):
-    async with run_sidecar(stack.settings(allowed_hosts=("api.internal", "*.svc.cluster.local"))) as sidecar:
+    async with run_sidecar(stack.settings(allowed_hosts=("sidecar", "api.internal", "*.svc.cluster.local"))) as sidecar:
         for host, status in [
+            ("sidecar:8080", 200),
+            ("legacy_app", 421),
             ("api.internal", 200),
             ("sidecar.ns.svc.cluster.local:8080", 200),
             ("svc.cluster.local", 421),

@@ -30,7 +30,8 @@ def test_host_name_drops_the_port_and_case(value: bytes, name: bytes):
         (b"127.0.0.1", (), True),
         (b"::1", (), True),
         (b"localhost", (), True),
-        (b"sidecar", (), True),  # a compose service name
+        (b"sidecar", (), False),  # a single label: LLMNR/NBNS poisoning answers one
+        (b"sidecar", ("sidecar",), True),  # a compose service, listed
         (b"attacker.example", (), False),  # DNS rebinding comes under a dotted name
         (b"api.internal.corp", ("api.internal.corp",), True),
         (b"a.svc.cluster.local", ("*.svc.cluster.local",), True),
@@ -72,12 +73,12 @@ def test_browser_origins_are_refused_unless_listed():
 
 def test_peers_outside_allow_from_are_refused_and_ipv4_mapped_addresses_count_as_ipv4():
     guard = CallerGuard(allow_from=[ipaddress.ip_network("10.0.0.0/8")])
-    assert guard.check(scope(client="10.1.2.3", host="sidecar")) is None
-    assert guard.check(scope(client="::ffff:10.1.2.3", host="sidecar")) is None
-    refused = guard.check(scope(client="192.0.2.7", host="sidecar"))
+    assert guard.check(scope(client="10.1.2.3", host="localhost")) is None
+    assert guard.check(scope(client="::ffff:10.1.2.3", host="localhost")) is None
+    refused = guard.check(scope(client="192.0.2.7", host="localhost"))
     assert refused is not None and (refused.status, refused.code) == (403, "client_not_allowed")
     assert "192.0.2.7" in refused.detail
-    not_an_address = guard.check(scope(client="unix-peer", host="sidecar"))
+    not_an_address = guard.check(scope(client="unix-peer", host="localhost"))
     assert not_an_address is not None and not_an_address.code == "client_not_allowed"
 
 
@@ -85,8 +86,8 @@ def test_answers_stay_right_past_the_cache_limit():
     guard = CallerGuard(allow_from=[ipaddress.ip_network("10.0.0.0/8")])
     for last in range(1200):  # more distinct peers than the guard remembers
         address = f"10.0.{last // 256}.{last % 256}"
-        assert guard.check(scope(client=address, host="sidecar")) is None
-        assert guard.check(scope(client=f"192.0.{last // 256}.{last % 256}", host="sidecar")) is not None
+        assert guard.check(scope(client=address, host="localhost")) is None
+        assert guard.check(scope(client=f"192.0.{last // 256}.{last % 256}", host="localhost")) is not None
 
 
 def test_the_caller_token_is_compared_whole():
