@@ -1,6 +1,6 @@
 """The fault matrix: one line per token-endpoint fault, with what it cost and what the clients saw.
 
-    python bench/faults.py [--clients 20] [--hours 1]
+    python bench/faults.py [--clients 20] [--hours 1] [--only NAME] [--rotations 30]
 
 Each fault runs the emulator and the sidecar in this process on ephemeral loopback ports, with the real
 refresh policy, on a clock this script moves (an hour of fault takes seconds): every 10 s of that clock,
@@ -133,6 +133,7 @@ async def rotation_window(rotations: int = 30) -> str:
         with tempfile.TemporaryDirectory(dir=Path.cwd()) as folder:
             token_file = Path(folder) / "refresh-token"
             token_file.write_text(stack.emulator.refresh_token + "\n")
+            token_file.chmod(0o600)
             async with (
                 run_sidecar(stack.settings(refresh_token_file=token_file), clock=clock) as sidecar,
                 httpx2.AsyncClient(trust_env=False) as client,
@@ -147,14 +148,14 @@ async def rotation_window(rotations: int = 30) -> str:
     )
 
 
-async def main(clients: int, hours: float, only: str | None) -> None:
+async def main(clients: int, hours: float, only: str | None, rotations: int) -> None:
     print(f"{hours:g} h of each fault, {clients} concurrent requests every {STEP:g} s of the moved clock")
     print(f"{'fault':<34} {'tokens':>6} {'waited':>7} {'max ms':>9} {'expired':>8}  answers (status x count)")
     for fault in FAULTS:
         if only and only not in fault.name:
             continue
         print(await run_fault(fault, clients=clients, hours=hours), flush=True)
-    print(await rotation_window())
+    print(await rotation_window(rotations))
 
 
 if __name__ == "__main__":
@@ -162,7 +163,8 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--hours", type=float, default=1.0)
     parser.add_argument("--only", help="run only the faults whose name contains this")
+    parser.add_argument("--rotations", type=int, default=30, help="rotations timed for the rotation window")
     args = parser.parse_args()
     logging.disable(logging.CRITICAL)  # the sidecar logs every failed token request; the table says enough
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(args.clients, args.hours, args.only))
+        asyncio.run(main(args.clients, args.hours, args.only, args.rotations))

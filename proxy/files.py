@@ -34,6 +34,15 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def link_inside(path: Path) -> Path | None:
+    """What ``path`` leads to if it is a symbolic link resolving inside its own directory, as a Kubernetes Secret
+    or ConfigMap volume lays out its files (``name -> ..data/name``, ``..data -> ..<timestamp>``); else None."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    return target if target.is_relative_to(path.parent.resolve()) else None
+
+
 # A lock file is opened without following a symlink, and without leaking into a forked worker's exec.
 _OWNED_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -18,10 +18,11 @@ import logging
 import os
 import resource
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from proxy.files import open_owned, write_atomically
+from proxy.files import link_inside, open_owned, write_atomically
 
 if TYPE_CHECKING:
     from proxy.settings import Settings
@@ -35,9 +36,13 @@ def read_secret_file(path: str | Path) -> str:
     return Path(path).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
 
 
-def write_secret_file(path: Path, value: str) -> None:
-    """Replace ``path``'s content with ``value`` (and a newline) atomically and durably, mode 0600."""
-    write_atomically(path, (value + "\n").encode())
+def write_secret_file(path: Path, value: str) -> Path:
+    """Replace ``path``'s content with ``value`` (and a newline) atomically and durably, mode 0600; the file
+    written. A link in a Kubernetes volume's layout is written through, never replaced: replacing it would cut
+    the file off from the Secret's later updates."""
+    target = link_inside(path) or path
+    write_atomically(target, (value + "\n").encode())
+    return target
 
 
 class FileUseLock:
@@ -144,11 +149,16 @@ def secret_file_warnings(settings: Settings) -> list[str]:
 
 
 class Secret:
-    """A secret value, optionally re-readable from ``path``. Never shown in a repr."""
+    """A secret value, optionally re-readable from ``path``. Never shown in a repr.
+
+    Only a change of the file counts as a new value: ``on_disk`` is what the file held when last read or written,
+    so a value in use that the file does not hold (a rotated refresh token that could not be written) is not
+    undone by a re-read of the unchanged file."""
 
     def __init__(self, value: str, path: Path | None = None) -> None:
         self._value = value
         self.path = path
+        self._on_disk = value if path is not None else None
         self._previous: str | None = None  # the value before the last re-read, until it is settled
         self._rejected: str | None = None  # a file value the issuer refused: not taken again from the same file
 
@@ -159,8 +169,15 @@ class Secret:
     def value(self) -> str:
         return self._value
 
-    def reload(self) -> bool:
-        """Re-read the file; True when the value changed. A missing or empty file keeps the current value."""
+    def replace(self, value: str, *, written: bool = False) -> None:
+        """Use ``value`` from now on (a rotation, or the shared store's); ``written``: the file holds it now."""
+        self._value, self._previous, self._rejected = value, None, None
+        if written:
+            self._on_disk = value
+
+    def reload(self, *, retired: Callable[[str], bool] | None = None) -> bool:
+        """Re-read the file; True when it holds a new value, which is then used. A missing or empty file, an
+        unchanged one, and a value ``retired`` says this process already replaced keep the current value."""
         if self.path is None:
             return False
         try:
@@ -169,9 +186,17 @@ class Secret:
             log.error("cannot re-read %s (%s); keeping the current value", self.path, exc.strerror)
             return False
         if fresh == self._value and self._rejected is not None:
-            self._rejected = None  # the file holds the value in use again: worth one confirmation, as a change
+            self._rejected, self._on_disk = None, fresh  # the value in use again: worth one confirmation
             return True
-        if not fresh or fresh == self._value or fresh == self._rejected:
+        if not fresh or fresh in (self._on_disk, self._value, self._rejected):
+            self._on_disk = fresh or self._on_disk
+            return False
+        self._on_disk = fresh
+        if retired is not None and retired(fresh):
+            log.warning(
+                "%s holds a value this sidecar already replaced (an old copy came back); keeping the current one",
+                self.path,
+            )
             return False
         self._previous, self._value, self._rejected = self._value, fresh, None
         log.info("picked up a new value from %s", self.path)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import shutil
 import signal
 import stat
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2
@@ -291,3 +293,92 @@ async def test_a_wrong_new_secret_is_tried_at_once_and_the_working_one_kept(
             assert stack.token_requests == 3
             assert "warning" not in (await client.get(f"{sidecar.url}/-/readyz")).json()
     assert "a-wrong-secret" not in caplog.text
+
+
+def _kubelet_update(volume: Path, name: str, value: str, generation: int) -> None:
+    """What the kubelet does to a Secret volume when the Secret changes: the files in a new timestamped directory,
+    then ``..data`` swapped to it in one rename; ``name`` itself stays a link to ``..data/name``."""
+    stamped = volume / f"..2026_12_06_00_00_0{generation}"
+    stamped.mkdir()
+    (stamped / name).write_text(value + "\n")
+    (stamped / name).chmod(0o600)
+    (volume / "..data_tmp").symlink_to(stamped.name)
+    (volume / "..data_tmp").replace(volume / "..data")
+    if not (volume / name).is_symlink():
+        (volume / name).symlink_to(f"..data/{name}")
+
+
+async def test_a_kubernetes_secret_layout_keeps_its_link_and_a_new_login_in_it_wins(
+    client: httpx2.AsyncClient, tmp_path: Path
+):
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=3600) as stack:
+        stack.use_clock(clock)
+        volume = tmp_path / "cognito"
+        volume.mkdir(mode=0o700)
+        _kubelet_update(volume, "refresh_token", stack.emulator.refresh_token, 1)
+        token_file = volume / "refresh_token"
+        async with run_sidecar(stack.settings(refresh_token_file=token_file), clock=clock) as sidecar:
+            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+            # Rotated and written through the link: the link stays, so the Secret's updates are still seen.
+            assert token_file.is_symlink()
+            assert fingerprint(read_secret_file(token_file)) == fingerprint(sidecar.grant.refresh_token)
+            # The kubelet puts the Secret's old value back (its copy differs from the API's): an old copy, ignored.
+            _kubelet_update(volume, "refresh_token", stack.emulator.refresh_token, 2)
+            assert not sidecar.parts.reload_secrets()
+            await clock.settle(3600)
+            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+            # A person logs in again and updates the Secret: that value wins, and the old family is gone.
+            stack.emulator.cognito.revoke_all()
+            fresh = stack.emulator.cognito.issue_refresh_token(stack.emulator.client.client_id)
+            _kubelet_update(volume, "refresh_token", fresh, 3)
+            assert sidecar.parts.reload_secrets()
+            await clock.settle(3600)
+            assert (await client.get(f"{sidecar.url}/c")).status_code == 200
+            assert sidecar.tokens.outcomes["permanent"] == 0
+            assert token_file.is_symlink()
+
+
+@contextlib.contextmanager
+def read_only_volume(path: Path, name: str, value: str) -> Iterator[Callable[[str], None]]:
+    """A read-only filesystem at ``path`` holding ``name``, as Kubernetes mounts a Secret; yields a function that
+    changes the file as the kubelet would (remounted writable for a moment). Needs root, as mounting does."""
+    path.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("mounting a read-only filesystem needs root and mount permission")
+
+    def put(new: str) -> None:
+        subprocess.run(["mount", "-o", "remount,rw", str(path)], check=True)
+        (path / name).write_text(new + "\n")
+        (path / name).chmod(0o400)
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+    try:
+        put(value)
+        yield put
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+async def test_a_read_only_secret_with_rotation_takes_a_new_login_at_once(client: httpx2.AsyncClient, tmp_path: Path):
+    clock = FakeClock()
+    async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=3600) as stack:
+        stack.use_clock(clock)
+        token_file = tmp_path / "secret" / "refresh_token"
+        with read_only_volume(token_file.parent, token_file.name, stack.emulator.refresh_token) as put:
+            async with run_sidecar(stack.settings(refresh_token_file=token_file), clock=clock) as sidecar:
+                assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+                assert "could not be written" in (await client.get(f"{sidecar.url}/-/readyz")).json()["warning"]
+                assert not sidecar.parts.reload_secrets()  # the file still holds the rotated-out token: kept out
+                stack.emulator.cognito.revoke_all()
+                put(stack.emulator.cognito.issue_refresh_token(stack.emulator.client.client_id))
+                assert sidecar.parts.reload_secrets()  # what SIGHUP and the file watcher do
+                await clock.settle(3600)
+                assert (await client.get(f"{sidecar.url}/b")).status_code == 200
+                assert sidecar.tokens.outcomes["permanent"] == 0

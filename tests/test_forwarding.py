@@ -291,7 +291,8 @@ async def test_second_401_goes_back_to_the_client(stack: Stack, sidecar: Running
 async def test_websockets_are_refused_not_forwarded(stack: Stack, sidecar: RunningSidecar):
     status, headers, _ = await raw_request(
         sidecar.url,
-        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )
     # API Gateway's Cognito authorizer cannot guard WebSockets; neither does the sidecar.

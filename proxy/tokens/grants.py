@@ -11,8 +11,10 @@ rotated on disk is picked up without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -37,6 +39,14 @@ async def _rereading_files_once(
             log.warning("Cognito answered %s; retrying once with the values re-read from disk", exc.error)
             return await exchange()
         raise
+
+
+# How many rotated-out refresh tokens a grant remembers (a kubelet restoring an old Secret brings back one).
+MAX_RETIRED = 64
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
 
 
 class Grant(Protocol):
@@ -102,6 +112,9 @@ class RefreshTokenGrant:
         # A durable shared token store keeps rotated refresh tokens: the file is then a second copy, and no file
         # (or a read-only one) no reason to warn.
         self.kept_elsewhere = False
+        # Refresh tokens this process rotated away from (digests): a file that brings one back is an old copy.
+        self._retired: deque[bytes] = deque(maxlen=MAX_RETIRED)
+        self._said_link = False
 
     def __repr__(self) -> str:
         return f"RefreshTokenGrant(endpoint={self._endpoint!r}, file={self._token.path})"
@@ -129,14 +142,24 @@ class RefreshTokenGrant:
 
     def adopt(self, refresh_token: str) -> None:
         if refresh_token != self._token.value:
-            self._token = Secret(refresh_token, self._token.path)
+            self._token.replace(refresh_token)
 
     def reload(self) -> bool:
-        """Re-read the refresh token and client secret files (a person replaced them); True if either changed."""
-        if self._unsaved is not None:
-            return False  # the file is behind memory: re-reading it would bring back a rotated-out token
-        changed_token = self._token.reload()
+        """Re-read the refresh token and client secret files (a person replaced them); True if either changed.
+
+        A new value in the file always wins, even over a rotated token the file could not take (a read-only
+        Kubernetes Secret): it is a new login. An old copy coming back (a value this sidecar rotated away from)
+        never does."""
+        changed_token = self._token.reload(retired=self._was_retired)
         if changed_token:
+            if self._unsaved is not None:
+                log.warning(
+                    "a new refresh token in %s replaces the rotated one this sidecar held in memory only",
+                    self._token.path,
+                    extra=event("refresh_token_replaced", file=str(self._token.path)),
+                )
+            self._unsaved = None
+            self.persist_error = None
             self._configured = self._token.value
         changed_secret = self._client_secret.reload() if self._client_secret else False
         return changed_token or changed_secret
@@ -176,7 +199,8 @@ class RefreshTokenGrant:
             return
         # From here on only the new token works (after Cognito's grace period): memory must follow at once;
         # the file must follow before anything else, and a failed write is retried at every refresh.
-        self._token = Secret(new, self._token.path)
+        self._retired.append(_digest(self._token.value))
+        self._token.replace(new)
         self.rotations += 1
         self._unsaved = new
         if self._persist_pending():
@@ -206,7 +230,7 @@ class RefreshTokenGrant:
             self._unsaved = None
             return False
         try:
-            write_secret_file(self._token.path, self._unsaved)
+            written = write_secret_file(self._token.path, self._unsaved)
         except OSError as exc:
             if self.kept_elsewhere:
                 self._unsaved = None  # the file was only a second copy (a read-only Secret, typically)
@@ -229,9 +253,21 @@ class RefreshTokenGrant:
                 extra=event("refresh_token_persist_failed", file=str(self._token.path), reason=exc.strerror),
             )
             return False
+        if written != self._token.path and not self._said_link:
+            self._said_link = True
+            log.info(
+                "%s is a link (a Kubernetes volume's layout): rotated refresh tokens are written to %s and the link "
+                "is kept, so a new value the Secret brings is still seen (and wins: it is a new login)",
+                self._token.path,
+                written,
+            )
+        self._token.replace(self._unsaved, written=True)
         self._unsaved = None
         self.persist_error = None
         return True
+
+    def _was_retired(self, value: str) -> bool:
+        return _digest(value) in self._retired
 
 
 class ClientCredentialsGrant:

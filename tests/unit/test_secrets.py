@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.secrets import FileUseLock, exposure, read_secret_file, write_secret_file
+from proxy.files import link_inside
+from proxy.secrets import FileUseLock, Secret, exposure, read_secret_file, write_secret_file
 
 
 def test_atomic_secret_file_is_private_and_whole(tmp_path: Path):
@@ -71,3 +72,36 @@ def test_a_lock_file_of_another_user_is_left_alone(tmp_path: Path):
     os.chown(lock.path, 65534, 65534)
     assert "left untouched" in (FileUseLock(token).acquire() or "")
     assert lock.path.read_text() == "theirs"
+
+
+def test_only_a_change_of_the_file_is_a_new_value(tmp_path: Path):
+    path = tmp_path / "token"
+    path.write_text("v0\n")
+    secret = Secret("v0", path)
+    secret.replace("v1")  # rotated; the file could not take it
+    assert not secret.reload() and secret.value == "v1"  # the unchanged file does not undo the rotation
+    path.write_text("v1\n")
+    secret.replace("v1", written=True)
+    path.write_text("v0\n")  # an old copy came back
+    assert not secret.reload(retired=lambda value: value == "v0") and secret.value == "v1"
+    path.write_text("login\n")  # a person's new value
+    assert secret.reload(retired=lambda value: value == "v0") and secret.value == "login"
+    assert secret.restore() and secret.value == "v1"  # refused: back to the one before
+    assert not secret.reload()  # the refused value is not taken again from the same file
+
+
+def test_a_link_inside_its_directory_is_written_through(tmp_path: Path):
+    stamped = tmp_path / "..2026_12_06"
+    stamped.mkdir()
+    (stamped / "token").write_text("old\n")
+    (tmp_path / "..data").symlink_to(stamped.name)
+    (tmp_path / "token").symlink_to("..data/token")
+    assert link_inside(tmp_path / "token") == stamped.resolve() / "token"
+    assert write_secret_file(tmp_path / "token", "new") == stamped.resolve() / "token"
+    assert (tmp_path / "token").is_symlink() and read_secret_file(tmp_path / "token") == "new"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "token").write_text("x\n")
+    (stamped / "away").symlink_to(outside / "token")
+    assert link_inside(stamped / "away") is None  # leads out of its directory: replaced, as any file
+    assert link_inside(stamped / "token") is None  # not a link
