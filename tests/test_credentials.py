@@ -295,19 +295,6 @@ async def test_a_wrong_new_secret_is_tried_at_once_and_the_working_one_kept(
     assert "a-wrong-secret" not in caplog.text
 
 
-def _kubelet_update(volume: Path, name: str, value: str, generation: int) -> None:
-    """What the kubelet does to a Secret volume when the Secret changes: the files in a new timestamped directory,
-    then ``..data`` swapped to it in one rename; ``name`` itself stays a link to ``..data/name``."""
-    stamped = volume / f"..2026_12_06_00_00_0{generation}"
-    stamped.mkdir()
-    (stamped / name).write_text(value + "\n")
-    (stamped / name).chmod(0o600)
-    (volume / "..data_tmp").symlink_to(stamped.name)
-    (volume / "..data_tmp").replace(volume / "..data")
-    if not (volume / name).is_symlink():
-        (volume / name).symlink_to(f"..data/{name}")
-
-
 async def test_a_kubernetes_secret_layout_keeps_its_link_and_a_new_login_in_it_wins(
     client: httpx2.AsyncClient, tmp_path: Path
 ):
@@ -316,7 +303,7 @@ async def test_a_kubernetes_secret_layout_keeps_its_link_and_a_new_login_in_it_w
         stack.use_clock(clock)
         volume = tmp_path / "cognito"
         volume.mkdir(mode=0o700)
-        _kubelet_update(volume, "refresh_token", stack.emulator.refresh_token, 1)
+        _kubernetes_secret_volume(volume, {"refresh_token": stack.emulator.refresh_token}, "1")
         token_file = volume / "refresh_token"
         async with run_sidecar(stack.settings(refresh_token_file=token_file), clock=clock) as sidecar:
             assert (await client.get(f"{sidecar.url}/a")).status_code == 200
@@ -324,14 +311,14 @@ async def test_a_kubernetes_secret_layout_keeps_its_link_and_a_new_login_in_it_w
             assert token_file.is_symlink()
             assert fingerprint(read_secret_file(token_file)) == fingerprint(sidecar.grant.refresh_token)
             # The kubelet puts the Secret's old value back (its copy differs from the API's): an old copy, ignored.
-            _kubelet_update(volume, "refresh_token", stack.emulator.refresh_token, 2)
+            _kubernetes_secret_volume(volume, {"refresh_token": stack.emulator.refresh_token}, "2")
             assert not sidecar.parts.reload_secrets()
             await clock.settle(3600)
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200
             # A person logs in again and updates the Secret: that value wins, and the old family is gone.
             stack.emulator.cognito.revoke_all()
             fresh = stack.emulator.cognito.issue_refresh_token(stack.emulator.client.client_id)
-            _kubelet_update(volume, "refresh_token", fresh, 3)
+            _kubernetes_secret_volume(volume, {"refresh_token": fresh}, "3")
             assert sidecar.parts.reload_secrets()
             await clock.settle(3600)
             assert (await client.get(f"{sidecar.url}/c")).status_code == 200
