@@ -17,12 +17,13 @@ import fcntl
 import logging
 import os
 import resource
+import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from proxy.files import link_inside, open_owned, write_atomically
+from proxy.files import link_inside, open_owned, open_to_read, write_atomically
 
 if TYPE_CHECKING:
     from proxy.settings import Settings
@@ -46,18 +47,24 @@ def write_secret_file(path: Path, value: str) -> Path:
 
 
 class FileUseLock:
-    """An advisory lock (``flock``) on a sibling of a refresh token file, held while a process serves with it.
+    """Advisory locks beside a refresh token file, so that two processes serving with it both know.
 
     Two processes refreshing with one refresh token invalidate each other once Cognito rotates it (the first
-    to refresh retires the token the other holds). The lock only detects that; sharing one credential safely
-    is the shared token store's job.
+    to refresh retires the token the other holds). The locks only detect that; sharing one credential safely
+    is the shared token store's job, so processes that name the same store (``sharing``) are left in peace.
+
+    The first process holds ``.<name>.lock`` exclusively, with "pid host sharing" in it. A later one holds a
+    shared lock on ``.<name>.others`` with its own "pid host"; the first finds a live one there by failing to
+    take that file exclusively. The kernel drops a dead process's locks: no file needs cleaning up.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path.parent / f".{path.name}.lock"
+        self.others = path.parent / f".{path.name}.others"
         self._fd: int | None = None
+        self._holds = False
 
-    def acquire(self) -> str | None:
+    def acquire(self, sharing: str = "") -> str | None:
         """Take the lock; a warning naming the other process if it is held, ``None`` otherwise (also when the
         directory cannot hold a lock file, e.g. a read-only Secret volume)."""
         try:
@@ -75,22 +82,72 @@ class FileUseLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            words = os.read(fd, 300).decode("ascii", "replace").split()
             os.close(fd)
+            pid, host, theirs = (*words, "?", "?", "-")[:3]
+            if sharing and theirs == sharing:
+                return None  # members of one token store share the file by design
+            self._register()
             return (
-                f"another process (pid {holder}) is serving with the refresh token in {self.path.parent}: when "
-                "Cognito rotates refresh tokens, each refresh retires the token the other holds and both end with "
-                "invalid_grant. Run one sidecar per refresh token file."
+                f"another process ({_who(pid, host)}) is serving with the refresh token in {self.path.parent}"
+                f"{' through another token store or store key' if theirs != '-' else ''}: when Cognito rotates "
+                "refresh tokens, each refresh retires the token the other holds and both end with invalid_grant. "
+                "Run one sidecar per refresh token file, or share it through one token store."
             )
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        os.write(fd, f"{os.getpid()} {socket.gethostname()} {sharing or '-'}".encode())
+        self._fd, self._holds = fd, True
         return None
+
+    def _register(self) -> None:
+        """Tell the holder this process is here too (a shared lock on the others' file, held while it serves)."""
+        try:
+            fd = open_owned(self.others)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
+        except OSError:
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def contender(self) -> str | None:
+        """The holder's view: a warning naming a live process that started later with the same file, or None."""
+        if not self._holds:
+            return None
+        try:
+            fd = open_to_read(self.others)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, host = (*os.read(fd, 300).decode("ascii", "replace").split(), "?", "?")[:2]
+                return (
+                    f"another process ({_who(pid, host)}) started with the refresh token in {self.path.parent} and "
+                    "serves with it too: when Cognito rotates refresh tokens, each refresh retires the token the "
+                    "other holds and both end with invalid_grant. Run one sidecar per refresh token file, or share "
+                    "it through one token store."
+                )
+            except OSError:
+                return None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock; the file stays for the next start
-            self._fd = None
+            self._fd, self._holds = None, False
+
+
+def _who(pid: str, host: str) -> str:
+    return f"pid {pid}" if host == socket.gethostname() else f"pid {pid} on {host}"
 
 
 def exposure(path: Path) -> str | None:

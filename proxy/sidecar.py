@@ -77,7 +77,7 @@ class Sidecar:
 
         1. say which secret files other users could read or replace;
         2. open every route's upstream connection pool;
-        3. claim each refresh token file (unless a store shares it) and start each credential's refresher,
+        3. claim each refresh token file (members of one token store share it) and start each credential's refresher,
            which asks for a token at once;
         4. start the access log's writer;
         5. watch the secret and TLS files for changes.
@@ -89,8 +89,7 @@ class Sidecar:
         if self.store is not None:
             log.info("sharing tokens through the token store %s", self.store.name)
         for provider in self.providers:
-            if provider.shared is None:
-                provider.grant.claim()  # with a store, sharing the refresh token is the point
+            provider.grant.claim(provider.shared.identity if provider.shared else "")
             provider.start()
         if self.access_log is not None:
             self._tasks.append(asyncio.create_task(self.access_log.run(), name="access-log"))

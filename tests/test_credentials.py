@@ -175,7 +175,7 @@ async def test_api_key_file_is_reread_like_the_other_secrets(client: httpx2.Asyn
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200
 
 
-async def test_a_second_sidecar_on_the_same_refresh_token_file_is_warned_about(
+async def test_two_sidecars_on_one_refresh_token_file_both_warn_naming_each_other(
     client: httpx2.AsyncClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     async with run_stack() as stack:
@@ -183,35 +183,41 @@ async def test_a_second_sidecar_on_the_same_refresh_token_file_is_warned_about(
         token_file.write_text(stack.emulator.refresh_token + "\n")
         token_file.chmod(0o600)  # (a group-readable file is warned about too; not the subject here)
         settings = stack.settings(refresh_token_file=token_file)
-        async with run_sidecar(settings) as first, run_sidecar(settings) as second:
+        env = stack_env(stack, SIDECAR_REFRESH_TOKEN_FILE=str(token_file), SIDECAR_ACCESS_LOG="0")
+        async with run_sidecar(settings) as first, sidecar_process(env) as second:
             assert (await client.get(f"{first.url}/a")).status_code == 200
             assert (await client.get(f"{second.url}/a")).status_code == 200
-            alone = await client.get(f"{first.url}/-/readyz")
-            shared = await client.get(f"{second.url}/-/readyz")
+            holder = (await client.get(f"{first.url}/-/readyz")).json()["warning"]
+            later = (await client.get(f"{second.url}/-/readyz")).json()["warning"]
+            await second.stop()
+            assert "warning" not in (await client.get(f"{first.url}/-/readyz")).json()  # the other one is gone
         async with run_sidecar(settings) as third:  # the others have stopped: the lock is free again
             assert (await client.get(f"{third.url}/a")).status_code == 200
             after = await client.get(f"{third.url}/-/readyz")
-    assert "warning" not in alone.json()
-    assert "another process" in shared.json()["warning"]
-    assert "rotat" in shared.json()["warning"]
-    assert "another process" in caplog.text
+    assert f"another process (pid {second.process.pid}) started with the refresh token" in holder
+    assert f"another process (pid {os.getpid()}) is serving with the refresh token" in later
+    assert "rotat" in holder and "rotat" in later
+    assert f"pid {second.process.pid}" in caplog.text  # the holder logs it too
     assert "warning" not in after.json()
 
 
-async def test_a_rotation_that_cannot_be_persisted_is_warned_about_every_time(
-    client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
-):
-    clock = FakeClock()
-    async with run_stack(rotate_refresh_tokens=True, token_lifetime=600) as stack:
-        stack.use_clock(clock)
-        # The refresh token from the environment: nowhere to write the rotated one.
-        async with run_sidecar(stack.settings(), clock=clock) as sidecar:
-            assert (await client.get(f"{sidecar.url}/a")).status_code == 200
-            clock.advance(600)
-            assert (await client.get(f"{sidecar.url}/b")).status_code == 200
-            ready = (await client.get(f"{sidecar.url}/-/readyz")).json()
-    assert "kept in memory only" in ready["warning"] and "SIDECAR_REFRESH_TOKEN_FILE" in ready["warning"]
-    assert caplog.text.count("kept in memory only") == 2  # the first token and the refresh both rotated it
+async def test_a_token_store_shares_the_file_only_with_its_own_members(client: httpx2.AsyncClient, tmp_path: Path):
+    async with run_stack() as stack:
+        token_file = tmp_path / "refresh-token"
+        token_file.write_text(stack.emulator.refresh_token + "\n")
+        token_file.chmod(0o600)
+        store = f"file:{tmp_path / 'store'}"
+        members = stack.settings(refresh_token_file=token_file, token_store=store)
+        async with run_sidecar(members) as first, run_sidecar(members) as second:
+            for sidecar in (first, second):
+                assert (await client.get(f"{sidecar.url}/a")).status_code == 200
+                assert "warning" not in (await client.get(f"{sidecar.url}/-/readyz")).json()
+            # One without the store (or with another store or key) on the same file: everyone is told.
+            async with run_sidecar(stack.settings(refresh_token_file=token_file)) as outsider:
+                assert (await client.get(f"{outsider.url}/a")).status_code == 200
+                told = [(await client.get(f"{s.url}/-/readyz")).json().get("warning", "") for s in (first, outsider)]
+    assert "started with the refresh token" in told[0]
+    assert "is serving with the refresh token" in told[1] and "another token store or store key" in told[1]
 
 
 def _kubernetes_secret_volume(folder: Path, files: dict[str, str], version: str) -> None:

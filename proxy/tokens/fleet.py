@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 
 from proxy.clock import SYSTEM_CLOCK, Clock
@@ -87,6 +88,11 @@ class SharedRefresh:
 
     def __repr__(self) -> str:
         return f"SharedRefresh(store={self.store.name!r}, key={self.sealer.key!r})"
+
+    @property
+    def identity(self) -> str:
+        """Tells members of this store and credential, under this key, from any other sharing (a digest)."""
+        return hashlib.sha256(f"{self.store.name}\n{self.sealer.key}".encode()).hexdigest()[:16]
 
     async def fetch(self, spec: TokenSpec, schedule: RefreshSchedule, held: TokenSet | None) -> TokenSet:
         """A token set: the store's when it is newer and not due, else one refreshed under the lease."""

@@ -56,7 +56,10 @@ class Grant(Protocol):
     rotations: int
     persist_failures: int
     persist_error: str | None
-    shared_warning: str | None
+
+    @property
+    def shared_warning(self) -> str | None:
+        """Another process serves with the same refresh token file (and not through the same token store)."""
 
     @property
     def endpoint(self) -> TokenEndpoint: ...
@@ -84,8 +87,9 @@ class Grant(Protocol):
         """Values re-read from the files worked: forget the previous ones."""
         ...
 
-    def claim(self) -> None:
-        """Note that this process serves with the credential (``serve``); sets ``shared_warning`` if another does."""
+    def claim(self, sharing: str = "") -> None:
+        """Note that this process serves with the credential (``serve``); ``sharing`` names the token store it
+        shares the credential through, if any."""
 
     def release(self) -> None: ...
 
@@ -106,7 +110,8 @@ class RefreshTokenGrant:
         # Seconds from the rotating answer's arrival to its refresh token being durably in the file: the
         # window in which a crash loses the credential unless Cognito's grace period covers the restart.
         self.last_persist_window: float | None = None
-        self.shared_warning: str | None = None
+        self._claimed: str | None = None  # what claim() found: another process was there first
+        self._said_shared: str | None = None
         self._lock = FileUseLock(refresh_token.path) if refresh_token.path else None
         self._configured = refresh_token.value
         # A durable shared token store keeps rotated refresh tokens: the file is then a second copy, and no file
@@ -119,10 +124,19 @@ class RefreshTokenGrant:
     def __repr__(self) -> str:
         return f"RefreshTokenGrant(endpoint={self._endpoint!r}, file={self._token.path})"
 
-    def claim(self) -> None:
-        self.shared_warning = self._lock.acquire() if self._lock else None
-        if self.shared_warning:
-            log.warning("%s", self.shared_warning, extra=event("credential_shared"))
+    def claim(self, sharing: str = "") -> None:
+        self._claimed = self._lock.acquire(sharing) if self._lock else None
+        _ = self.shared_warning  # said in the log at once
+
+    @property
+    def shared_warning(self) -> str | None:
+        if self._lock is None:
+            return None
+        warning = self._claimed or self._lock.contender()
+        if warning and warning != self._said_shared:
+            log.warning("%s", warning, extra=event("credential_shared"))
+        self._said_shared = warning
+        return warning
 
     def release(self) -> None:
         if self._lock:
@@ -178,6 +192,7 @@ class RefreshTokenGrant:
             self._client_secret.settle()
 
     async def fetch(self) -> TokenResponse:
+        _ = self.shared_warning  # a process that started later with the same file is said before each refresh
         if self._persist_pending():
             log.info(
                 "the rotated refresh token is now in %s (an earlier write had failed)",
@@ -287,7 +302,7 @@ class ClientCredentialsGrant:
     def __repr__(self) -> str:
         return f"ClientCredentialsGrant(endpoint={self._endpoint!r}, scopes={self._scopes!r})"
 
-    def claim(self) -> None:
+    def claim(self, sharing: str = "") -> None:
         """Nothing to guard: client_credentials keeps no rotating state."""
 
     def release(self) -> None:

@@ -58,7 +58,7 @@ def test_the_lock_beside_a_refresh_token_never_follows_a_planted_link(tmp_path: 
     assert victim.read_text() == "precious\n"
     lock.path.unlink()
     assert lock.acquire() is None  # a lock file of its own: taken, and it holds this process's pid
-    assert lock.path.read_text() == str(os.getpid())
+    assert lock.path.read_text().split()[0] == str(os.getpid())
     assert lock.path.stat().st_mode & 0o777 == 0o600
     lock.release()
 
@@ -105,3 +105,21 @@ def test_a_link_inside_its_directory_is_written_through(tmp_path: Path):
     (stamped / "away").symlink_to(outside / "token")
     assert link_inside(stamped / "away") is None  # leads out of its directory: replaced, as any file
     assert link_inside(stamped / "token") is None  # not a link
+
+
+def test_a_later_process_on_the_same_file_is_seen_by_the_first_unless_they_share_a_store(tmp_path: Path):
+    token = tmp_path / "refresh_token"
+    token.write_text("r\n")
+    first, member, outsider = FileUseLock(token), FileUseLock(token), FileUseLock(token)
+    assert first.acquire("store-a") is None
+    assert first.contender() is None
+    assert member.acquire("store-a") is None  # the same token store: sharing the file is the point
+    assert first.contender() is None
+    said = outsider.acquire("")
+    assert said is not None and "through another token store or store key" in said
+    seen = first.contender()
+    assert seen is not None and f"pid {os.getpid()}" in seen
+    outsider.release()  # gone: the kernel dropped its lock
+    assert first.contender() is None
+    for lock in (first, member):
+        lock.release()
