@@ -503,3 +503,29 @@ async def test_a_public_clients_file_store_is_sealed_and_a_planted_set_is_refuse
             held = sidecar.tokens.usable()
             assert held is not None and held["id_token"].value != issued["id_token"]
         assert "is in plaintext but this sidecar seals: it is not trusted" in caplog.text
+
+
+async def test_members_sealing_with_different_keys_are_told_on_both_sides(
+    redis_srv: RedisServer, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    async with run_stack(token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        right = stack.settings(token_store=redis_srv.url, token_store_key=SecretStr("k" * 32))
+        async with run_sidecar(right, clock=clock) as first:
+            assert (await client.get(f"{first.url}/a")).status_code == 200
+            assert "warning" not in (await client.get(f"{first.url}/-/readyz")).json()
+            # A member without the store key (sealing with the client secret): a second store in the same Redis.
+            async with run_sidecar(stack.settings(token_store=redis_srv.url), clock=clock) as other:
+                assert (await client.get(f"{other.url}/a")).status_code == 200
+                told = (await client.get(f"{other.url}/-/readyz")).json()["warning"]
+                assert "seals with a different key" in told and "SIDECAR_TOKEN_STORE_KEY" in told
+                # The first hears of it at its next look at the store, when its token is due.
+                await clock.settle(HOUR)
+                assert (await client.get(f"{first.url}/b")).status_code == 200
+                assert "seals with a different key" in (await client.get(f"{first.url}/-/readyz")).json()["warning"]
+        assert caplog.text.count("seals with a different key") >= 2
+        assert_hidden(caplog.text + told, "k" * 32, stack.emulator.client.secret or "")
+        env = stack_env(stack, SIDECAR_TOKEN_STORE=redis_srv.url, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+        code, out, _ = await run_cli("check", env=env)
+        assert code != 0 and "FAIL  another store key is in use for this credential" in out

@@ -84,6 +84,8 @@ def store_finding(shared: SharedRefresh) -> Finding:
     """What the check saw of the shared token store."""
     if shared.problem is not None:
         return Finding("WARN", f"the token store {shared.store.name} is out of reach", shared.problem)
+    if shared.key_check.problem is not None:
+        return Finding("FAIL", "another store key is in use for this credential", shared.key_check.problem)
     how = (
         "the token came from it (another sidecar refreshed it)"
         if shared.adopted

@@ -72,4 +72,8 @@ class Store(Protocol):
 
     async def holder(self, key: str) -> str | None: ...
 
+    async def check_in(self, name: str, value: str, now: float, window: float) -> dict[str, float]:
+        """Record ``value`` as seen at ``now`` (wall clock) under ``name``; every value seen there within ``window``
+        seconds, with when it was last seen."""
+
     async def aclose(self) -> None: ...

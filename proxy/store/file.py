@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import stat
 import tempfile
@@ -25,7 +26,8 @@ class FileStore:
     """The store in a directory, for processes on one host or containers sharing a volume.
 
     Per key: ``<key>.state`` (the sealed blob, 0600), ``<key>.lock`` (held with ``flock`` for the lease),
-    ``<key>.fence`` ("issued released") and ``<key>.hold`` (the hold-off note after a failed refresh). Files are
+    ``<key>.fence`` ("issued released") and ``<key>.hold`` (the hold-off note after a failed refresh); per
+    credential, ``<name>.check`` (which keys its members seal with). Files are
     small and local: they are read and written inline. ``flock`` needs one kernel: one host, or a local volume
     shared by containers (not NFS).
     """
@@ -215,6 +217,24 @@ class FileStore:
             return None
         finally:
             os.close(fd)
+
+    async def check_in(self, name: str, value: str, now: float, window: float) -> dict[str, float]:
+        path = self._path(name, "check")
+        try:
+            seen = json.loads(path.read_bytes())
+            values = {str(k): float(v) for k, v in seen.items()} if isinstance(seen, dict) else {}
+        except FileNotFoundError:
+            values = {}
+        except (ValueError, TypeError):
+            values = {}  # unreadable: start over, every member writes its own again
+        except OSError as exc:
+            raise self._wrap(f"reading {path.name}", exc) from None
+        values = {k: at for k, at in values.items() if now - at <= window} | {value: now}
+        try:
+            write_atomically(path, json.dumps(values).encode())
+        except OSError as exc:
+            raise self._wrap(f"writing {path.name}", exc) from None
+        return values
 
     async def aclose(self) -> None:
         """Nothing held between calls."""

@@ -145,6 +145,19 @@ class RedisStore:
             value = await self._redis.get(f"{key}:lock")
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
+    async def check_in(self, name: str, value: str, now: float, window: float) -> dict[str, float]:
+        async with self._errors("checking the store key"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(name, value, repr(now))
+            pipe.hgetall(name)
+            pipe.expire(name, max(1, int(window)))
+            _, seen, _ = await pipe.execute()
+            values = {_text(k): float(v) for k, v in seen.items()}
+            stale = [k for k, at in values.items() if now - at > window]
+            if stale:
+                await self._redis.hdel(name, *stale)
+        return {k: at for k, at in values.items() if k not in stale}
+
     async def aclose(self) -> None:
         await self._redis.aclose()
 
@@ -157,6 +170,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(inner, OSError) and str(inner) and str(inner) not in text:
         text = f"{text} ({inner})"
     return text
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _bytes(value: object) -> bytes | None:

@@ -41,6 +41,7 @@ from proxy.errors import (
 from proxy.logs import event
 from proxy.store.base import DEFAULT_STORE_LEASE, Lease, Store
 from proxy.tokens.grants import Grant
+from proxy.tokens.keycheck import KeyCheck
 from proxy.tokens.schedule import RefreshSchedule
 from proxy.tokens.sealed import MAX_ORIGINS, MAX_RECENT, HoldOff, Record, Sealer, UnreadableRecord, lineage
 from proxy.tokens.spec import TokenSpec
@@ -85,6 +86,7 @@ class SharedRefresh:
         self.problem: str | None = None  # the store's trouble while it lasts, for readiness
         self._look_past_note = False
         self._distrust_held = False
+        self.key_check = KeyCheck(store, sealer, clock=clock)
 
     def __repr__(self) -> str:
         return f"SharedRefresh(store={self.store.name!r}, key={self.sealer.key!r})"
@@ -99,6 +101,7 @@ class SharedRefresh:
         waited = False
         while True:
             try:
+                await self.key_check.look()
                 record, note = await self._load()
                 if record is not None and (tokens := self._adopt(record, spec, held)) is not None:
                     return tokens

@@ -81,7 +81,9 @@ class TokenProvider:
         """What readiness reports while a token is held: a rotated refresh token that could not be written, another
         process serving with the same file, the token store's trouble, a new secret value refused."""
         store = self.shared.problem if self.shared else None
-        return [w for w in (self.grant.persist_error, self.grant.shared_warning, store, self.new_secrets.warning) if w]
+        key = self.shared.key_check.problem if self.shared else None
+        found = (self.grant.persist_error, self.grant.shared_warning, store, key, self.new_secrets.warning)
+        return [warning for warning in found if warning]
 
     def usable(self) -> TokenSet | None:
         """The current tokens if they may still be sent, without waiting or asking for anything."""

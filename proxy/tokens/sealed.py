@@ -65,6 +65,12 @@ class Sealer:
                 self._aead = AESGCM(_derive(local_key, identity)[:32])
             self._mac = hashlib.sha256(_SALT + identity.encode()).digest()
         self.key = "cognito-sidecar:" + hmac.new(self._mac, identity.encode(), hashlib.sha256).hexdigest()[:32]
+        # Where every member says which key it seals with, whatever that key is, and what it says: a keyed check
+        # value that tells two keys apart and reveals nothing of either.
+        public = hashlib.sha256(_SALT + identity.encode()).digest()
+        self.check_key = "cognito-sidecar:check:" + hmac.new(public, identity.encode(), hashlib.sha256).hexdigest()[:32]
+        keyed = _derive(material, identity) if material else _derive(local_key, identity) if local_key else public
+        self.check_value = hmac.new(keyed, b"key check", hashlib.sha256).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"Sealer(key={self.key!r}, sealed={self.sealed})"

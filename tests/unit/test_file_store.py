@@ -141,3 +141,11 @@ def test_reseal_rewrites_only_what_the_upgrade_changes(tmp_path: Path):
     store.reseal("k", lambda blob: b"new" if blob == b"old" else None)
     assert (tmp_path / "store" / "k.state").read_bytes() == b"new"
     assert (tmp_path / "store" / "k.hold").read_bytes() == b"keep"
+
+
+async def test_check_ins_are_kept_for_their_window(tmp_path: Path):
+    store = store_in(tmp_path)
+    assert await store.check_in("c", "mine", 1000.0, 60) == {"mine": 1000.0}
+    assert await store.check_in("c", "theirs", 1030.0, 60) == {"mine": 1000.0, "theirs": 1030.0}
+    assert await store.check_in("c", "mine", 1080.0, 60) == {"mine": 1080.0, "theirs": 1030.0}
+    assert await store.check_in("c", "mine", 1100.0, 60) == {"mine": 1100.0}  # theirs is 70 s old: gone

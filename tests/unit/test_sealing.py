@@ -78,3 +78,12 @@ def test_a_public_client_seals_with_the_stores_own_key_under_the_same_names() ->
     upgraded = local.upgrade(old)
     assert upgraded is not None and local.open_record(upgraded) == record
     assert local.upgrade(blob) is None and plain.upgrade(old) is None
+
+
+def test_the_key_check_names_the_credential_alone_and_tells_keys_apart() -> None:
+    identity = "url\nclient\nrefresh_token\n"
+    one, again, other = Sealer(identity, b"key one"), Sealer(identity, b"key one"), Sealer(identity, b"key two")
+    assert one.check_key == other.check_key == Sealer(identity, None).check_key
+    assert one.check_key != Sealer("url\nanother\nrefresh_token\n", b"key one").check_key
+    assert one.check_value == again.check_value != other.check_value
+    assert one.key != other.key  # the records themselves are under names that need the key
