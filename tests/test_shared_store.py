@@ -532,3 +532,27 @@ async def test_members_sealing_with_different_keys_are_told_on_both_sides(
         env = stack_env(stack, SIDECAR_TOKEN_STORE=redis_srv.url, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
         code, out, _ = await run_cli("check", env=env)
         assert code != 0 and "FAIL  another store key is in use for this credential" in out
+
+
+@pytest.mark.slow  # the hung refresh holds the emulator's shutdown for its 5 s grace
+async def test_a_member_starting_during_the_fleets_refresh_serves_the_valid_stored_set(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    clock = FakeClock()
+    async with run_stack(token_lifetime=HOUR) as stack:
+        stack.use_clock(clock)
+        settings = stack.settings(token_store=redis_srv.url)
+        async with run_sidecar(settings, clock=clock) as first:
+            assert (await client.get(f"{first.url}/a")).status_code == 200
+            clock.advance(HOUR - 200)  # past the refresh point (300 s before expiry), still valid for 200 s
+            stack.emulator.cognito.latency = 30.0  # the fleet's refresh hangs at the token endpoint
+            stack.emulator.cognito.seen.clear()
+            assert (await client.get(f"{first.url}/b")).status_code == 200  # served from hand; refresh begun
+            await asyncio.wait_for(stack.emulator.cognito.seen.wait(), 10)  # under the lease, at the endpoint
+            async with run_sidecar(settings, clock=clock) as late:
+                # Served at once with the stored set, not after the hung refresh.
+                assert (await client.get(f"{late.url}/c")).status_code == 200
+                assert late.tokens.shared is not None and late.tokens.shared.adopted == 1
+                assert first.tokens.outcomes["success"] == 1  # the fleet's refresh is still in flight
+            stack.emulator.cognito.latency = 0.0
+        assert stack.token_requests == 2  # the first, and the hung one: the late member asked for none

@@ -120,6 +120,10 @@ class SharedRefresh:
                         )
                     )
                 return await self._refresh_holding(lease, spec, schedule, held)
+            if record is not None and (tokens := spec.servable(record, held)) is not None:
+                self.adopted += 1
+                self._follow(record)
+                return tokens  # due, but valid: served while the lease's holder refreshes
             if not waited:
                 waited = True
                 self.lock_waits += 1

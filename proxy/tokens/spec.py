@@ -35,13 +35,25 @@ class TokenSpec:
 
     def adoptable(self, record: Record, held: TokenSet | None) -> TokenSet | None:
         """The stored tokens, if they are not the ones ``held`` and not due for a refresh yet."""
-        try:
-            tokens = self.token_set(record.response, age=max(0.0, self.clock.time() - record.received))
-        except TokenError:
-            return None
-        if held is not None and all(held[kind].value == tokens[kind].value for kind in self.kinds):
+        tokens = self._stored(record)
+        if tokens is None or (held is not None and all(held[k].value == tokens[k].value for k in self.kinds)):
             return None
         return tokens if self.clock.monotonic() < tokens.refresh_at else None
+
+    def servable(self, record: Record, held: TokenSet | None) -> TokenSet | None:
+        """The stored tokens while another member refreshes them: still valid (due or not), when nothing valid is
+        ``held``. A member that starts during the fleet's refresh serves them as a single sidecar serves the
+        token in hand, instead of waiting for the refresh."""
+        if held is not None and self.clock.monotonic() < held.expires_at:
+            return None
+        tokens = self._stored(record)
+        return tokens if tokens is not None and self.clock.monotonic() < tokens.expires_at else None
+
+    def _stored(self, record: Record) -> TokenSet | None:
+        try:
+            return self.token_set(record.response, age=max(0.0, self.clock.time() - record.received))
+        except TokenError:
+            return None
 
 
 __all__ = ["TokenSpec"]
