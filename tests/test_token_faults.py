@@ -85,13 +85,39 @@ async def test_a_one_hour_outage_costs_a_few_dozen_token_requests(client: httpx2
                 await clock.settle(10)
                 assert (await client.get(f"{sidecar.url}/during")).status_code in (200, 503)
             outage_requests = stack.token_requests - before
+            probes = sidecar.tokens.schedule.probes
             stack.emulator.cognito.faults.clear()  # Cognito is back
             for _ in range(int(MAX_RETRY_WAIT // 10) + 1):
                 await clock.settle(10)
             after = await client.get(f"{sidecar.url}/after")
-    assert outage_requests <= 50, outage_requests  # two hours: about 25 in the first, 14 an hour at the cap
+    # Two hours: about 25 in the first, 14 an hour at the cap; in the second, with no valid token while requests
+    # came, early probes besides: the burst, then one a minute.
+    assert outage_requests - probes <= 50, (outage_requests, probes)
+    assert probes <= REAL.probe_burst + HOUR / REAL.probe_refill + 1, probes
     assert after.status_code == 200  # recovered within one maximal wait, without a person
     assert stack.emulator.apigw.authorized >= 2
+
+
+async def test_requests_waiting_through_an_outage_see_cognitos_recovery_within_seconds(client: httpx2.AsyncClient):
+    clock = FakeClock()
+    async with run_stack() as stack:
+        stack.use_clock(clock)
+        stack.emulator.cognito.fail_next(500, "Internal Server Error", times=100_000)
+        async with run_sidecar(stack.settings(), clock=clock, policy=REAL) as sidecar:
+            for _ in range(60):  # a minute of HTTP 500, a request every second with no token to send
+                assert (await client.get(f"{sidecar.url}/during")).status_code == 503
+                await clock.settle(1)
+            outage_requests = stack.token_requests
+            stack.emulator.cognito.faults.clear()  # Cognito is back
+            seconds = 0
+            while (await client.get(f"{sidecar.url}/after")).status_code != 200:
+                await clock.settle(1)
+                seconds += 1
+                assert seconds <= 30, "not recovered"
+            probes = sidecar.tokens.schedule.probes
+    assert seconds <= REAL.probe_gap, seconds  # the backoff alone waited up to 50 s here
+    assert 1 <= probes <= REAL.probe_burst
+    assert outage_requests <= 10 + probes + 1  # the backoff's ten in a minute, the probes, one more
 
 
 async def test_retry_after_is_honoured(client: httpx2.AsyncClient):

@@ -119,8 +119,11 @@ class TokenProvider:
             tokens = self.usable()
             if tokens is not None:
                 return tokens
+            now = self._clock.monotonic()
+            self.schedule.wanted(now)
             if not self._attempting:
-                if self.last_error is not None and self.schedule.held_off(self._clock.monotonic()):
+                if self.last_error is not None and self.schedule.held_off(now):
+                    self.refresher.wake()  # to plan again: an early probe may be due now that a request waits
                     raise self.last_error
                 self._ask()
             if not waited:

@@ -8,7 +8,12 @@ and no tokens of its own, so every rule is tested with plain numbers (tests/unit
 - after failures, later: exponential backoff with jitter across the whole outage, up to ``max_wait``;
   at least what the endpoint asked for in ``Retry-After``; at least ``permanent_hold`` after a refusal
   that a person must fix (new secrets on disk lift the hold);
-- a refused token (API Gateway's 401) asks for a refresh at most once per ``suspect_interval``.
+- a refused token (API Gateway's 401) asks for a refresh at most once per ``suspect_interval``;
+- while requests arrive with no valid token to send, an early probe may cut a transient failure's backoff
+  short: ``probe_gap`` after the previous token request, out of a budget of ``probe_burst`` probes that
+  refills at one per ``probe_refill`` seconds. Cognito's recovery from an outage of up to about a minute is
+  then seen within ``probe_gap``, a longer one's within a minute, for at most ``probe_burst`` token requests
+  and one a minute more than the backoff alone.
 
 Why not stamina, which the previous refresh used: its loop sleeps on real time and starts its backoff
 afresh at every call, while this schedule spans a whole outage, is shared with the token's own life and
@@ -54,6 +59,13 @@ BACKGROUND_WINDOW = (0.9, 1.0)
 # the earliest of its sidecars' points: a window as wide as the one above would make it refresh up to 10% sooner
 # than one sidecar alone. This narrow one only spreads the sidecars' looks at the store.
 SHARED_BACKGROUND_WINDOW = (0.98, 1.0)
+# Early probes while requests wait with no valid token (see the module's docstring): recovery within this long of
+# Cognito's...
+PROBE_GAP = 5.0
+# ...for a minute's worth of probes at once, then one a minute: an hour's outage with requests waiting throughout
+# costs at most 12 + 60 token requests more than the backoff's 25.
+PROBE_BURST = 12.0
+PROBE_REFILL = 60.0
 # Backoff waits are multiplied by a random factor in this range: a fleet that failed together retries apart,
 # and the waits still add up at the cap's pace.
 JITTER = (0.75, 1.0)
@@ -69,6 +81,9 @@ class RefreshPolicy:
     permanent_hold: float = PERMANENT_HOLD
     throttled_wait: float = THROTTLED_MIN_WAIT
     suspect_interval: float = SUSPECT_REFRESH_INTERVAL
+    probe_gap: float = PROBE_GAP
+    probe_burst: float = PROBE_BURST
+    probe_refill: float = PROBE_REFILL
 
     def backoff(self, failures: int, error: TokenError, rng: random.Random) -> float:
         """Seconds to wait after the ``failures``-th failure in a row, ``error`` being the latest."""
@@ -98,19 +113,45 @@ class RefreshSchedule:
         self.last_request_at = -math.inf
         self.last_suspect_at = -math.inf
         self.asked = False  # someone wants an attempt as soon as the rules allow
+        self.probes = 0  # early probes made
+        self._probe_budget = policy.probe_burst
+        self._budget_at = -math.inf
+        self._probe_ok = False  # the last failure's backoff may be cut short by a probe
+        self._wanted_at = -math.inf  # when a request last found no valid token
 
     def next_attempt_at(self, now: float, tokens: TokenSet | None) -> float:
         """When the next token request may go: at once if asked or no valid token is held, else at the
-        background point; never inside a backoff or closer than ``min_interval`` to the previous request."""
+        background point; never inside a backoff (unless an early probe is due) or closer than ``min_interval``
+        to the previous request."""
         planned = now if self.asked or tokens is None or now >= tokens.expires_at else self.background_at
-        return max(planned, self.not_before, self.last_request_at + self.policy.min_interval)
+        return max(planned, self._not_before(now), self.last_request_at + self.policy.min_interval)
 
     def held_off(self, now: float) -> bool:
-        """A failure's backoff or hold still runs: a request without a token gets the failure at once."""
-        return self.not_before > now
+        """A failure's backoff or hold still runs, and no early probe is due: a request without a token gets the
+        failure at once."""
+        return self._not_before(now) > now
+
+    def wanted(self, now: float) -> None:
+        """A request found no valid token to send: early probes may go while this lasts."""
+        self._wanted_at = now
+
+    def _not_before(self, now: float) -> float:
+        probe_at = self.last_request_at + self.policy.probe_gap
+        if probe_at < self.not_before and self._probe_ok and self._wanted_at >= self.last_request_at:
+            if self._budget(max(now, probe_at)) >= 1.0:
+                return probe_at
+        return self.not_before
+
+    def _budget(self, now: float) -> float:
+        """Early probes available at ``now`` (the budget refills with time)."""
+        refilled = (now - self._budget_at) / self.policy.probe_refill if self._budget_at > -math.inf else 0.0
+        return min(self.policy.probe_burst, self._probe_budget + refilled)
 
     def started(self, now: float) -> None:
         """A token request goes now: it answers whoever asked."""
+        if now < self.not_before:  # inside a backoff: an early probe
+            self._probe_budget, self._budget_at = self._budget(now) - 1.0, now
+            self.probes += 1
         self.asked = False
         self.last_request_at = now
 
@@ -127,10 +168,13 @@ class RefreshSchedule:
         in a row, and so the backoff, where it was."""
         if not error.asked_endpoint:
             wait = error.retry_within if error.retry_within is not None else self.policy.first_wait
-        else:
-            self.failures_in_row += 1
-            wait = self.policy.backoff(self.failures_in_row, error, self._rng)
-        self.not_before = now + wait
+            self.not_before = now + wait
+            return wait
+        self.failures_in_row += 1
+        wait = self.policy.backoff(self.failures_in_row, error, self._rng)
+        # Only a plain outage may be probed early: not a refusal, throttling or the endpoint's own Retry-After.
+        self._probe_ok = isinstance(error, TransientTokenError) and not error.throttled and error.retry_after is None
+        self.not_before = max(self.not_before, now + wait)  # a failed early probe leaves the backoff as it was
         return wait
 
     def hold_for(self, error: TokenError, failures: int) -> float:

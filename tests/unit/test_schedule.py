@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -57,6 +58,8 @@ def fresh(received_at: float, life: float = 3600.0, margin: float = 300.0) -> To
 
 
 DOWN = TransientTokenError.unanswered(flow="refresh", summary="down", fix="wait")
+REFUSED = PermanentTokenError(flow="refresh", status=400, error="invalid_grant", body="", summary="no")
+THROTTLED = TransientTokenError(flow="refresh", status=429, error=None, body="", summary="slow", throttled=True)
 
 
 def test_no_token_means_at_once_and_a_token_means_late_in_its_life():
@@ -124,3 +127,52 @@ def test_looks_at_an_unreachable_store_do_not_grow_the_backoff():
     assert schedule.failed(30.0, DOWN) <= RefreshPolicy().first_wait
     assert schedule.failures_in_row == 1
     assert schedule.hold_for(DOWN, 1) <= 2 * RefreshPolicy().first_wait  # what a fleet's hold-off note asks
+
+
+def test_requests_waiting_without_a_token_probe_an_outage_early_within_a_budget():
+    schedule = RefreshSchedule(RefreshPolicy(), random.Random(5))
+    now = 0.0
+    requests = []
+    # Cognito answers 500 for 60 s while requests arrive every second with nothing valid to send.
+    while now < 60.0:
+        schedule.wanted(now)
+        if schedule.next_attempt_at(now, None) <= now:
+            schedule.started(now)
+            requests.append(now)
+            schedule.failed(now, DOWN)
+        now += 1.0
+    # Back: the next request that finds no token is within one probe gap of a token request.
+    recovered = next(t for t in (60.0 + s for s in range(60)) if schedule.next_attempt_at(t, None) <= t)
+    assert recovered - 60.0 <= 5.0
+    assert schedule.probes >= 1
+    # No request waiting: no probe, the backoff alone.
+    quiet = RefreshSchedule(RefreshPolicy(), random.Random(5))
+    for _ in range(10):
+        at = quiet.next_attempt_at(quiet.not_before, None)
+        quiet.started(at)
+        quiet.failed(at, DOWN)
+    assert quiet.next_attempt_at(at + 6.0, None) == quiet.not_before > at + 6.0 and quiet.probes == 0
+
+
+def test_early_probes_have_a_budget_and_spare_refusals_and_throttling():
+    policy = RefreshPolicy()
+    schedule = RefreshSchedule(policy, random.Random(1))
+    now, probes_at = 0.0, []
+    while now < 3600.0:  # an hour's outage, requests waiting throughout
+        schedule.wanted(now)
+        if schedule.next_attempt_at(now, None) <= now:
+            before = schedule.probes
+            schedule.started(now)
+            if schedule.probes > before:
+                probes_at.append(now)
+            schedule.failed(now, DOWN)
+        now += 1.0
+    assert len(probes_at) <= policy.probe_burst + 3600 / policy.probe_refill + 1
+    assert all(b - a >= policy.probe_gap for a, b in itertools.pairwise(probes_at))
+    for error in (REFUSED, THROTTLED):
+        held = RefreshSchedule(policy, random.Random(1))
+        held.failures_in_row = 9  # a backoff of about a minute
+        held.started(0.0)
+        held.failed(0.0, error)
+        held.wanted(1.0)
+        assert held.next_attempt_at(policy.probe_gap + 1, None) == held.not_before  # no probe
