@@ -137,10 +137,8 @@ class RefreshSchedule:
 
     def _not_before(self, now: float) -> float:
         probe_at = self.last_request_at + self.policy.probe_gap
-        if probe_at < self.not_before and self._probe_ok and self._wanted_at >= self.last_request_at:
-            if self._budget(max(now, probe_at)) >= 1.0:
-                return probe_at
-        return self.not_before
+        probing = probe_at < self.not_before and self._probe_ok and self._wanted_at >= self.last_request_at
+        return probe_at if probing and self._budget(max(now, probe_at)) >= 1.0 else self.not_before
 
     def _budget(self, now: float) -> float:
         """Early probes available at ``now`` (the budget refills with time)."""
