@@ -122,10 +122,11 @@ class TokenProvider:
             now = self._clock.monotonic()
             self.schedule.wanted(now)
             if not self._attempting:
+                # Woken either way: it plans again, and an early probe may be due now that a request waits.
+                self.refresher.wake()
                 if self.last_error is not None and self.schedule.held_off(now):
-                    self.refresher.wake()  # to plan again: an early probe may be due now that a request waits
                     raise self.last_error
-                self._ask()
+                self.schedule.asked = True
             if not waited:
                 waited = True
                 self.waits += 1
@@ -184,6 +185,8 @@ class TokenProvider:
 
     async def aclose(self) -> None:
         await self.refresher.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
 
     async def _attempt(self) -> None:
         self.schedule.started(self._clock.monotonic())
