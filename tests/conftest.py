@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,3 +365,23 @@ class SilentUpstream:
     async def first_connection(self) -> None:
         async with asyncio.timeout(30):
             await self.accepted.wait()
+
+
+@contextlib.contextmanager
+def awaiting(event_name: str) -> Iterator[asyncio.Event]:
+    """An event set when the package logs a line for ``event_name`` (what the sidecar reports, as it reports it)."""
+    seen = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            happened = getattr(record, "sidecar_event", None)  # what logs.event() attaches: (name, fields)
+            if happened is not None and happened[0] == event_name:
+                seen.set()
+
+    handler = Watch()
+    logger = logging.getLogger("proxy")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from proxy.emulator import fingerprint
 from proxy.secrets import read_secret_file
-from tests.conftest import FakeClock, Stack, metric, run_sidecar, run_stack, sidecar_process, stack_env
+from tests.conftest import FakeClock, Stack, awaiting, metric, run_sidecar, run_stack, sidecar_process, stack_env
 
 
 async def test_rotated_refresh_token_is_written_to_its_file(client: httpx2.AsyncClient, tmp_path: Path):
@@ -248,26 +248,6 @@ async def test_secret_files_are_reread_when_kubernetes_swaps_them(client: httpx2
             _kubernetes_secret_volume(volume, {"api_key": "new-key"}, "2026_12_02_10_05_00.2")
             await asyncio.wait_for(sidecar.parts.secrets_changed.wait(), 10)
             assert (await client.get(f"{sidecar.url}/b")).status_code == 200
-
-
-@contextlib.contextmanager
-def awaiting(event_name: str) -> Iterator[asyncio.Event]:
-    """An event set when the package logs a line for ``event_name`` (what the sidecar reports, as it reports it)."""
-    seen = asyncio.Event()
-
-    class Watch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            happened = getattr(record, "sidecar_event", None)  # what logs.event() attaches: (name, fields)
-            if happened is not None and happened[0] == event_name:
-                seen.set()
-
-    handler = Watch()
-    logger = logging.getLogger("proxy")
-    logger.addHandler(handler)
-    try:
-        yield seen
-    finally:
-        logger.removeHandler(handler)
 
 
 async def test_a_wrong_new_secret_is_tried_at_once_and_the_working_one_kept(

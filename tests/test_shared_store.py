@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import stat
@@ -29,6 +30,7 @@ from tests.conftest import (
     RunningSidecar,
     Stack,
     assert_hidden,
+    awaiting,
     metric,
     run_cli,
     run_sidecar,
@@ -556,3 +558,36 @@ async def test_a_member_starting_during_the_fleets_refresh_serves_the_valid_stor
                 assert first.tokens.outcomes["success"] == 1  # the fleet's refresh is still in flight
             stack.emulator.cognito.latency = 0.0
         assert stack.token_requests == 2  # the first, and the hung one: the late member asked for none
+
+
+async def test_a_store_that_loses_its_data_during_a_rotation_is_seeded_with_the_newest_refresh_token(
+    redis_srv: RedisServer, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy")  # token_refreshed is an INFO line
+    async with rotating_fleet(redis_srv, client) as (stack, clock, sidecars):
+        rotator = sidecars[0]
+        await clock.settle(600)  # the rotator's refresh comes ten minutes into the set: the other is due first
+        # The rotator refreshes (API Gateway refused its token); Cognito rotates, and Redis dies before the
+        # answer arrives: the new refresh token is in the rotator's memory only.
+        stack.emulator.cognito.answer_latency = 1.0
+        stack.emulator.cognito.seen.clear()
+        held = rotator.tokens.usable()
+        with awaiting("token_refreshed") as refreshed:
+            assert held is not None and rotator.tokens.refused(held["id_token"])
+            settling = asyncio.create_task(clock.settle(1))  # past the minimum interval: the refresh goes
+            await asyncio.wait_for(stack.emulator.cognito.seen.wait(), 10)
+            redis_srv.stop()
+            await asyncio.wait_for(refreshed.wait(), 20)
+            await settling
+        assert stack.emulator.cognito.refresh_outcomes["ok"] == 2
+        stack.emulator.cognito.answer_latency = 0.0
+        redis_srv.start()  # back, empty
+        # The other member's token is due first: it must not seed the store with its superseded refresh token.
+        await clock.settle(HOUR - 850)
+        await clock.settle(5)
+        await clock.settle(5)
+        assert await get_all(client, [f"{s.url}/after" for s in sidecars]) == [200, 200]
+        await clock.settle(HOUR)
+        assert await get_all(client, [f"{s.url}/later" for s in sidecars]) == [200, 200]
+        assert stack.emulator.cognito.refresh_outcomes.get("invalid_grant", 0) == 0
+        assert all(s.tokens.outcomes["permanent"] == 0 for s in sidecars)

@@ -27,6 +27,9 @@ DEFAULT_STORE_LEASE = 5.0
 # A store operation that takes longer than this has failed: the refresher must be able to fall back or report
 # while the token in hand is still valid.
 STORE_TIMEOUT = 2.0
+# How long a member's offer of a record only it holds is kept (it renews it every second while it waits):
+# whoever seeds a store that lost its data takes the newest offered.
+OFFER_KEPT = 60.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,12 @@ class Store(Protocol):
     async def release(self, key: str, lease: Lease) -> None: ...
 
     async def holder(self, key: str) -> str | None: ...
+
+    async def offer(self, key: str, blob: bytes) -> None:
+        """Offer ``blob`` (a record only this member holds) to whoever seeds ``key`` next; kept ``OFFER_KEPT``."""
+
+    async def offers(self, key: str) -> list[bytes]:
+        """The records members offered for ``key`` and that have not expired."""
 
     async def check_in(self, name: str, value: str, now: float, window: float) -> dict[str, float]:
         """Record ``value`` as seen at ``now`` (wall clock) under ``name``; every value seen there within ``window``

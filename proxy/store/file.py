@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from proxy.errors import StoreError
 from proxy.files import open_owned, open_to_read, write_atomically
-from proxy.store.base import Lease, owner_name
+from proxy.store.base import OFFER_KEPT, Lease, owner_name
 
 # The directory's own random key (``.sealing-key``, 0600): it seals the records of a credential that has no key
 # material of its own (a public client with no ``SIDECAR_TOKEN_STORE_KEY``).
@@ -217,6 +219,22 @@ class FileStore:
             return None
         finally:
             os.close(fd)
+
+    async def offer(self, key: str, blob: bytes) -> None:
+        try:
+            write_atomically(self._path(key, f"offer-{owner_name()}"), blob)
+        except OSError as exc:
+            raise self._wrap("offering a token set", exc) from None
+
+    async def offers(self, key: str) -> list[bytes]:
+        found = []
+        for path in self.directory.glob(f"{glob.escape(key)}.offer-*"):
+            try:
+                if time.time() - path.stat().st_mtime <= OFFER_KEPT:
+                    found.append(path.read_bytes())
+            except OSError:
+                continue  # withdrawn meanwhile
+        return found
 
     async def check_in(self, name: str, value: str, now: float, window: float) -> dict[str, float]:
         path = self._path(name, "check")

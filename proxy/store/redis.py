@@ -7,7 +7,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import StoreError
-from proxy.store.base import STORE_TIMEOUT, Lease, owner_name
+from proxy.store.base import OFFER_KEPT, STORE_TIMEOUT, Lease, owner_name
 
 # How long Redis keeps a hold-off note (past the hold itself, so that the fleet's backoff count carries on).
 NOTE_KEPT = 86400
@@ -144,6 +144,18 @@ class RedisStore:
         async with self._errors("reading the refresh lease"):
             value = await self._redis.get(f"{key}:lock")
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+    async def offer(self, key: str, blob: bytes) -> None:
+        async with self._errors("offering a token set"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(f"{key}:offers", self._owner, blob)
+            pipe.expire(f"{key}:offers", int(OFFER_KEPT))
+            await pipe.execute()
+
+    async def offers(self, key: str) -> list[bytes]:
+        async with self._errors("reading the offered token sets"):
+            values = await self._redis.hvals(f"{key}:offers")
+        return [blob for value in values if (blob := _bytes(value)) is not None]
 
     async def check_in(self, name: str, value: str, now: float, window: float) -> dict[str, float]:
         async with self._errors("checking the store key"):

@@ -31,6 +31,7 @@ import logging
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.errors import (
+    STORE_RETRY,
     HeldOffError,
     PermanentTokenError,
     StoreError,
@@ -51,6 +52,9 @@ log = logging.getLogger("proxy.shared")
 
 # How often a sidecar waiting for another's refresh looks at the store (and at whether the lease is gone).
 POLL_INTERVAL = 0.05
+# How long the member seeding a store that lost its data waits for the others' offers of newer refresh tokens: a
+# member holding one it could not write offers it at every ``STORE_RETRY``.
+OFFER_WINDOW = 2 * STORE_RETRY + 0.5
 
 
 # What a record holds when a rotated refresh token must be kept but no usable answer came with it.
@@ -87,6 +91,8 @@ class SharedRefresh:
         self._look_past_note = False
         self._distrust_held = False
         self.key_check = KeyCheck(store, sealer, clock=clock)
+        self.generation = 0  # of the refresh token this member holds (see ``Record.generation``)
+        self._offering: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SharedRefresh(store={self.store.name!r}, key={self.sealer.key!r})"
@@ -152,8 +158,9 @@ class SharedRefresh:
         return record, note
 
     def _honour(self, note: HoldOff | None) -> None:
-        """Raise the failure a hold-off note describes while it lasts, unless secrets changed since."""
-        if note is None or self._look_past_note:
+        """Raise the failure a hold-off note describes while it lasts, unless secrets changed since or this member
+        holds a newer refresh token than the one that failed."""
+        if note is None or self._look_past_note or note.generation < self.generation:
             return
         left = note.until - self._clock.time()
         if left <= 0:
@@ -193,6 +200,7 @@ class SharedRefresh:
         configured = self.grant.configured
         if record.refresh_token and configured is not None and record.knows(self.sealer.fingerprint(configured)):
             self.grant.adopt(record.refresh_token)
+            self.generation = record.generation
 
     async def _refresh_holding(
         self, lease: Lease, spec: TokenSpec, schedule: RefreshSchedule, held: TokenSet | None
@@ -205,10 +213,9 @@ class SharedRefresh:
                     "killed or hung mid-refresh); refreshing with the newest stored refresh token",
                     extra=event("store_lease_takeover", store=self.store.name, fence=lease.fence),
                 )
-            if self._unsaved is not None:
-                await self._save(lease, self._unsaved)
             try:
                 record, note = await self._load()
+                record = await self._newest(lease, record)
             except StoreError as exc:
                 return await self._without_store(exc, spec)
             if record is not None and (tokens := self._adopt(record, spec, held)) is not None:
@@ -258,6 +265,7 @@ class SharedRefresh:
             flow=self.grant.flow,
             status=endpoint.status if endpoint else None,
             error=endpoint.error if endpoint else None,
+            generation=self.generation,
         )
         try:
             await self.store.hold_off(self.sealer.key, self.sealer.seal_note(note))
@@ -303,6 +311,7 @@ class SharedRefresh:
             extra=event("store_new_login", store=self.store.name),
         )
         self.grant.adopt(configured)
+        self.generation = record.generation + 1
         return lineage(record.origins, mine, MAX_ORIGINS)
 
     def _record(
@@ -310,6 +319,7 @@ class SharedRefresh:
     ) -> Record:
         refresh_token = self.grant.refresh_token
         self.rotates = self.rotates or rotated or (previous is not None and previous.rotates)
+        self.generation = max(previous.generation if previous is not None else 0, self.generation) + int(rotated)
         recent = previous.recent if previous is not None else ()
         if refresh_token:
             recent = lineage(recent, self.sealer.fingerprint(refresh_token), MAX_RECENT)
@@ -320,6 +330,7 @@ class SharedRefresh:
             rotates=self.rotates,
             origins=origins,
             recent=recent,
+            generation=self.generation,
         )
 
     async def _save(self, lease: Lease, record: Record) -> None:
@@ -336,6 +347,73 @@ class SharedRefresh:
                     extra=event("store_lease_lost", store=self.store.name, fence=lease.fence),
                 )
         self._unsaved = None if saved else record
+        if self._unsaved is not None and self._offering is None:
+            self._offering = asyncio.create_task(self._keep_offering(), name="store-unsaved-record")
+
+    async def _newest(self, lease: Lease, record: Record | None) -> Record | None:
+        """The stored record, or one newer that must replace it, written now under ``lease``: this member's own
+        unsaved one, or (when a store that lost its data is seeded again) the newest another member offers."""
+        candidates = [r for r in (record, self._unsaved) if r is not None]
+        if record is None and (self.rotates or self.grant.rotations):
+            candidates += await self._offered()
+        newest = max(candidates, key=lambda r: r.generation, default=None)
+        if newest is None or newest is record:
+            self._unsaved = None  # the store holds this member's record already, or a newer one
+            return record
+        if newest is not self._unsaved:
+            log.warning(
+                "seeding the token store with the newest refresh token a member offered (generation %d; this "
+                "sidecar holds %d)",
+                newest.generation,
+                self.generation,
+                extra=event("store_seeded_from_offer", store=self.store.name),
+            )
+            self._follow(newest)
+        await self._save(lease, newest)
+        return newest
+
+    async def _offered(self) -> list[Record]:
+        """What members offer within ``OFFER_WINDOW``; as soon as one is newer than this member's token, that."""
+        deadline = asyncio.get_running_loop().time() + OFFER_WINDOW
+        while True:
+            found = []
+            for blob in await self.store.offers(self.sealer.key):
+                with contextlib.suppress(UnreadableRecord):
+                    found.append(self.sealer.open_record(blob))
+            if any(r.generation > self.generation for r in found) or asyncio.get_running_loop().time() >= deadline:
+                return found
+            await asyncio.sleep(self._poll)
+
+    async def _keep_offering(self) -> None:
+        """Until the store takes this member's unsaved record (or holds a newer one): every ``STORE_RETRY``, write
+        it under the lease, or offer it to whoever holds the lease."""
+        try:
+            while self._unsaved is not None:
+                await asyncio.sleep(STORE_RETRY)
+                unsaved = self._unsaved
+                if unsaved is None:
+                    break
+                with contextlib.suppress(StoreError):
+                    lease = await self.store.acquire(self.sealer.key, self._lease_seconds)
+                    if lease is None:
+                        await self.store.offer(self.sealer.key, self.sealer.seal_record(unsaved))
+                        continue
+                    try:
+                        record, _ = await self._load()
+                        if record is not None and record.generation >= unsaved.generation:
+                            self._unsaved = None  # the store holds it, or a newer one
+                        else:
+                            await self._save(lease, unsaved)
+                    finally:
+                        await self.store.release(self.sealer.key, lease)
+        finally:
+            self._offering = None
+
+    async def aclose(self) -> None:
+        if self._offering is not None:
+            self._offering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._offering
 
     async def _renew(self, lease: Lease) -> None:
         while True:

@@ -150,13 +150,18 @@ class HoldOff:
     # Failed refreshes in a row across the fleet: the next holder's backoff continues from here.
     failures: int = 1
     kind: str = "transient"  # the failure's ``failure_kind``, for the others' metrics
+    # The failed refresh token's place in the lineage (``Record.generation``): a member holding a newer one is
+    # not held off by this note.
+    generation: int = 0
 
 
 @dataclass(frozen=True)
 class Record:
     """One credential's shared state. ``received``: when the answer arrived, on the writer's wall clock;
     ``rotates``: Cognito has rotated this credential's refresh token (from then on it is never refreshed without
-    the lease). Only the lease's holder writes it: the store checks the fencing value, the record need not carry it."""
+    the lease). Only the lease's holder writes it: the store checks the fencing value, the record need not carry it.
+    ``generation`` counts the refresh tokens of the lineage (one more at each rotation or new login): of two records
+    for one credential, the higher one holds the newer refresh token."""
 
     received: float
     response: TokenResponse = field(repr=False)
@@ -164,6 +169,7 @@ class Record:
     rotates: bool
     origins: tuple[str, ...] = ()
     recent: tuple[str, ...] = ()
+    generation: int = 0
 
     def knows(self, fingerprint: str) -> bool:
         return fingerprint in self.origins or fingerprint in self.recent
@@ -183,6 +189,7 @@ class Record:
             "rotates": self.rotates,
             "origins": list(self.origins),
             "recent": list(self.recent),
+            "generation": self.generation,
         }
 
     @classmethod
@@ -203,6 +210,7 @@ class Record:
             rotates=bool(data["rotates"]),
             origins=tuple(data.get("origins", ())),
             recent=tuple(data.get("recent", ())),
+            generation=int(data.get("generation", 0)),
         )
 
 

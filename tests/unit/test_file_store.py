@@ -149,3 +149,12 @@ async def test_check_ins_are_kept_for_their_window(tmp_path: Path):
     assert await store.check_in("c", "theirs", 1030.0, 60) == {"mine": 1000.0, "theirs": 1030.0}
     assert await store.check_in("c", "mine", 1080.0, 60) == {"mine": 1080.0, "theirs": 1030.0}
     assert await store.check_in("c", "mine", 1100.0, 60) == {"mine": 1100.0}  # theirs is 70 s old: gone
+
+
+async def test_offers_are_one_per_member_and_readable_by_all(tmp_path: Path):
+    store = store_in(tmp_path)
+    assert await store.offers("k") == []
+    await store.offer("k", b"first")
+    await store.offer("k", b"second")  # the same member: replaces its offer
+    assert await store.offers("k") == [b"second"]
+    assert await store.offers("other") == []
