@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from proxy.app import create_app
 from proxy.store.redis import RedisStore
 from proxy.tokens.build import identity_of
-from proxy.tokens.sealed import Record, Sealer
+from proxy.tokens.sealed import HoldOff, Record, Sealer
 from proxy.tokens.token import TokenResponse
 from tests.conftest import (
     FakeClock,
@@ -591,3 +591,27 @@ async def test_a_store_that_loses_its_data_during_a_rotation_is_seeded_with_the_
         assert await get_all(client, [f"{s.url}/later" for s in sidecars]) == [200, 200]
         assert stack.emulator.cognito.refresh_outcomes.get("invalid_grant", 0) == 0
         assert all(s.tokens.outcomes["permanent"] == 0 for s in sidecars)
+
+
+async def test_a_hold_off_note_about_an_older_refresh_token_does_not_hold_off_a_newer_one(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    async with rotating_fleet(redis_srv, client) as (stack, clock, sidecars):
+        shared = sidecars[0].tokens.shared
+        assert shared is not None and shared.generation >= 1  # seeded, then rotated by the first refresh
+        for older, held_off in ((1, False), (0, True)):
+            generation = shared.generation - older  # about the token before this member's, or about this one
+            note = HoldOff(
+                until=clock.time() + 10 * HOUR,
+                permanent=True,
+                code="token_rejected",
+                summary="invalid_grant",
+                flow="refresh",
+                generation=generation,
+            )
+            await shared.store.hold_off(shared.sealer.key, shared.sealer.seal_note(note))
+            before = stack.token_requests
+            await clock.settle(HOUR)
+            statuses = await get_all(client, [f"{s.url}/x" for s in sidecars])
+            assert (stack.token_requests == before) is held_off, generation
+            assert statuses == ([503, 503] if held_off else [200, 200])
