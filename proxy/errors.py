@@ -279,10 +279,12 @@ class EgressError(TransientTokenError):
         super().__init__(**fields)
 
 
-def error_body(code: str, detail: str, request_id: str = "") -> bytes:
+def error_body(code: str, detail: str, request_id: str = "", *, warning: str = "") -> bytes:
     """The sidecar's own JSON error body, distinct from anything the upstream sends (``request_id`` when the
-    answer is to a request the app saw: the id in its log lines)."""
+    answer is to a request the app saw: the id in its log lines; ``warning``: readiness's warnings)."""
     body = {"error": code, "detail": detail}
     if request_id:
         body["request_id"] = request_id
+    if warning:
+        body["warning"] = warning
     return json.dumps(body).encode()

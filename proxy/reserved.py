@@ -31,14 +31,16 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
         trusted = sidecar.guard.trusted(request.scope)
         if sidecar.draining:
             return _error(503, "draining", "the sidecar is shutting down")
+        warnings = sidecar.warnings()
+        shown = " ".join(warnings) if trusted else f"{len(warnings)} warning(s); {UNTRUSTED_DETAIL}"
         for code, reason in (provider.state() for provider in sidecar.providers):
             if code != "ready":
-                return _error(503, code, reason if trusted else UNTRUSTED_DETAIL)
+                # The warnings may say why (another store key, another process on the same file).
+                return _error(503, code, reason if trusted else UNTRUSTED_DETAIL, warning=shown if warnings else "")
         held = [tokens.expires_at for p in sidecar.providers if (tokens := p.usable()) is not None]
         body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
-        warnings = sidecar.warnings()
         if warnings:  # serving, but a restart (or a rotation) could lose a credential
-            body["warning"] = " ".join(warnings) if trusted else f"{len(warnings)} warning(s); {UNTRUSTED_DETAIL}"
+            body["warning"] = shown
         return JSONResponse(body)
 
     registry = sidecar_registry(sidecar, clock)
@@ -64,9 +66,9 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
     )
 
 
-def _error(status: int, code: str, detail: str) -> Response:
+def _error(status: int, code: str, detail: str, *, warning: str = "") -> Response:
     return Response(
-        error_body(code, detail, CURRENT_REQUEST_ID.get()),
+        error_body(code, detail, CURRENT_REQUEST_ID.get(), warning=warning),
         status_code=status,
         media_type="application/json",
         headers={"x-sidecar-error": code, "cache-control": "no-store"},
