@@ -1,7 +1,8 @@
 """The fleet: sidecar processes sharing one credential through a token store, measured from outside.
 
     python bench/fleet.py [--sidecars 10] [--requests 500] [--kills 10] [--only redis|workers] [--no-baseline]
-                          [--scenarios cold,sustained,kills,answer-lost,emptied,outage]
+                          [--scenarios cold,sustained,kills,answer-lost,emptied,outage,lost-rotation,
+                                       store-then-500,key-mismatch,late-join]
 
 The emulated Cognito and API Gateway run in this process on ephemeral loopback ports (they count the token
 requests and how every refresh ended); a redis-server of this script's own runs on an ephemeral port; every
@@ -19,6 +20,16 @@ sidecar is a ``cognito-sidecar serve`` process. Two forms: ``redis``, --sidecars
   the file store's files deleted): the refreshes Cognito refused, the answers;
 - outage (redis only): Redis stopped for longer than a token's life, rotation on, then started again empty:
   the answers during the outage, the time until every sidecar serves again, the refreshes Cognito refused.
+
+Recovery paths (redis only):
+
+- lost-rotation: Redis dies the instant Cognito rotated during a refresh (grace 0), and is back empty 5 s
+  later: the refreshes Cognito refused (a member seeding the store with a superseded token), the answers;
+- store-then-500: Redis down 10 s (every sidecar looks every second), back, then one HTTP 500 from Cognito:
+  the seconds until every sidecar serves again (the store's looks must not have grown the backoff);
+- key-mismatch: one member without the others' SIDECAR_TOKEN_STORE_KEY, rotation on: the members whose
+  readiness warns, the refreshes Cognito refused;
+- late-join: a member starts while the fleet's refresh hangs 3 s at Cognito: its first request's latency.
 
 Not a test: CI does not run it; docs/lab/notebook.md keeps dated runs of it.
 """
@@ -434,7 +445,136 @@ async def emptied(form: str, count: int, redis: RedisServer | None) -> str:
     )
 
 
-SCENARIOS = ("cold", "sustained", "kills", "answer-lost", "emptied", "outage")
+async def lost_rotation(count: int, redis: RedisServer) -> str:
+    lifetime = int(OUTAGE["lifetime"])
+    async with run_stack(token_lifetime=lifetime, rotate_refresh_tokens=True, grace_period=0) as stack:
+        cognito = stack.emulator.cognito
+        env = fleet_env(stack, lifetime=OUTAGE, redis=redis)
+        async with (
+            fleet_of("redis", stack, env, count, redis) as fleet,
+            httpx2.AsyncClient(trust_env=False, timeout=30) as client,
+        ):
+            for url in fleet.urls:  # the first token (and rotation) is behind every member
+                (await client.get(f"{url}/warm-up")).raise_for_status()
+            load = Load(fleet, concurrency=10)
+            async with load.running():
+                cognito.answer_latency = 1.0  # the rotation is done while its answer travels: Redis dies then
+                ended = done(cognito)
+                cognito.seen.clear()
+                async with asyncio.timeout(LIMIT):
+                    await cognito.seen.wait()
+                    while done(cognito) == ended:
+                        await asyncio.sleep(0.005)
+                redis.stop()
+                cognito.answer_latency = 0.0
+                await asyncio.sleep(5)
+                redis.start()  # empty
+                before = Counter(load.answers)
+                await asyncio.sleep(2 * lifetime)
+                after = load.answers - before
+    outcomes = cognito.refresh_outcomes
+    shown = ", ".join(f"{key} x{n}" for key, n in sorted(after.items(), key=lambda kv: -kv[1]))
+    return (
+        f"lost-rot.  {count:>2} redis    Redis killed as Cognito rotated (grace 0), back empty 5 s later: refreshes "
+        f"{outcomes['ok']} ok, {outcomes['invalid_grant']} refused (credentials lost); answers after: {shown}"
+    )
+
+
+async def store_then_500(count: int, redis: RedisServer) -> str:
+    lifetime = int(OUTAGE["lifetime"])
+    async with run_stack(token_lifetime=lifetime) as stack:
+        cognito = stack.emulator.cognito
+        env = fleet_env(stack, lifetime=OUTAGE, redis=redis)
+        async with fleet_of("redis", stack, env, count, redis) as fleet:
+            load = Load(fleet, concurrency=10)
+            async with load.running():
+                await asyncio.sleep(1)
+                redis.stop()
+                await asyncio.sleep(10)
+                redis.start()
+                cognito.fail_next(500, "Internal Server Error")
+                await asyncio.sleep(lifetime)
+    backoffs = re.findall(r"token request failed \((\d+) in a row; next in ([0-9.]+) s", fleet.said())
+    shown = ", ".join(f"{n} in a row -> next in {wait} s" for n, wait in backoffs) or "no failure logged"
+    return (
+        f"store-500  {count:>2} redis    Redis down 10 s (looks every second), then one HTTP 500 from Cognito: "
+        f"{shown}; answers: {load.summary()}"
+    )
+
+
+async def key_mismatch(count: int, redis: RedisServer) -> str:
+    lifetime = int(OUTAGE["lifetime"])
+    async with run_stack(token_lifetime=lifetime, rotate_refresh_tokens=True, grace_period=0) as stack:
+        env = {**fleet_env(stack, lifetime=OUTAGE, redis=redis), "SIDECAR_TOKEN_STORE_KEY": "k" * 32}
+        odd = {key: value for key, value in env.items() if key != "SIDECAR_TOKEN_STORE_KEY"}
+        async with (
+            fleet_of("redis", stack, env, count - 1, redis) as fleet,
+            httpx2.AsyncClient(trust_env=False, timeout=10) as client,
+        ):
+            other = await start_sidecar(odd)
+            try:
+                fleet.urls = [*fleet.urls, other.url]
+                load = Load(fleet, concurrency=10)
+                async with load.running():
+                    await asyncio.sleep(2 * lifetime)
+                warned = 0
+                for url in fleet.urls:
+                    ready = (await client.get(f"{url}/-/readyz")).json()
+                    warned += "seals with a different key" in ready.get("warning", "")
+            finally:
+                await stop_sidecar(other)
+    outcomes = stack.emulator.cognito.refresh_outcomes
+    return (
+        f"key-mism.  {count:>2} redis    one member without the store key, rotation on, 2 lifetimes: {warned} of "
+        f"{count} warn in readiness; refreshes {outcomes['ok']} ok, {outcomes['invalid_grant']} refused; answers: "
+        f"{load.summary()}"
+    )
+
+
+async def late_join(count: int, redis: RedisServer) -> str:
+    lifetime = int(OUTAGE["lifetime"])
+    async with run_stack(token_lifetime=lifetime) as stack:
+        cognito = stack.emulator.cognito
+        env = fleet_env(stack, lifetime=OUTAGE, redis=redis)
+        async with (
+            fleet_of("redis", stack, env, count, redis) as fleet,
+            httpx2.AsyncClient(trust_env=False, timeout=30) as client,
+        ):
+            for url in fleet.urls:
+                (await client.get(f"{url}/warm-up")).raise_for_status()
+            cognito.latency = 3.0
+            cognito.seen.clear()
+            load = Load(fleet, concurrency=5)
+            async with load.running():
+                async with asyncio.timeout(LIMIT):
+                    await cognito.seen.wait()  # the fleet's refresh hangs at Cognito, under the lease
+                late = await start_sidecar(env)
+                try:
+                    started = time.monotonic()
+                    first = await client.get(f"{late.url}/first")
+                    took = time.monotonic() - started
+                finally:
+                    await stop_sidecar(late)
+            cognito.latency = 0.0
+    return (
+        f"late-join  {count:>2} redis    a member starts while the fleet's refresh hangs 3 s: its first request "
+        f"{first.status_code} in {took * 1000:.0f} ms"
+    )
+
+
+SCENARIOS = (
+    "cold",
+    "sustained",
+    "kills",
+    "answer-lost",
+    "emptied",
+    "outage",
+    "lost-rotation",
+    "store-then-500",
+    "key-mismatch",
+    "late-join",
+)
+RECOVERY = {"lost-rotation": lost_rotation, "store-then-500": store_then_500, "key-mismatch": key_mismatch}
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -459,6 +599,12 @@ async def main(args: argparse.Namespace) -> None:
                 print(await emptied(form, args.sidecars, store), flush=True)
             if "outage" in chosen and form == "redis":
                 print(await outage(args.sidecars, redis), flush=True)
+            if form == "redis":
+                for name, scenario in RECOVERY.items():
+                    if name in chosen:
+                        print(await scenario(args.sidecars, redis), flush=True)
+                if "late-join" in chosen:
+                    print(await late_join(args.sidecars, redis), flush=True)
 
 
 if __name__ == "__main__":
