@@ -17,10 +17,12 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from proxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("proxy.tls")
 
@@ -71,6 +73,8 @@ class CertificateInfo:
 
     @classmethod
     def from_der(cls, der: bytes) -> CertificateInfo:
+        from cryptography import x509  # only with a client certificate or `check`: 10 MiB a process otherwise
+
         return cls.of(x509.load_der_x509_certificate(der))
 
     @property
@@ -126,6 +130,8 @@ def build_context(files: TlsFiles) -> tuple[ssl.SSLContext, CertificateInfo | No
 
 def certificate_info(path: Path) -> CertificateInfo:
     """The first certificate in a PEM file (the leaf)."""
+    from cryptography import x509  # only with a client certificate or `check`: 10 MiB a process otherwise
+
     try:
         return CertificateInfo.of(x509.load_pem_x509_certificate(path.read_bytes()))
     except (OSError, ValueError) as exc:

@@ -24,14 +24,12 @@ import hmac
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import TYPE_CHECKING, Any
 
 from proxy.tokens.token import TokenResponse
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 FORMAT = 1
 _SALT = b"cognito-sidecar token store v1"
@@ -58,11 +56,11 @@ class Sealer:
         self._aead: AESGCM | None = None
         if material is not None:
             derived = _derive(material, identity)
-            self._aead = AESGCM(derived[:32])
+            self._aead = _aead(derived[:32])
             self._mac = derived[32:]
         else:
             if local_key is not None:
-                self._aead = AESGCM(_derive(local_key, identity)[:32])
+                self._aead = _aead(_derive(local_key, identity)[:32])
             self._mac = hashlib.sha256(_SALT + identity.encode()).digest()
         self.key = "cognito-sidecar:" + hmac.new(self._mac, identity.encode(), hashlib.sha256).hexdigest()[:32]
         # Where every member says which key it seals with, whatever that key is, and what it says: a keyed check
@@ -95,6 +93,8 @@ class Sealer:
         if blob.startswith(_SEALED):
             if self._aead is None:
                 raise UnreadableRecord("the stored set is sealed and this sidecar has no key material")
+            from cryptography.exceptions import InvalidTag
+
             try:
                 return self._aead.decrypt(blob[3:15], blob[15:], self.key.encode())
             except InvalidTag:
@@ -130,8 +130,18 @@ class Sealer:
             raise UnreadableRecord(f"the hold-off note is malformed ({type(exc).__name__})") from None
 
 
+# cryptography is imported when a store is used, not by every serving process (about 10 MiB).
 def _derive(material: bytes, identity: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=64, salt=_SALT, info=identity.encode()).derive(material)
+
+
+def _aead(key: bytes) -> AESGCM:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
 
 
 @dataclass(frozen=True)

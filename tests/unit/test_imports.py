@@ -1,0 +1,31 @@
+"""What a plain ``serve`` loads: the app built from settings, in a fresh interpreter. Heavy modules that only some
+setups need (a sealed store, a client certificate, the emulator, Redis) must not be paid for by every process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PROBE = """
+import json, sys
+from proxy.app import create_app
+from proxy.settings import load_settings
+create_app(load_settings({
+    "SIDECAR_UPSTREAM_URL": "https://api.example.com/prod",
+    "SIDECAR_TOKEN_URL": "https://auth.example.com/oauth2/token",
+    "SIDECAR_CLIENT_ID": "client",
+    "SIDECAR_REFRESH_TOKEN": "refresh",
+}))
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} | {m for m in sys.modules if m[:6] == "proxy."})))
+"""
+
+NEVER = ("cryptography", "jwt", "redis", "proxy.emulator", "proxy.commands.demo", "proxy.commands.login")
+
+
+def test_a_plain_serve_never_imports_what_only_some_setups_need():
+    loaded = set(
+        json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, check=True, timeout=60).stdout)
+    )
+    assert "aiohttp" in loaded and "proxy.forward" in loaded  # the probe built the real thing
+    assert sorted(name for name in NEVER if name in loaded) == []
