@@ -38,7 +38,7 @@ from tests.conftest import (
     sidecar_process,
     stack_env,
 )
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, redis_cluster, redis_sentinels, redis_server
 
 HOUR = 3600
 
@@ -615,3 +615,51 @@ async def test_a_hold_off_note_about_an_older_refresh_token_does_not_hold_off_a_
             statuses = await get_all(client, [f"{s.url}/x" for s in sidecars])
             assert (stack.token_requests == before) is held_off, generation
             assert statuses == ([503, 503] if held_off else [200, 200])
+
+
+async def test_a_redis_cluster_keeps_one_credentials_keys_in_one_slot_and_shares_one_token(
+    client: httpx2.AsyncClient,
+) -> None:
+    clock = FakeClock()
+    with redis_cluster() as nodes:
+        url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
+        async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
+            stack.use_clock(clock)
+            async with fleet(stack, 2, clock, token_store=url) as sidecars:
+                assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
+                assert stack.token_requests == 1
+                await clock.settle(HOUR - 250)
+                await clock.settle(60)
+                assert await get_all(client, [f"{s.url}/b" for s in sidecars]) == [200, 200]
+                assert stack.emulator.cognito.refresh_outcomes == {"ok": 2}  # rotated under the lease, nothing lost
+        where = {}
+        for node in nodes:
+            with redis.Redis(port=node.port) as raw:
+                where.update({key: node.port for key in raw.keys("{cognito-sidecar:*")})
+        assert {key.rsplit(b":", 1)[1] for key in where} >= {b"state", b"fence", b"released"}
+        assert len(set(where.values())) == 1  # one slot, so one node
+
+
+async def test_sentinel_failover_while_requests_flow_loses_nothing(client: httpx2.AsyncClient) -> None:
+    clock = FakeClock()
+    with redis_sentinels() as sentinels:
+        async with run_stack(rotate_refresh_tokens=True, grace_period=0, token_lifetime=HOUR) as stack:
+            stack.use_clock(clock)
+            async with fleet(stack, 2, clock, token_store=sentinels.url) as sidecars:
+                assert await get_all(client, [f"{s.url}/a" for s in sidecars]) == [200, 200]
+                with redis.Redis(port=sentinels.primary.port) as raw:
+                    raw.wait(1, 5000)  # the replica has the record, as it would have moments later anyway
+                watcher = redis.Redis(port=sentinels.sentinel.port).pubsub()
+                watcher.subscribe("+switch-master")
+                sentinels.primary.stop()
+                switched = None
+                async with asyncio.timeout(30):  # down-after 1 s, then the election
+                    while switched is None:
+                        assert await get_all(client, [f"{s.url}/during" for s in sidecars]) == [200, 200]
+                        switched = await asyncio.to_thread(watcher.get_message, True, 0.2)
+                watcher.close()
+                await clock.settle(HOUR - 250)
+                await clock.settle(60)
+                assert await get_all(client, [f"{s.url}/after" for s in sidecars]) == [200, 200]
+                assert stack.emulator.cognito.refresh_outcomes == {"ok": 2}
+                assert stack.token_requests == 2

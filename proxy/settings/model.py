@@ -7,7 +7,6 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -34,6 +33,7 @@ from proxy.settings.rules import (
     words,
 )
 from proxy.store.base import DEFAULT_STORE_LEASE
+from proxy.store.redis import RedisTarget
 from proxy.upstream import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
@@ -156,14 +156,15 @@ class Settings(Credentialed):
         le=MAX_WORKERS,
         description="serving processes on this host, on one listening socket, sharing one token (see Fleet)",
     )
-    # Where sidecars sharing a credential keep it (see proxy.store): memory, file:/dir, redis:// or rediss://. Not in
-    # reprs: a Redis URL may carry a password.
+    # Where sidecars sharing a credential keep it (see proxy.store): memory, file:/dir, or a Redis URL (one server,
+    # Sentinel or Cluster). Not in reprs: a Redis URL may carry a password.
     token_store: str = Field(
         default="memory",
         repr=False,
         description=(
             "where sidecars sharing a credential keep it: `memory` (each on its own), `file:/dir` (one host "
-            "or a shared local volume), `redis://host:6379/0` or `rediss://...` (see Fleet)"
+            "or a shared local volume), `redis://host:6379/0`, `redis+sentinel://sentinel:26379/service/0` or "
+            "`redis+cluster://node:6379` (`rediss` for TLS; see Fleet)"
         ),
     )
     token_store_plaintext: bool = Field(
@@ -230,16 +231,16 @@ class Settings(Credentialed):
             if not value.removeprefix("file:").startswith("/"):
                 raise ValueError("a file store needs an absolute directory, e.g. file:/var/lib/cognito-sidecar")
             return value
-        if value.startswith(("redis://", "rediss://")):
+        if value.startswith(("redis://", "rediss://", "redis+", "rediss+")):
             try:
-                parts = urlsplit(value)
-                parts.port  # noqa: B018 - raises on a bad port
+                RedisTarget.parse(value)
             except ValueError as exc:
-                raise ValueError(f"is not a valid Redis URL ({exc})") from None
-            if not parts.hostname:
-                raise ValueError("a Redis URL needs a host, e.g. redis://redis:6379/0")
+                raise ValueError(f"is not a valid Redis URL: {exc}") from None
             return value
-        raise ValueError("must be memory, file:/absolute/dir, redis://host:6379/0 or rediss://host:6380/0")
+        raise ValueError(
+            "must be memory, file:/absolute/dir, redis://host:6379/0, redis+sentinel://sentinel:26379/service/0 or "
+            "redis+cluster://node:6379 (rediss for TLS)"
+        )
 
     @field_validator("token_store_key")
     @classmethod

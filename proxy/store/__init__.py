@@ -19,10 +19,10 @@ def open_store(spec: str, *, password: str | None = None, ca_file: str | None = 
     bundle ``rediss://`` trusts besides the default store, unless its URL names one (``?ssl_ca_certs=``)."""
     if spec == "memory":
         return None
-    if spec.startswith(("redis://", "rediss://")):
+    if spec.startswith(("redis://", "rediss://", "redis+", "rediss+")):
         return RedisStore(spec, password=password, ca_file=ca_file)
     if spec.startswith("file:"):
         store = FileStore(Path(spec.removeprefix("file:")))
         store.prepare()
         return store
-    raise StoreError(spec, "unknown kind of store (memory, file:/dir, redis:// or rediss://)")
+    raise StoreError(spec, "unknown kind of store (memory, file:/dir, redis://, redis+sentinel:// or redis+cluster://)")

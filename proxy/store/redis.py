@@ -1,9 +1,20 @@
-"""The shared token store in Redis: three small Lua scripts (atomic on the server) and a lease that expires."""
+"""The shared token store in Redis: small Lua scripts (atomic on the server) and a lease that expires.
+
+Three deployments, by URL scheme (``rediss`` for TLS in each):
+
+- ``redis://host:6379/0``: one server (replicas behind it are the operator's business);
+- ``redis+sentinel://sentinel1:26379,sentinel2:26379/service[/db]``: the primary Sentinel names for ``service``,
+  followed through failovers;
+- ``redis+cluster://node:6379``: Redis Cluster (ElastiCache in cluster mode), any node to start from. One
+  credential's keys share a hash tag (``{cognito-sidecar:...}:state``), so they live in one slot and the scripts
+  that touch several of them run there.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import urllib.parse
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import StoreError
@@ -58,38 +69,83 @@ return 0
 """
 
 
+SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a store URL names: ``kind`` (``single``, ``sentinel`` or ``cluster``), TLS, the hosts, Sentinel's
+    service and the database. ``url`` is what redis-py is given for a single server or a cluster node."""
+
+    kind: str
+    tls: bool
+    hosts: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    url: str
+    name: str  # without user or password: for logs and errors
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTarget:
+        """Raises ``ValueError`` with what is wrong."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {parts.scheme!r} (one of {', '.join(s + '://' for s in SCHEMES)})")
+        tls = parts.scheme.startswith("rediss")
+        kind = parts.scheme.partition("+")[2] or "single"
+        hosts = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            spot = urllib.parse.urlsplit(f"//{item}")
+            if not spot.hostname:
+                raise ValueError("a Redis URL needs a host, e.g. redis://redis:6379/0")
+            hosts.append((spot.hostname, spot.port or (26379 if kind == "sentinel" else 6379)))
+        path = [piece for piece in parts.path.split("/") if piece]
+        service = ""
+        if kind == "sentinel":
+            if not path:
+                raise ValueError("a Sentinel URL names the service, e.g. redis+sentinel://sentinel:26379/mymaster/0")
+            service = path.pop(0)
+        if len(hosts) > 1 and kind != "sentinel":
+            raise ValueError("only a Sentinel URL lists several hosts (a cluster needs one node to start from)")
+        try:
+            db = int(path[0]) if path else 0
+        except ValueError:
+            raise ValueError(f"the database must be a number, not {path[0]!r}") from None
+        if kind == "cluster" and db != 0:
+            raise ValueError("Redis Cluster has only database 0")
+        shown = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
+        name = f"{parts.scheme}://{shown}/" + "/".join(filter(None, (service, str(db))))
+        plain = urllib.parse.urlunsplit(parts._replace(scheme="rediss" if tls else "redis"))
+        return cls(kind, tls, tuple(hosts), service, db, plain, name)
+
+
 def redis_display_name(url: str) -> str:
     """The URL without user or password, for logs and errors."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or "localhost"
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path or ''}"
+    try:
+        return RedisTarget.parse(url).name
+    except ValueError:
+        return urllib.parse.urlsplit(url).scheme + "://(not a valid Redis URL)"
 
 
 class RedisStore:
-    """The store in Redis (redis-py's asyncio client). TLS with ``rediss://``; AUTH from the URL or ``password``."""
+    """The store in Redis (redis-py's asyncio client). TLS with ``rediss``; AUTH from the URL or ``password``."""
 
     def __init__(
         self, url: str, *, password: str | None = None, timeout: float = STORE_TIMEOUT, ca_file: str | None = None
     ) -> None:
         # Imported here: redis-py costs every process about 7 MiB, and only a Redis store needs it.
-        import redis.asyncio as aioredis
         import redis.exceptions
 
         self._redis_error = redis.exceptions.RedisError
-        self.name = redis_display_name(url)
-        options: dict[str, Any] = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "health_check_interval": 30,
-        }
+        target = RedisTarget.parse(url)
+        self.name = target.name
+        self._tagged = target.kind == "cluster"
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         if password is not None:
             options["password"] = password
-        if ca_file is not None and url.startswith("rediss://") and "ssl_ca_certs=" not in url:
+        if ca_file is not None and target.tls and "ssl_ca_certs=" not in url:
             options["ssl_ca_certs"] = ca_file  # SIDECAR_CA_FILE: trusted besides the default store
-        self._redis: aioredis.Redis = aioredis.from_url(url, **options)
+        self._redis, self._sentinels = _client(target, options)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._save = self._redis.register_script(_SAVE)
@@ -98,6 +154,10 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.name!r})"
+
+    def _k(self, key: str, part: str) -> str:
+        """The Redis key of ``key``'s ``part``; in a cluster with ``key`` as hash tag, so that all are in one slot."""
+        return f"{{{key}}}:{part}" if self._tagged else f"{key}:{part}"
 
     @contextlib.asynccontextmanager
     async def _errors(self, doing: str) -> Any:
@@ -110,18 +170,18 @@ class RedisStore:
 
     async def load(self, key: str) -> tuple[bytes | None, bytes | None]:
         async with self._errors("reading the token set"):
-            state, note = await self._redis.mget([f"{key}:state", f"{key}:hold"])
+            state, note = await self._redis.mget([self._k(key, "state"), self._k(key, "hold")])
         return _bytes(state), _bytes(note)
 
     async def hold_off(self, key: str, note: bytes) -> None:
         async with self._errors("writing the hold-off note"):
             # Kept past its end: the next failure continues the fleet's backoff from its count. A day at most.
-            await self._redis.set(f"{key}:hold", note, ex=NOTE_KEPT)
+            await self._redis.set(self._k(key, "hold"), note, ex=NOTE_KEPT)
 
     async def acquire(self, key: str, lease_seconds: float) -> Lease | None:
         async with self._errors("taking the refresh lease"):
             fence, forced = await self._acquire(
-                keys=[f"{key}:lock", f"{key}:fence", f"{key}:released"],
+                keys=[self._k(key, "lock"), self._k(key, "fence"), self._k(key, "released")],
                 args=[self._owner, int(lease_seconds * 1000)],
             )
         if int(fence) == 0:
@@ -130,36 +190,40 @@ class RedisStore:
 
     async def renew(self, key: str, lease: Lease, lease_seconds: float) -> bool:
         async with self._errors("renewing the refresh lease"):
-            return bool(await self._renew(keys=[f"{key}:lock"], args=[lease.value, int(lease_seconds * 1000)]))
+            return bool(await self._renew(keys=[self._k(key, "lock")], args=[lease.value, int(lease_seconds * 1000)]))
 
     async def save(self, key: str, lease: Lease, blob: bytes) -> bool:
         async with self._errors("writing the token set"):
-            return bool(await self._save(keys=[f"{key}:lock", f"{key}:state", f"{key}:hold"], args=[lease.value, blob]))
+            return bool(
+                await self._save(
+                    keys=[self._k(key, "lock"), self._k(key, "state"), self._k(key, "hold")], args=[lease.value, blob]
+                )
+            )
 
     async def release(self, key: str, lease: Lease) -> None:
         async with self._errors("releasing the refresh lease"):
-            await self._release(keys=[f"{key}:lock", f"{key}:released"], args=[lease.value, lease.fence])
+            await self._release(keys=[self._k(key, "lock"), self._k(key, "released")], args=[lease.value, lease.fence])
 
     async def holder(self, key: str) -> str | None:
         async with self._errors("reading the refresh lease"):
-            value = await self._redis.get(f"{key}:lock")
+            value = await self._redis.get(self._k(key, "lock"))
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
     async def offer(self, key: str, blob: bytes) -> None:
         async with self._errors("offering a token set"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(f"{key}:offers", self._owner, blob)
-            pipe.expire(f"{key}:offers", int(OFFER_KEPT))
+            pipe = self._redis.pipeline(transaction=False)  # one slot in a cluster; atomicity is not needed
+            pipe.hset(self._k(key, "offers"), self._owner, blob)
+            pipe.expire(self._k(key, "offers"), int(OFFER_KEPT))
             await pipe.execute()
 
     async def offers(self, key: str) -> list[bytes]:
         async with self._errors("reading the offered token sets"):
-            values = await self._redis.hvals(f"{key}:offers")
+            values = await self._redis.hvals(self._k(key, "offers"))
         return [blob for value in values if (blob := _bytes(value)) is not None]
 
     async def check_in(self, name: str, value: str, now: float, window: float) -> dict[str, float]:
         async with self._errors("checking the store key"):
-            pipe = self._redis.pipeline(transaction=True)
+            pipe = self._redis.pipeline(transaction=False)
             pipe.hset(name, value, repr(now))
             pipe.hgetall(name)
             pipe.expire(name, max(1, int(window)))
@@ -172,6 +236,33 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
+
+
+def _client(target: RedisTarget, options: dict[str, Any]) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """redis-py's client for ``target``: one server, the primary Sentinel names (followed through failovers), or a
+    cluster (every command routed to its slot's node); and the Sentinels' own clients, to close with it."""
+    import redis.asyncio as aioredis
+
+    if target.kind == "cluster":
+        from redis.asyncio.cluster import RedisCluster
+
+        cluster: aioredis.Redis = RedisCluster.from_url(target.url, **options)  # type: ignore[assignment]
+        return cluster, []
+    if target.kind == "sentinel":
+        from redis.asyncio.sentinel import Sentinel
+
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(target.url).query))
+        tls = {"ssl": True, **{k: v for k, v in query.items() if k.startswith("ssl_")}} if target.tls else {}
+        password = options.get("password") or urllib.parse.unquote(urllib.parse.urlsplit(target.url).password or "")
+        both = {k: v for k, v in options.items() if k != "password"} | tls
+        # The Sentinels themselves are asked without AUTH; the password is the data nodes'.
+        sentinel = Sentinel(list(target.hosts), sentinel_kwargs=both, **both)
+        primary: aioredis.Redis = sentinel.master_for(target.service, db=target.db, password=password or None)
+        return primary, list(sentinel.sentinels)
+    single: aioredis.Redis = aioredis.from_url(target.url, health_check_interval=30, **options)
+    return single, []
 
 
 def _reason(exc: BaseException) -> str:
