@@ -663,3 +663,27 @@ async def test_sentinel_failover_while_requests_flow_loses_nothing(client: httpx
                 assert await get_all(client, [f"{s.url}/after" for s in sidecars]) == [200, 200]
                 assert stack.emulator.cognito.refresh_outcomes == {"ok": 2}
                 assert stack.token_requests == 2
+
+
+async def test_a_refused_re_seed_tries_the_refresh_tokens_other_members_offer_before_holding_the_fleet_off(
+    redis_srv: RedisServer, client: httpx2.AsyncClient
+) -> None:
+    async with rotating_fleet(redis_srv, client) as (stack, clock, sidecars):
+        seeder, other = sidecars
+        seeder.grant.adopt("a-superseded-refresh-token")  # as a member whose file was put back to an old one
+        with redis.Redis(port=redis_srv.port) as raw:
+            raw.flushall()  # the store lost its data
+        # What the other member offers while it waits on the seeder's lease: the refresh token it holds.
+        shared = other.tokens.shared
+        assert shared is not None
+        await shared.offer_held()
+        held = seeder.tokens.usable()
+        assert held is not None and seeder.tokens.refused(held["id_token"])
+        async with asyncio.timeout(20):
+            while stack.emulator.cognito.refresh_outcomes["ok"] < 2:
+                await clock.settle(0.5)
+                await asyncio.sleep(0.05)  # the seeder waits 2.5 s of real time for offers
+        assert stack.emulator.cognito.refresh_outcomes["invalid_grant"] == 1  # its own, then the offered one
+        assert seeder.tokens.outcomes["permanent"] == 0
+        await clock.settle(HOUR)
+        assert await get_all(client, [f"{s.url}/after" for s in sidecars]) == [200, 200]

@@ -92,6 +92,7 @@ class SharedRefresh:
         self._distrust_held = False
         self.key_check = KeyCheck(store, sealer, clock=clock)
         self.generation = 0  # of the refresh token this member holds (see ``Record.generation``)
+        self._seeded_from: Record | None = None  # the offer a refused re-seed went on with
         self._offering: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -133,6 +134,8 @@ class SharedRefresh:
             if not waited:
                 waited = True
                 self.lock_waits += 1
+                if record is None:
+                    await self.offer_held()  # the store lost its data: the member seeding it may need this token
             await asyncio.sleep(self._poll)
 
     def credentials_changed(self) -> None:
@@ -215,6 +218,7 @@ class SharedRefresh:
                 )
             try:
                 record, note = await self._load()
+                reseeding = record is None
                 record = await self._newest(lease, record)
             except StoreError as exc:
                 return await self._without_store(exc, spec)
@@ -226,7 +230,7 @@ class SharedRefresh:
             used = self.grant.refresh_token
             renewer = asyncio.create_task(self._renew(lease), name="store-lease-renewal")
             try:
-                response = await self.grant.fetch()
+                response = await self._fetch(reseeding)
             except TokenError as exc:
                 if self.grant.refresh_token != used:
                     # Rotated, then found wanting (an answer without a usable token): the new refresh token is
@@ -240,6 +244,8 @@ class SharedRefresh:
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewer
             rotated = self.grant.refresh_token != used
+            if self._seeded_from is not None:  # an offered refresh token worked: the lineage goes on from it
+                record, self._seeded_from = self._seeded_from, None
             await self._save(lease, self._record(response, record, origins, rotated=rotated))
             try:
                 return spec.token_set(response)
@@ -321,8 +327,9 @@ class SharedRefresh:
         self.rotates = self.rotates or rotated or (previous is not None and previous.rotates)
         self.generation = max(previous.generation if previous is not None else 0, self.generation) + int(rotated)
         recent = previous.recent if previous is not None else ()
-        if refresh_token:
-            recent = lineage(recent, self.sealer.fingerprint(refresh_token), MAX_RECENT)
+        for token in (previous.refresh_token if previous is not None else None, refresh_token):
+            if token:  # the previous one too: an offered record may not have it in its lineage yet
+                recent = lineage(recent, self.sealer.fingerprint(token), MAX_RECENT)
         return Record(
             received=self._clock.time(),
             response=response,
@@ -355,7 +362,7 @@ class SharedRefresh:
         unsaved one, or (when a store that lost its data is seeded again) the newest another member offers."""
         candidates = [r for r in (record, self._unsaved) if r is not None]
         if record is None and (self.rotates or self.grant.rotations):
-            candidates += await self._offered()
+            candidates += [offer for offer in await self._offered() if offer.generation > self.generation]
         newest = max(candidates, key=lambda r: r.generation, default=None)
         if newest is None or newest is record:
             self._unsaved = None  # the store holds this member's record already, or a newer one
@@ -372,9 +379,58 @@ class SharedRefresh:
         await self._save(lease, newest)
         return newest
 
-    async def _offered(self) -> list[Record]:
-        """What members offer within ``OFFER_WINDOW``; as soon as one is newer than this member's token, that."""
-        deadline = asyncio.get_running_loop().time() + OFFER_WINDOW
+    async def _fetch(self, reseeding: bool) -> TokenResponse:
+        """The refresh. Right after seeding a store that lost its data, an ``invalid_grant`` first tries the other
+        refresh tokens members offered, newest first: only when none works does it hold the fleet off."""
+        try:
+            return await self.grant.fetch()
+        except PermanentTokenError as exc:
+            if not reseeding or exc.error != "invalid_grant":
+                raise
+            refused: PermanentTokenError = exc
+        tried = {self.grant.refresh_token}
+        with contextlib.suppress(StoreError):
+            for offer in sorted(await self._offered(wait=False), key=lambda r: -r.generation):
+                if offer.refresh_token is None or offer.refresh_token in tried:
+                    continue
+                tried.add(offer.refresh_token)
+                log.warning(
+                    "the refresh token this sidecar seeded the store with was refused; trying the one another member "
+                    "offered (generation %d)",
+                    offer.generation,
+                    extra=event("store_seed_retried", store=self.store.name),
+                )
+                self._follow(offer)
+                try:
+                    response = await self.grant.fetch()
+                    self._seeded_from = offer
+                    return response
+                except PermanentTokenError as exc:
+                    if exc.error != "invalid_grant":
+                        raise
+                    refused = exc
+        raise refused
+
+    async def offer_held(self) -> None:
+        """Offer the refresh token this member holds (a rotating credential's) to whoever seeds the store."""
+        token = self.grant.refresh_token
+        if token is None or not (self.rotates or self.grant.rotations):
+            return
+        held = Record(
+            received=0.0,
+            response=EMPTY_RESPONSE,
+            refresh_token=token,
+            rotates=True,
+            origins=(self.sealer.fingerprint(self.grant.configured),) if self.grant.configured else (),
+            generation=self.generation,
+        )
+        with contextlib.suppress(StoreError):
+            await self.store.offer(self.sealer.key, self.sealer.seal_record(held))
+
+    async def _offered(self, *, wait: bool = True) -> list[Record]:
+        """What members offer within ``OFFER_WINDOW`` (at once unless ``wait``); as soon as one is newer than this
+        member's token, that."""
+        deadline = asyncio.get_running_loop().time() + (OFFER_WINDOW if wait else 0.0)
         while True:
             found = []
             for blob in await self.store.offers(self.sealer.key):
