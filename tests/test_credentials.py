@@ -44,6 +44,23 @@ async def test_rotated_refresh_token_is_written_to_its_file(client: httpx2.Async
             assert latest not in (fingerprint(first), fingerprint(stack.emulator.refresh_token))
 
 
+async def test_a_rotated_refresh_token_is_on_disk_before_the_rest_of_the_answer_is_looked_at(
+    client: httpx2.AsyncClient, tmp_path: Path
+):
+    async with run_stack(rotate_refresh_tokens=True) as stack:
+        token_file = tmp_path / "refresh-token"
+        token_file.write_text(stack.emulator.refresh_token + "\n")
+        token_file.chmod(0o600)
+        # Cognito rotated, and the rest of its answer is unusable: the new refresh token must be kept anyway.
+        answer = '{"id_token": "not a JWT", "refresh_token": "the-rotated-one", "expires_in": 3600}'
+        stack.emulator.cognito.fail_next(200, answer)
+        async with run_sidecar(stack.settings(refresh_token_file=token_file)) as sidecar:
+            refused = await client.get(f"{sidecar.url}/a")
+            assert refused.status_code == 503 and refused.headers["x-sidecar-error"] == "token_unusable"
+            assert read_secret_file(token_file) == "the-rotated-one"
+            assert sidecar.grant.last_persist_window is not None  # timed from the answer, logged with the rotation
+
+
 async def test_unwritable_token_file_is_reported_and_serving_goes_on(client: httpx2.AsyncClient, tmp_path: Path):
     async with run_stack(rotate_refresh_tokens=True) as stack:
         folder = tmp_path / "secrets"
