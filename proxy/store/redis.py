@@ -119,14 +119,6 @@ class RedisTarget:
         return cls(kind, tls, tuple(hosts), service, db, plain, name)
 
 
-def redis_display_name(url: str) -> str:
-    """The URL without user or password, for logs and errors."""
-    try:
-        return RedisTarget.parse(url).name
-    except ValueError:
-        return urllib.parse.urlsplit(url).scheme + "://(not a valid Redis URL)"
-
-
 class RedisStore:
     """The store in Redis (redis-py's asyncio client). TLS with ``rediss``; AUTH from the URL or ``password``."""
 

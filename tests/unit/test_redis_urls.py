@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.store.redis import RedisTarget, redis_display_name
+from proxy.store.redis import RedisTarget
 
 
 def test_each_kind_of_url_and_its_name_without_the_password():
@@ -20,7 +20,7 @@ def test_each_kind_of_url_and_its_name_without_the_password():
     )
     cluster = RedisTarget.parse("rediss+cluster://node:7000")
     assert (cluster.kind, cluster.tls, cluster.url) == ("cluster", True, "rediss://node:7000")
-    assert redis_display_name("redis://[::1]/0") == "redis://[::1]:6379/0"
+    assert RedisTarget.parse("redis://[::1]/0").name == "redis://[::1]:6379/0"
 
 
 @pytest.mark.parametrize(
