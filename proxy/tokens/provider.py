@@ -120,12 +120,13 @@ class TokenProvider:
             if tokens is not None:
                 return tokens
             now = self._clock.monotonic()
-            self.schedule.wanted(now)
+            first = self.schedule.wanted(now)
             if not self._attempting:
-                # Woken either way: it plans again, and an early probe may be due now that a request waits.
-                self.refresher.wake()
-                if self.last_error is not None and self.schedule.held_off(now):
-                    raise self.last_error
+                held_off = self.last_error if self.schedule.held_off(now) else None
+                if first or held_off is None:
+                    self.refresher.wake()  # to plan again: an attempt may go now, or an early probe be due
+                if held_off is not None:
+                    raise held_off
                 self.schedule.asked = True
             if not waited:
                 waited = True

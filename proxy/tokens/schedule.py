@@ -131,9 +131,12 @@ class RefreshSchedule:
         failure at once."""
         return self._not_before(now) > now
 
-    def wanted(self, now: float) -> None:
-        """A request found no valid token to send: early probes may go while this lasts."""
+    def wanted(self, now: float) -> bool:
+        """A request found no valid token to send: early probes may go while this lasts. True for the first such
+        request since the last token request (the plan may have changed)."""
+        first = self._wanted_at < self.last_request_at
         self._wanted_at = now
+        return first
 
     def _not_before(self, now: float) -> float:
         probe_at = self.last_request_at + self.policy.probe_gap
