@@ -232,6 +232,8 @@ class FileStore:
             try:
                 if time.time() - path.stat().st_mtime <= OFFER_KEPT:
                     found.append(path.read_bytes())
+                else:
+                    path.unlink()  # expired: a refresh token of the past has no business on disk
             except OSError:
                 continue  # withdrawn meanwhile
         return found

@@ -158,3 +158,12 @@ async def test_offers_are_one_per_member_and_readable_by_all(tmp_path: Path):
     await store.offer("k", b"second")  # the same member: replaces its offer
     assert await store.offers("k") == [b"second"]
     assert await store.offers("other") == []
+
+
+async def test_an_expired_offer_is_not_returned_and_is_removed(tmp_path: Path):
+    store = store_in(tmp_path)
+    await store.offer("k", b"old")
+    (offer,) = (tmp_path / "store").glob("k.offer-*")
+    os.utime(offer, (0, 0))  # written long ago
+    assert await store.offers("k") == []
+    assert not offer.exists()
