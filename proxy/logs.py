@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import sys
 import time
+from collections.abc import Iterable
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, Literal, TextIO
 
@@ -36,6 +38,9 @@ ACCESS_BUFFER_LINES = 256
 ACCESS_FLUSH_INTERVAL = 1.0
 # A path longer than this is cut in the log line (the request itself is untouched).
 ACCESS_MAX_TARGET = 300
+# Loggers whose lines say less than the sidecar's own events, at this level unless SIDECAR_LOG_LEVELS says
+# otherwise: httpx2 logs every token request at INFO, beside the sidecar's ``token_refreshed``.
+QUIET_LOGGERS = {"httpx2": "warning"}
 # The LogRecord attribute that ``event`` fills.
 _EVENT = "sidecar_event"
 
@@ -125,27 +130,50 @@ def quiet_uvicorn() -> None:
     logging.getLogger("uvicorn.error").addFilter(_ANSWERED_BY_SIDECAR)
 
 
-def configure_logging(level: str, log_format: LogFormat = "text") -> None:
-    """Log to stderr at ``level`` in ``log_format``. uvicorn's own access log stays off: ``AccessLog`` replaces
-    it; its other lines (and every library's) take the same format."""
+def configure_logging(level: str, log_format: LogFormat = "text", levels: Iterable[tuple[str, str]] = ()) -> None:
+    """Log to stderr at ``level`` in ``log_format``, with the single loggers of ``levels`` (name, level) at their
+    own. uvicorn's own access log stays off: ``AccessLog`` replaces it; its other lines (and every library's)
+    take the same format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name, own in (*QUIET_LOGGERS.items(), *levels):
+        logging.getLogger(name).setLevel(own.upper())
 
 
 class AccessLog:
     """One line per request, in ``log_format``; buffered (see the module docstring). ``query``: whether the query
-    string is logged."""
+    string is logged. ``exclude``: path prefixes whose 1xx-3xx answers get no line; ``sample``: the share of the
+    other 1xx-3xx answers that get one. An error (4xx, 5xx, or an answer cut off) always gets its line."""
 
-    def __init__(self, log_format: LogFormat = "text", *, query: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        log_format: LogFormat = "text",
+        *,
+        query: bool = False,
+        exclude: tuple[str, ...] = (),
+        sample: float = 1.0,
+        stream: TextIO | None = None,
+    ) -> None:
         self._stream = stream
         self._lines: list[str] = []
         self._stamp = _Stamps()
         self._query = query
+        self._exclude = exclude
+        self._sample = sample
         self._line = self._json_line if log_format == "json" else self._text_line
 
     def record(self, scope: Scope, record: RequestRecord, seconds: float) -> None:
         """Note one request, ``seconds`` after its head arrived."""
+        if (
+            record.status < 400
+            and not record.error
+            and (
+                (self._exclude and scope["path"].startswith(self._exclude))
+                or (self._sample < 1.0 and random.random() >= self._sample)  # noqa: S311
+            )
+        ):
+            return
         self._lines.append(self._line(scope, record, seconds))
         if len(self._lines) >= ACCESS_BUFFER_LINES:
             self.flush()
@@ -207,4 +235,13 @@ class AccessLog:
             self.flush()
 
 
-__all__ = ["AccessLog", "JsonFormatter", "LogFormat", "TextFormatter", "configure_logging", "event", "quiet_uvicorn"]
+__all__ = [
+    "QUIET_LOGGERS",
+    "AccessLog",
+    "JsonFormatter",
+    "LogFormat",
+    "TextFormatter",
+    "configure_logging",
+    "event",
+    "quiet_uvicorn",
+]

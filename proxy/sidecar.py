@@ -236,7 +236,14 @@ def build_sidecar(
         limits=limits,
         file_warnings=secret_file_warnings(settings),
         tls=list(tls.contexts.values()),
-        access_log=AccessLog(settings.log_format, query=settings.access_log_query) if settings.access_log else None,
+        access_log=AccessLog(
+            settings.log_format,
+            query=settings.access_log_query,
+            exclude=settings.access_log_exclude,
+            sample=settings.access_log_sample,
+        )
+        if settings.access_log
+        else None,
         watch_interval=watch_interval,
     )
 

@@ -161,6 +161,43 @@ async def test_the_sidecars_own_answers_carry_the_request_id_in_header_body_and_
     assert lines["r-421"]["upstream_ms"] is None  # nothing went upstream
 
 
+async def test_passing_probes_and_scrapes_get_no_access_line_unless_asked_but_errors_always_do(
+    stack: Stack, client: httpx2.AsyncClient, capsys: pytest.CaptureFixture[str]
+):
+    own = ("/-/healthz", "/-/readyz", "/-/metrics", "/-/nothing")
+    async with run_sidecar(stack.settings(access_log=True, log_format="json")) as sidecar:
+        assert [(await client.get(f"{sidecar.url}{path}")).status_code for path in own] == [200, 200, 200, 404]
+        assert (await client.get(f"{sidecar.url}/orders")).status_code == 200
+    assert [(line["path"], line["status"]) for line in access_lines(capsys.readouterr().err)] == [
+        ("/-/nothing", 404),
+        ("/orders", 200),
+    ]
+    # Nothing left out, and no successful answer sampled in: the probes are back, the forwarded 200 is gone.
+    settings = stack.settings(access_log=True, log_format="json", access_log_exclude=(), access_log_sample=0.0)
+    async with run_sidecar(settings) as sidecar:
+        await client.get(f"{sidecar.url}/orders")
+        refused = await client.get(f"{sidecar.url}/orders", headers={"Host": "evil.example"})
+    assert [(line["path"], line["status"]) for line in access_lines(capsys.readouterr().err)] == [("/orders", 421)]
+    assert refused.status_code == 421
+    settings = stack.settings(access_log=True, log_format="json", access_log_exclude=())
+    async with run_sidecar(settings) as sidecar:
+        await client.get(f"{sidecar.url}/-/healthz")
+    assert [line["path"] for line in access_lines(capsys.readouterr().err)] == ["/-/healthz"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("levels", ["", "httpx2=info"])
+async def test_httpx2s_line_per_token_request_is_off_unless_its_logger_level_asks_for_it(stack: Stack, levels: str):
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_LOG_LEVELS=levels)
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        assert (await client.get(f"{sidecar.url}/first")).status_code == 200
+        code, text = await sidecar.stop()
+    assert code == 0
+    assert " INFO proxy.cache: token refreshed in " in text  # the sidecar's own line, either way
+    httpx_lines = [line for line in text.splitlines() if " INFO httpx2: HTTP Request: POST" in line]
+    assert [line.split(" POST ")[1].split()[0] for line in httpx_lines] == ([stack.token_url] if levels else [])
+
+
 async def test_every_log_line_written_for_a_request_carries_its_id(
     stack: Stack, client: httpx2.AsyncClient, event_log: dict[str, io.StringIO]
 ):

@@ -22,7 +22,7 @@ log = logging.getLogger("proxy")
 
 def serve(env: Mapping[str, str]) -> int:
     settings = load_settings(env)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_levels)
     sock = bind_listen(settings.listen, socket_mode=int(settings.socket_mode, 8))
     sockets = [sock]
     if settings.metrics_listen is not None:

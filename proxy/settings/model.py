@@ -21,12 +21,14 @@ from proxy.listen import parse_listen
 from proxy.server.limits import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER_BYTES
 from proxy.settings.route import INHERITED, Credentialed, RouteSettings
 from proxy.settings.rules import (
+    DEFAULT_ACCESS_LOG_EXCLUDE,
     DEFAULT_ALLOW_FROM,
     DEFAULT_REFRESH_MARGIN,
     DEFAULT_SHUTDOWN_DELAY,
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SOCKET_MODE,
     DEFAULT_TOKEN_TIMEOUT,
+    LOG_LEVELS,
     MAX_WORKERS,
     check_url,
     is_loopback,
@@ -111,8 +113,28 @@ class Settings(Credentialed):
     access_log_query: bool = Field(
         default=False, description="`1`: the access log shows query strings, which can carry personal data"
     )
+    access_log_exclude: tuple[str, ...] = Field(
+        default=DEFAULT_ACCESS_LOG_EXCLUDE,
+        description=(
+            "path prefixes whose 1xx-3xx answers get no access line, comma-separated; the default `/-/` leaves out "
+            "passing health probes and scrapes (errors are still logged); empty: a line for every request"
+        ),
+    )
+    access_log_sample: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="share of 1xx-3xx answers that get an access line, from 0 to 1; errors always get one",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug, info, warning or error"
+    )
+    log_levels: tuple[tuple[str, str], ...] = Field(
+        default=(),
+        description=(
+            "levels of single loggers, `logger=level` comma-separated, e.g. `httpx2=info,proxy.shared=debug`; "
+            "httpx2's line per token request is at `warning` unless set here (`token_refreshed` says more)"
+        ),
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="`text` or `json` (one object per line), for every log line (see Observability)"
@@ -290,6 +312,30 @@ class Settings(Credentialed):
         if port and not listen.startswith("unix:") and listen and parse_listen(listen)[1] == port:
             raise ValueError("must use another port than SIDECAR_LISTEN")
         return value
+
+    @field_validator("access_log_exclude", mode="before")
+    @classmethod
+    def _prefixes(cls, value: Any) -> Any:
+        prefixes = tuple(words(value))
+        for prefix in prefixes:
+            if not isinstance(prefix, str) or not prefix.startswith("/"):
+                raise ValueError(f"{prefix!r} must be a path prefix starting with /, e.g. /-/ or /health")
+        return prefixes
+
+    @field_validator("log_levels", mode="before")
+    @classmethod
+    def _log_levels(cls, value: Any) -> Any:
+        pairs = list(value.items()) if isinstance(value, dict) else [str(w).partition("=")[::2] for w in words(value)]
+        levels = []
+        for logger, level in pairs:
+            level = str(level).strip().lower()
+            if not logger or level not in LOG_LEVELS:
+                raise ValueError(
+                    f"{logger or '(no logger)'}={level}: each must be logger=level with a level among "
+                    f"{', '.join(LOG_LEVELS)}, e.g. httpx2=info,proxy.shared=debug"
+                )
+            levels.append((str(logger).strip(), level))
+        return tuple(levels)
 
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod

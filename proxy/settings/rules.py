@@ -41,6 +41,11 @@ DEFAULT_SHUTDOWN_GRACE = 20
 # Who may call when the sidecar listens on a non-loopback address: loopback and the private ranges
 # (a compose or Kubernetes network), never the internet.
 DEFAULT_ALLOW_FROM = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+# Access lines the default leaves out: answered probes and scrapes of the sidecar's own routes (every few seconds
+# from a kubelet or compose, and saying nothing an operator acts on).
+DEFAULT_ACCESS_LOG_EXCLUDE = ("/-/",)
+# The levels SIDECAR_LOG_LEVEL and SIDECAR_LOG_LEVELS accept.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Who may use a Unix socket: its owner and group (docker and kubernetes share a group between containers).
 DEFAULT_SOCKET_MODE = "0660"
 

@@ -66,3 +66,44 @@ def test_response_headers_lose_the_upstreams_request_id_and_yield_api_gateways()
     assert gateway_id == b"Ab1="
     assert downstream_response_headers([(b"x-amzn-RequestId", b"c8f5")])[1] == b"c8f5"
     assert downstream_response_headers([])[1] == b""
+
+
+def _answered(path: str, status: int, error: str = "") -> tuple[dict[str, object], RequestRecord]:
+    record = RequestRecord("id")
+    record.status, record.error = status, error
+    return {"method": "GET", "path": path, "client": ("127.0.0.1", 5)}, record
+
+
+def test_excluded_prefixes_and_sampling_drop_only_answers_below_400():
+    stream = io.StringIO()
+    access = AccessLog("json", exclude=("/-/",), sample=0.0, stream=stream)
+    for path, status, error in [
+        ("/-/healthz", 200, ""),  # excluded
+        ("/orders", 200, ""),  # sampled out
+        ("/orders", 304, ""),  # sampled out
+        ("/-/readyz", 503, ""),  # an error: always
+        ("/-/config", 403, "client_not_allowed"),
+        ("/orders", 404, ""),
+        ("/orders", 0, "client_gone"),
+    ]:
+        access.record(*_answered(path, status, error), 0.001)
+    access.flush()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["path"], line["status"]) for line in lines] == [
+        ("/-/readyz", 503),
+        ("/-/config", 403),
+        ("/orders", 404),
+        ("/orders", 0),
+    ]
+
+
+def test_sampling_keeps_about_the_share_asked_for(monkeypatch: pytest.MonkeyPatch):
+    import random
+
+    monkeypatch.setattr(random, "random", random.Random(7).random)  # the same draws every run
+    stream = io.StringIO()
+    access = AccessLog("text", sample=0.25, stream=stream)
+    for _ in range(4000):
+        access.record(*_answered("/orders", 200), 0.001)
+    access.flush()
+    assert 900 <= len(stream.getvalue().splitlines()) <= 1100

@@ -197,3 +197,38 @@ def test_a_metrics_listener_that_cannot_work_is_a_clear_configuration_error(valu
     }
     with pytest.raises(ConfigError, match=f"SIDECAR_METRICS_LISTEN: .*{problem}"):
         load_settings(env)
+
+
+def test_access_log_and_logger_levels_parse_from_the_environment_and_toml(tmp_path: Path):
+    settings = load_settings(BASE)
+    assert settings.access_log_exclude == ("/-/",)
+    assert (settings.access_log_sample, settings.log_levels) == (1.0, ())
+    env = {
+        **BASE,
+        "SIDECAR_ACCESS_LOG_EXCLUDE": "/-/, /health",
+        "SIDECAR_ACCESS_LOG_SAMPLE": "0.1",
+        "SIDECAR_LOG_LEVELS": "httpx2=INFO, proxy.shared=debug",
+    }
+    settings = load_settings(env)
+    assert settings.access_log_exclude == ("/-/", "/health")
+    assert settings.access_log_sample == 0.1
+    assert settings.log_levels == (("httpx2", "info"), ("proxy.shared", "debug"))
+    assert load_settings({**BASE, "SIDECAR_ACCESS_LOG_EXCLUDE": ""}).access_log_exclude == ()
+    toml = _config(tmp_path, 'access_log_exclude = ["/-/"]\nlog_levels = { httpx2 = "info" }\n')
+    settings = load_settings({**BASE, "SIDECAR_CONFIG": toml})
+    assert settings.log_levels == (("httpx2", "info"),)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("SIDECAR_ACCESS_LOG_EXCLUDE", "health", "'health' must be a path prefix starting with /"),
+        ("SIDECAR_ACCESS_LOG_SAMPLE", "1.5", "less than or equal to 1"),
+        ("SIDECAR_LOG_LEVELS", "httpx2", "httpx2=: each must be logger=level"),
+        ("SIDECAR_LOG_LEVELS", "httpx2=loud", "httpx2=loud: each must be logger=level with a level among debug"),
+        ("SIDECAR_LOG_LEVELS", "=info", r"\(no logger\)=info"),
+    ],
+)
+def test_bad_log_settings_say_what_to_write(name: str, value: str, problem: str):
+    with pytest.raises(ConfigError, match=f"{name}: .*{problem}"):
+        load_settings({**BASE, name: value})
