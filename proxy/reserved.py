@@ -22,6 +22,8 @@ UNTRUSTED_DETAIL = "details for callers on this machine or with the caller token
 def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starlette:
     """The ``/-/`` routes over ``sidecar``'s state; ``lifespan`` runs the sidecar's start and stop."""
 
+    ready_on_process = sidecar.settings.ready_when == "process"
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -33,12 +35,18 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
             return _error(503, "draining", "the sidecar is shutting down")
         warnings = sidecar.warnings()
         shown = " ".join(warnings) if trusted else f"{len(warnings)} warning(s); {UNTRUSTED_DETAIL}"
+        body: dict[str, object] = {"status": "ready"}
         for code, reason in (provider.state() for provider in sidecar.providers):
             if code != "ready":
-                # The warnings may say why (another store key, another process on the same file).
-                return _error(503, code, reason if trusted else UNTRUSTED_DETAIL, warning=shown if warnings else "")
+                detail = reason if trusted else UNTRUSTED_DETAIL
+                if not ready_on_process:
+                    # The warnings may say why (another store key, another process on the same file).
+                    return _error(503, code, detail, warning=shown if warnings else "")
+                # SIDECAR_READY_WHEN=process: serving is what counts; the token's trouble is told, not acted on.
+                body.setdefault("token", {"error": code, "detail": detail})
         held = [tokens.expires_at for p in sidecar.providers if (tokens := p.usable()) is not None]
-        body: dict[str, object] = {"status": "ready", "token_expires_in": round(min(held) - clock.monotonic())}
+        if len(held) == len(sidecar.providers):
+            body["token_expires_in"] = round(min(held) - clock.monotonic())
         if warnings:  # serving, but a restart (or a rotation) could lose a credential
             body["warning"] = shown
         return JSONResponse(body)

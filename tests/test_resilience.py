@@ -25,6 +25,7 @@ from tests.conftest import (
     SilentUpstream,
     Stack,
     answering,
+    metric,
     raw_upstream,
     run_sidecar,
     run_stack,
@@ -78,6 +79,27 @@ async def test_token_endpoint_refusing_connections(stack: Stack, client: httpx2.
     assert response.status_code == 503
     assert "Could not reach the token endpoint" in response.json()["detail"]
     assert ready.status_code == 503
+
+
+async def test_readiness_on_process_stays_green_through_a_refused_credential_and_says_so(
+    stack: Stack, client: httpx2.AsyncClient
+):
+    stack.emulator.cognito.fail_next(400, '{"error":"invalid_grant"}', times=1)
+    async with run_sidecar(stack.settings(ready_when="process")) as sidecar:
+        pending = await client.get(f"{sidecar.url}/-/readyz")  # the first token request may still be on its way
+        forwarded = await client.get(f"{sidecar.url}/x")
+        ready = await client.get(f"{sidecar.url}/-/readyz")
+        metrics = (await client.get(f"{sidecar.url}/-/metrics")).text
+        sidecar.parts.draining = True
+        draining = await client.get(f"{sidecar.url}/-/readyz")
+    assert pending.status_code == 200 and pending.json()["token"]["error"] in ("token_pending", "token_rejected")
+    assert forwarded.status_code == 503 and forwarded.headers["x-sidecar-error"] == "token_rejected"
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready" and "token_expires_in" not in ready.json()
+    assert ready.json()["token"]["error"] == "token_rejected"
+    assert "invalid_grant" in ready.json()["token"]["detail"]
+    assert metric(metrics, "sidecar_token_permanent_failure") == 1  # what the alerts watch
+    assert (draining.status_code, draining.json()["error"]) == (503, "draining")  # shutting down is not serving
 
 
 async def test_draining_turns_readiness_red_while_requests_still_pass(stack: Stack, client: httpx2.AsyncClient):

@@ -139,6 +139,13 @@ class Settings(Credentialed):
     log_format: Literal["text", "json"] = Field(
         default="text", description="`text` or `json` (one object per line), for every log line (see Observability)"
     )
+    ready_when: Literal["token", "process"] = Field(
+        default="token",
+        description=(
+            "when `/-/readyz` answers 200: `token` (a valid token is held) or `process` (whenever it serves; "
+            "the token's state stays in the body, the metrics and the alerts; see Operations)"
+        ),
+    )
     # Who may use the credential (see docs/security.md).
     allowed_hosts: tuple[str, ...] = Field(
         default=(),
