@@ -21,6 +21,7 @@ from proxy.listen import in_networks
 from proxy.paths import pick_route
 from proxy.request import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
 from proxy.reserved import reserved_routes
+from proxy.server.peers import WorkerPeers
 from proxy.settings import Settings
 from proxy.sidecar import Sidecar, build_sidecar
 from proxy.tokens.schedule import RefreshPolicy
@@ -181,11 +182,13 @@ def create_app(
     watch_interval: float = SECRET_POLL_INTERVAL,
     metrics_port: int | None = None,
     private_store: bool = False,
+    peers: WorkerPeers | None = None,
 ) -> SidecarApp:
     """The sidecar as an ASGI app. ``metrics_port``: the bound port of ``SIDECAR_METRICS_LISTEN``, if any (requests
-    arriving there get the ``/-/`` routes only). ``policy``, ``clock`` and ``watch_interval`` are for tests."""
+    arriving there get the ``/-/`` routes only). ``peers``: the other workers, with ``SIDECAR_WORKERS``.
+    ``policy``, ``clock`` and ``watch_interval`` are for tests."""
     sidecar = build_sidecar(
-        settings, policy=policy, clock=clock, watch_interval=watch_interval, private_store=private_store
+        settings, policy=policy, clock=clock, watch_interval=watch_interval, private_store=private_store, peers=peers
     )
     return SidecarApp(sidecar, clock=clock, metrics_port=metrics_port)
 

@@ -12,10 +12,11 @@ secret.
 
 from __future__ import annotations
 
+import json
 import platform
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -303,6 +304,62 @@ def sidecar_registry(parts: _Parts, clock: Clock = SYSTEM_CLOCK) -> CollectorReg
     return registry
 
 
+# Metric types whose samples add up across the workers of one sidecar; the others (gauges, info) are told per
+# worker, with a ``worker`` label, since their sum means nothing.
+_SUMMED = frozenset({"counter", "histogram", "summary"})
+
+
+def snapshot(registry: CollectorRegistry) -> bytes:
+    """``registry``'s families now, as JSON, for another worker's ``merge``."""
+    families = [
+        [family.name, family.type, family.documentation, family.unit, [s[:3] for s in family.samples]]
+        for family in registry.collect()
+    ]
+    return json.dumps(families, separators=(",", ":")).encode()
+
+
+def merge(snapshots: Mapping[int, bytes], workers: int) -> CollectorRegistry:
+    """One registry for the whole sidecar from its workers' snapshots (by worker number): counters and histograms
+    summed, every other sample with a ``worker`` label; and how many of the ``workers`` are in it."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for number, raw in sorted(snapshots.items()):
+        for name, kind, documentation, unit, samples in json.loads(raw):
+            if name not in families:
+                families[name] = Metric(name, documentation, kind, unit)
+                values[name] = {}
+            merged = values[name]
+            for sample, labels, value in samples:
+                if kind in _SUMMED:
+                    key = (sample, tuple(sorted(labels.items())))
+                    before = merged.get(key)
+                    if before is None:
+                        merged[key] = value
+                    else:  # a counter's creation time is the earliest; anything else adds up
+                        merged[key] = min(before, value) if sample.endswith("_created") else before + value
+                else:
+                    merged[(sample, tuple(sorted({**labels, "worker": str(number)}.items())))] = value
+    for name, family in families.items():
+        for (sample, labels), value in values[name].items():
+            family.add_sample(sample, dict(labels), value)
+    reporting = GaugeMetricFamily(
+        "sidecar_workers_reporting",
+        f"Workers whose counts are in this scrape, of {workers}; one restarting or stuck is left out",
+        value=float(len(snapshots)),
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*families.values(), reporting]))
+    return registry
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
     """The exposition and its content type: OpenMetrics when the scraper's ``Accept`` asks for it (Prometheus
     does), else the Prometheus text format."""
@@ -310,4 +367,4 @@ def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
     return encoder(registry), content_type
 
 
-__all__ = ["KNOWN_METHODS", "RequestMetrics", "SidecarCollector", "render", "sidecar_registry"]
+__all__ = ["KNOWN_METHODS", "RequestMetrics", "SidecarCollector", "merge", "render", "sidecar_registry", "snapshot"]

@@ -10,6 +10,7 @@ request in its own task) and into the sidecar's own error bodies.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import re
 from contextvars import ContextVar
@@ -29,6 +30,16 @@ CURRENT_REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 # unpredictable (an id is no secret), and three times cheaper than 128 random bits per request.
 _PREFIX = f"{random.SystemRandom().getrandbits(64):016x}"
 _COUNTER = itertools.count(1)
+
+
+def _new_process() -> None:
+    """A forked worker is a process of its own: its own prefix (else the workers' ids would be the same)."""
+    global _PREFIX, _COUNTER
+    _PREFIX = f"{random.SystemRandom().getrandbits(64):016x}"
+    _COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_process)
 
 
 def new_request_id() -> str:

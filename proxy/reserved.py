@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from proxy.clock import Clock
 from proxy.errors import error_body
-from proxy.metrics import render, sidecar_registry
+from proxy.metrics import merge, render, snapshot
 from proxy.request import CURRENT_REQUEST_ID
 from proxy.sidecar import Sidecar
 from proxy.types import Lifespan
@@ -51,9 +51,10 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
             body["warning"] = shown
         return JSONResponse(body)
 
-    registry = sidecar_registry(sidecar, clock)
-
     async def metrics(request: Request) -> Response:
+        registry, peers = sidecar.registry, sidecar.peers
+        if peers is not None:  # the whole sidecar: this worker's counts and the others'
+            registry = merge({peers.number: snapshot(registry), **await peers.gather()}, peers.count)
         body, content_type = render(registry, request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
 

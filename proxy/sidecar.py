@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
+from prometheus_client import CollectorRegistry
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.egress.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
@@ -19,9 +20,10 @@ from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.guard import CallerGuard
 from proxy.logs import AccessLog, event
-from proxy.metrics import RequestMetrics
+from proxy.metrics import RequestMetrics, sidecar_registry, snapshot
 from proxy.secrets import Secret, secret_file_warnings, secret_files
 from proxy.server.limits import ConnectionLimits
+from proxy.server.peers import WorkerPeers
 from proxy.settings import RouteSettings, Settings
 from proxy.store.base import Store
 from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
@@ -67,7 +69,12 @@ class Sidecar:
     access_log: AccessLog | None = None
     # How often the secret and TLS files are looked at (tests look more often).
     watch_interval: float = SECRET_POLL_INTERVAL
+    # The other workers of this sidecar (SIDECAR_WORKERS), whose counts a scrape adds to its own.
+    peers: WorkerPeers | None = None
+    clock: Clock = SYSTEM_CLOCK
     forwarders: list[Forwarder] = field(init=False)
+    # What /-/metrics shows of this process (of this worker, with workers).
+    registry: CollectorRegistry = field(init=False)
     # Set whenever a re-read brought a new value.
     secrets_changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
@@ -80,7 +87,8 @@ class Sidecar:
         3. claim each refresh token file (members of one token store share it) and start each credential's refresher,
            which asks for a token at once;
         4. start the access log's writer;
-        5. watch the secret and TLS files for changes.
+        5. watch the secret and TLS files for changes;
+        6. with workers, answer the other workers' scrapes for this one's counts.
         """
         for warning in self.file_warnings:
             log.warning("%s", warning)
@@ -97,12 +105,16 @@ class Sidecar:
         if files:
             watcher = watch_files(files, self.reload_secrets, interval=self.watch_interval)
             self._tasks.insert(0, asyncio.create_task(watcher, name="secret-files"))
+        if self.peers is not None:
+            await self.peers.start(lambda: snapshot(self.registry))
 
     async def stop(self) -> None:
-        """Stop, in order: 1. readiness says draining; 2. stop watching files; 3. write the last access lines;
-        4. stop the refreshers and release the refresh token files; 5. close the upstream pools; 6. close the
-        token store; 7. close the token endpoint's client."""
+        """Stop, in order: 1. readiness says draining, and the other workers no longer get this one's counts;
+        2. stop watching files; 3. write the last access lines; 4. stop the refreshers and release the refresh
+        token files; 5. close the upstream pools; 6. close the token store; 7. close the token endpoint's client."""
         self.draining = True
+        if self.peers is not None:
+            await self.peers.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -152,6 +164,7 @@ class Sidecar:
 
     def __post_init__(self) -> None:
         self.forwarders = [route.forwarder for route in self.routes]
+        self.registry = sidecar_registry(self, self.clock)
 
 
 def build_sidecar(
@@ -161,10 +174,11 @@ def build_sidecar(
     clock: Clock = SYSTEM_CLOCK,
     watch_interval: float = SECRET_POLL_INTERVAL,
     private_store: bool = False,
+    peers: WorkerPeers | None = None,
 ) -> Sidecar:
     """Assemble the sidecar's parts from settings (no I/O happens here). ``private_store``: the token store is the
     one ``SIDECAR_WORKERS`` made for its workers, removed at exit (rotated refresh tokens must still reach the
-    refresh token file)."""
+    refresh token file). ``peers``: this worker's siblings, with workers."""
     routes = settings.effective_routes()
     if not routes:
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
@@ -245,6 +259,8 @@ def build_sidecar(
         if settings.access_log
         else None,
         watch_interval=watch_interval,
+        peers=peers,
+        clock=clock,
     )
 
 

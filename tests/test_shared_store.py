@@ -447,6 +447,36 @@ async def test_workers_share_one_token_and_are_restarted(client: httpx2.AsyncCli
             assert_hidden(said, stack.emulator.refresh_token, stack.emulator.client.secret or "")
 
 
+@pytest.mark.slow
+async def test_one_scrape_of_a_two_worker_sidecar_counts_every_workers_requests() -> None:
+    async with run_stack() as stack:
+        env = stack_env(stack, SIDECAR_WORKERS="2", SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+        async with sidecar_process(env) as process:
+            while sum("Application startup complete" in line for line in process.lines) < 2:
+                await process.read_until("Application startup complete")  # both workers serve
+            # A new connection per request: the kernel hands them to both workers.
+            fresh = httpx2.Limits(max_keepalive_connections=0)
+            async with httpx2.AsyncClient(trust_env=False, timeout=30, limits=fresh) as client:
+                answers = [await client.get(f"{process.url}/n/{i}") for i in range(40)]
+                assert [answer.status_code for answer in answers] == [200] * 40
+                scrapes = [(await client.get(f"{process.url}/-/metrics")).text for _ in range(8)]
+            code, said = await process.stop()
+        assert code == 0
+    assert all(
+        metric(text, "sidecar_requests_total", method="GET", route="/", status_class="2xx") == 40 for text in scrapes
+    )
+    assert all(metric(text, "sidecar_workers_reporting") == 2 for text in scrapes)
+    for worker in ("0", "1"):  # a gauge is told per worker; the counts above are summed
+        assert metric(scrapes[0], "sidecar_draining", worker=worker) == 0
+    own = [
+        metric(text, "sidecar_requests_total", method="GET", route="/-/", status_class="2xx") for text in scrapes[1:]
+    ]
+    assert sum(own) == sum(range(1, 8))  # each scrape counts the ones before it, whichever worker answers
+    ids = [answer.headers["x-request-id"] for answer in answers]
+    assert len(set(ids)) == 40  # each worker makes ids of its own
+    assert "Traceback" not in said
+
+
 async def test_a_member_starting_late_in_the_fleets_token_life_adopts_its_set(
     redis_srv: RedisServer, client: httpx2.AsyncClient
 ) -> None:

@@ -9,10 +9,12 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from proxy.app import create_app
 from proxy.errors import ConfigError
 from proxy.logs import configure_logging
+from proxy.server.peers import WorkerPeers
 from proxy.server.serving import GracefulServer, bind_listen, bound_url, config_for, tune_gc
 from proxy.server.workers import run_workers
 from proxy.settings import Settings, load_settings
@@ -37,12 +39,16 @@ def serve(env: Mapping[str, str]) -> int:
                 os.unlink(settings.unix_socket)
 
 
-def _serve_on(settings: Settings, sockets: Sequence[socket.socket], private_store: bool) -> int:
-    """One serving process on bound ``sockets`` (the forwarding listener, then the metrics one if any)."""
+def _serve_on(
+    settings: Settings, sockets: Sequence[socket.socket], private_store: bool, peers: WorkerPeers | None = None
+) -> int:
+    """One serving process on bound ``sockets`` (the forwarding listener, then the metrics one if any); with
+    workers, ``peers`` are the others."""
     app = create_app(
         settings,
         metrics_port=sockets[1].getsockname()[1] if len(sockets) > 1 else None,
         private_store=private_store,
+        peers=peers,
     )
     log.info(
         "cognito-sidecar listening on %s, forwarding to %s with the %s in the %s header",
@@ -75,30 +81,48 @@ def _serve_on(settings: Settings, sockets: Sequence[socket.socket], private_stor
 
 def _serve_workers(settings: Settings, sockets: Sequence[socket.socket]) -> int:
     """``SIDECAR_WORKERS`` processes on the bound sockets, sharing the token through the configured store, or through
-    a file store in a private directory made here and removed at exit."""
-    settings, private = shared_settings(settings)
-    sharing = settings.token_store if settings.token_store.startswith("file:") else "the token store"
+    a file store in a private directory made here and removed at exit; each answers the others' scrapes on a
+    socket in another such directory."""
+    made: list[str] = []
     try:
-        return run_workers(settings.workers, lambda: _serve_on(settings, sockets, private is not None), sharing=sharing)
-    finally:
+        settings, private = shared_settings(settings)
         if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
+            made.append(private)
+        sockets_dir = _private_directory("the workers tell each other their metrics over sockets")
+        made.append(sockets_dir)
+        sharing = settings.token_store if settings.token_store.startswith("file:") else "the token store"
+
+        def serve_one(number: int) -> int:
+            peers = WorkerPeers(Path(sockets_dir), number, settings.workers)
+            return _serve_on(settings, sockets, private is not None, peers)
+
+        return run_workers(settings.workers, serve_one, sharing=sharing)
+    finally:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def shared_settings(settings: Settings) -> tuple[Settings, str | None]:
     """The settings the workers run with, and the private directory made for them (None: a store was configured)."""
     if settings.token_store != "memory":
         return settings, None
+    directory = _private_directory(
+        "the workers share their token through a file store",
+        or_else=", or set SIDECAR_TOKEN_STORE=file:/a/writable/dir",
+    )
+    return settings.model_copy(update={"token_store": f"file:{directory}"}), directory
+
+
+def _private_directory(purpose: str, *, or_else: str = "") -> str:
+    """A new directory only this user can enter (0700), for ``purpose``; removed by the caller."""
     base = os.environ.get("XDG_RUNTIME_DIR") or None
     try:
-        directory = tempfile.mkdtemp(prefix="cognito-sidecar-", dir=base)  # mode 0700
+        return tempfile.mkdtemp(prefix="cognito-sidecar-", dir=base)
     except OSError as exc:
         raise ConfigError(
             [
-                f"SIDECAR_WORKERS: the workers share their token through a file store in a private directory, and "
-                f"none can be made in {base or tempfile.gettempdir()} ({exc.strerror}). Give the sidecar a writable "
-                "temporary directory (a tmpfs on /tmp with a read-only root filesystem), or set "
-                "SIDECAR_TOKEN_STORE=file:/a/writable/dir"
+                f"SIDECAR_WORKERS: {purpose} in a private directory, and none can be made in "
+                f"{base or tempfile.gettempdir()} ({exc.strerror}). Give the sidecar a writable temporary directory "
+                f"(a tmpfs on /tmp with a read-only root filesystem){or_else}"
             ]
         ) from None
-    return settings.model_copy(update={"token_store": f"file:{directory}"}), directory

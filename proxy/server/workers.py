@@ -32,8 +32,8 @@ MAX_QUICK_DEATHS = 5
 # orphans serving with the credential).
 _PR_SET_PDEATHSIG = 1
 
-# Serves in one worker process (on the sockets the parent bound); returns its exit status.
-ServeOne = Callable[[], int]
+# Serves as worker number N in its own process (on the sockets the parent bound); returns its exit status.
+ServeOne = Callable[[int], int]
 
 
 def _die_with_parent(parent: int) -> None:
@@ -62,7 +62,7 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent(parent)
-                code = self._serve_one()
+                code = self._serve_one(number)
             except ConfigError as exc:
                 print(f"cognito-sidecar: {exc}", file=sys.stderr)
                 code = EXIT_CONFIG
