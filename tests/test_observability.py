@@ -374,6 +374,7 @@ async def test_readiness_stays_green_at_once_while_a_background_refresh_hangs(cl
 # Alert rules ------------------------------------------------------------------------------------------------
 
 ALERT_RULES = Path(__file__).parent.parent / "deploy" / "prometheus" / "alerts.yaml"
+OPERATIONS_PAGE = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
 
 
 def _selected_metrics(node: object) -> Iterator[str]:
@@ -411,6 +412,9 @@ async def test_the_alert_rules_parse_and_select_only_metrics_the_sidecar_exports
         "CognitoSidecarTokenExpiringSoon",
         "CognitoSidecarAnswering5xx",
         "CognitoSidecarTokenStoreTrouble",
+        "CognitoSidecarUpstream5xx",
+        "CognitoSidecarSlow",
+        "CognitoSidecarAbsent",
     }
     for rule in rules:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
@@ -419,6 +423,10 @@ async def test_the_alert_rules_parse_and_select_only_metrics_the_sidecar_exports
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s"))
         selected = set(_selected_metrics(promql_parser.parse(rule["expr"])))  # raises on a syntax error
         assert selected and selected <= exported, (rule["alert"], selected - exported)
+        # Each links its runbook: a section of the operations page named after the alert.
+        page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert page.endswith("/docs/operations.md") and anchor == rule["alert"].lower()
+        assert f"\n### {rule['alert']}\n" in OPERATIONS_PAGE, rule["alert"]
 
 
 # The metrics listener ---------------------------------------------------------------------------------------
