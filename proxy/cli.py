@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     login.add_argument("--no-browser", action="store_true", help="only print the URL to open")
     token = commands.add_parser("token", help='print a currently valid token (for curl -H "Authorization: $(...)")')
     token.add_argument("--type", choices=("id", "access"), default=None, help="default: SIDECAR_TOKEN")
+    config = commands.add_parser(
+        "config",
+        help="print the settings this environment gives, and where each came from (secrets as [set])",
+        description="Print the effective settings (SIDECAR_* variables, *_FILE files, SIDECAR_CONFIG) and where "
+        "each value came from: environment, toml, file, inherited (a route's, from the top level), derived or "
+        "default. Secrets are shown as [set] or [file: path], never their values. Exits 2 on configuration problems.",
+    )
+    config.add_argument("--json", action="store_true", help="as JSON, the same report /-/config serves")
     check = commands.add_parser("check", help="check the configuration, the token endpoint and the token")
     check.add_argument("--path", default=None, help="also send one GET to this path upstream and explain the answer")
     return parser
@@ -102,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy.commands import token
 
             return uvloop.run(token.run(args, env))
+        if args.command == "config":
+            from proxy.commands import config
+
+            return config.run(args, env)
         if args.command == "check":
             from proxy.commands import check
 

@@ -12,6 +12,7 @@ from proxy.clock import Clock
 from proxy.errors import error_body
 from proxy.metrics import merge, render, snapshot
 from proxy.request import CURRENT_REQUEST_ID
+from proxy.settings.effective import effective
 from proxy.sidecar import Sidecar
 from proxy.types import Lifespan
 
@@ -58,16 +59,26 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
         body, content_type = render(registry, request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
 
+    async def config(request: Request) -> Response:
+        # The routes, files and hosts the sidecar uses are not a stranger's business; secrets show as [set].
+        if not sidecar.guard.trusted(request.scope):
+            return _error(
+                403,
+                "client_not_allowed",
+                "the settings are shown to callers on this machine or with the caller token (X-Sidecar-Caller)",
+            )
+        return JSONResponse(effective(sidecar.settings), headers={"cache-control": "no-store"})
+
     async def not_found(request: Request) -> Response:
-        return _error(
-            404, "not_found", f"{request.url.path} is not a sidecar route (reserved: /-/healthz, /-/readyz, /-/metrics)"
-        )
+        reserved = "/-/healthz, /-/readyz, /-/metrics, /-/config"
+        return _error(404, "not_found", f"{request.url.path} is not a sidecar route (reserved: {reserved})")
 
     return Starlette(
         routes=[
             Route("/-/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/-/metrics", metrics, methods=["GET"]),
+            Route("/-/config", config, methods=["GET"]),
             Route("/-/{rest:path}", not_found),
             Route("/-", not_found),
         ],

@@ -28,7 +28,7 @@ from proxy.errors import ConfigError
 from proxy.secrets import read_secret_file
 from proxy.settings.model import Settings
 from proxy.settings.route import INHERITED, RouteSettings
-from proxy.settings.rules import ENV_PREFIX, FILE_KEYS, PATH_KEYS, ROUTE_FILE_KEYS, env_name
+from proxy.settings.rules import ENV_PREFIX, FILE_KEYS, PATH_KEYS, ROUTE_FILE_KEYS, Origin, Origins, env_name
 
 # What a route does not take when it talks to another token endpoint or app client: its secrets are not
 # the top level's to send there.
@@ -58,11 +58,13 @@ def _load_toml(path: str, problems: list[str]) -> dict[str, Any]:
 
 
 class _Layer:
-    """One source of values (the environment, the TOML file, a route table) and how it names a key."""
+    """One source of values (the environment, the TOML file, a route table), how it names a key, and what kind of
+    source it is (``Origin.kind``)."""
 
-    def __init__(self, values: Mapping[str, Any], name: Any) -> None:
+    def __init__(self, values: Mapping[str, Any], name: Any, kind: str = "toml") -> None:
         self.values = values
         self.name = name
+        self.kind = kind
 
 
 def _merge(
@@ -71,15 +73,19 @@ def _merge(
     problems: list[str],
     failed: set[str],
     unread: frozenset[str] = frozenset(),
+    origins: Origins | None = None,
 ) -> dict[str, Any]:
     """One dict from ``layers`` (first wins), with every ``*_file`` read; a failed read is a problem and its
     key goes into ``failed`` (so that no "is required" follows for it). Files of ``unread`` keys are only
-    named, not read (``login`` writes the refresh token file; it need not exist yet)."""
+    named, not read (``login`` writes the refresh token file; it need not exist yet). ``origins``, if given,
+    gets where each value came from."""
     raw: dict[str, Any] = {}
+    origins = {} if origins is None else origins
     for key in keys:
         for layer in layers:
             if key in layer.values:
                 raw[key] = layer.values[key]
+                origins[key] = Origin(layer.kind, layer.name(key))
                 break
     for key in FILE_KEYS:
         if key not in keys:
@@ -106,6 +112,7 @@ def _merge(
             if value:
                 raw[key] = value
                 raw[f"{key}_file"] = str(path)
+                origins[key] = Origin("file", label)
                 continue
             problems.append(f"{label}: file {path} is empty")
         failed.add(key)
@@ -139,29 +146,35 @@ Purpose = Literal["serve", "token", "login"]
 
 
 def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Settings:
-    """Build ``Settings`` from an environment mapping, or raise ``ConfigError`` listing every problem.
+    """Build ``Settings`` from an environment mapping, or raise ``ConfigError`` listing every problem. The settings
+    know where each value came from (``Settings.origins``).
 
     ``purpose`` relaxes what is required: ``token`` needs no upstream, ``login`` no upstream and no refresh
     token (it is what login obtains).
     """
+    origins: Origins = {}
     problems: list[str] = []
     file_data: dict[str, Any] = {}
     config_path = env.get(env_name("config"))
     if config_path:
         file_data = _load_toml(config_path, problems)
+        origins["config"] = Origin("environment", config_path)
     for name in sorted(env):
         if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() not in _KNOWN_KEYS - {"routes"}:
             problems.append(f"{name}: unknown setting (check the spelling; see config/example.env)")
 
     environment = {key[len(ENV_PREFIX) :].lower(): value for key, value in env.items() if key.startswith(ENV_PREFIX)}
-    layers = [_Layer(environment, env_name), _Layer(file_data, lambda key: f"{key} in SIDECAR_CONFIG")]
+    layers = [
+        _Layer(environment, env_name, "environment"),
+        _Layer(file_data, lambda key: f"{key} in SIDECAR_CONFIG"),
+    ]
     failed: set[str] = set()
     keys = [
         key
         for key in Settings.model_fields
         if key not in ("routes", *_FROM_ENVIRONMENT) and (not key.endswith("_file") or key in PATH_KEYS)
     ]
-    raw = _merge(layers, keys, problems, failed, frozenset({"refresh_token"} if purpose == "login" else ()))
+    raw = _merge(layers, keys, problems, failed, frozenset({"refresh_token"} if purpose == "login" else ()), origins)
 
     tables = file_data.get("routes", [])
     labels: list[str] = []
@@ -178,7 +191,11 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
         route_failed: set[str] = set()
         layer = _Layer(known, lambda key, label=label: f"{label}: {key}")
         inherited, other_endpoint = _inherit(raw, known)
-        route = {**inherited, **_merge([layer], [*_ROUTE_KEYS], problems, route_failed)}
+        own: Origins = {}
+        route = {**inherited, **_merge([layer], [*_ROUTE_KEYS], problems, route_failed, origins=own)}
+        for key in route:
+            origin = own.get(key) or Origin("inherited", origins[key].name if key in origins else key)
+            origins[f"routes.{index}.{key}"] = origin
         if other_endpoint and raw.get("client_secret") and "client_secret" not in route:
             problems.append(
                 f"{label}: client_secret: this route's token endpoint is not the top level's, so the top-level "
@@ -212,6 +229,7 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
         problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
+    settings.origins.update(origins)
     return settings
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import (
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationInfo,
     field_validator,
@@ -30,6 +31,7 @@ from proxy.settings.rules import (
     DEFAULT_TOKEN_TIMEOUT,
     LOG_LEVELS,
     MAX_WORKERS,
+    Origins,
     check_url,
     is_loopback,
     words,
@@ -229,6 +231,13 @@ class Settings(Credentialed):
     egress_proxy_file: Path | None = None
     # HTTPS_PROXY, HTTP_PROXY and NO_PROXY as load_settings found them in the environment (not SIDECAR_ settings).
     proxy_environment: ProxyEnvironment = ProxyEnvironment()
+    # Where load_settings found each value (empty for settings built directly).
+    _sources: Origins = PrivateAttr(default_factory=dict)
+
+    @property
+    def origins(self) -> Origins:
+        """Where each value came from, by key (``listen``, ``routes.0.upstream_url``); none: its default."""
+        return self._sources
 
     @property
     def timeouts(self) -> Timeouts:

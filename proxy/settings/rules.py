@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -97,3 +98,17 @@ def words(value: Any) -> Any:
 def env_name(key: str) -> str:
     """The environment variable of a setting: ``client_id`` -> ``SIDECAR_CLIENT_ID``."""
     return ENV_PREFIX + key.upper()
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting's value came from: ``kind`` is ``environment``, ``toml``, ``file`` (a secret read from the
+    file the ``_FILE`` setting names) or ``inherited`` (a route's, from the top level); ``name`` is the variable
+    or the place in the TOML file. A setting with no origin has its default."""
+
+    kind: str
+    name: str
+
+
+# Where each value came from, by key: "listen", or "routes.0.upstream_url" for a route's.
+Origins = dict[str, Origin]
