@@ -50,6 +50,14 @@ class SidecarApp:
     """
 
     def __init__(self, sidecar: Sidecar, *, clock: Clock = SYSTEM_CLOCK, metrics_port: int | None = None) -> None:
+        self.clock = clock
+        # Requests to this local port (SIDECAR_METRICS_LISTEN) get the /-/ routes only, never the forwarder.
+        self.metrics_port = metrics_port
+        self.use(sidecar)
+
+    def use(self, sidecar: Sidecar) -> None:
+        """Serve new requests with ``sidecar``'s parts (at start, and on a reload: requests in flight finish with
+        the parts they started with). One synchronous step: no request sees half of each."""
         self.sidecar = sidecar
         self.upstream_routes = sidecar.routes
         self.prefixes = [route.prefix for route in sidecar.routes]
@@ -59,9 +67,7 @@ class SidecarApp:
         self.metrics_allow_from = sidecar.settings.metrics_allow_from
         self.limits = sidecar.limits  # logs refusals (at most one line per code per 10 s); its errors are the app's
         self.request_metrics = sidecar.requests
-        # Requests to this local port (SIDECAR_METRICS_LISTEN) get the /-/ routes only, never the forwarder.
-        self.metrics_port = metrics_port
-        self.reserved = reserved_routes(sidecar, clock, self._lifespan)
+        self.reserved = reserved_routes(sidecar, self.clock, self._lifespan)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:

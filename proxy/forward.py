@@ -110,6 +110,8 @@ class Forwarder:
         self.ssl_context: ssl.SSLContext | bool = tls.context if tls is not None else True
         # Failures on the way (egress proxy, TLS) by code (for /-/metrics).
         self.egress_failures: Counter[str] = Counter()
+        # Requests being forwarded now: a reload closes a replaced forwarder once it has none.
+        self.in_flight = 0
         # Names a client may not set (the sidecar sets them), and the headers set for the current token:
         # built once per token, not per request.
         # The caller token is the sidecar's business alone: never forwarded, whatever the settings. The request id
@@ -226,6 +228,7 @@ class Forwarder:
     async def forward(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         """Forward one request; ``record`` says what happened (status sent, error code, bytes, upstream time)."""
         exchange = Exchange(self, scope, receive, send, record)
+        self.in_flight += 1
         try:
             await exchange.run()
         except ClientGone:
@@ -240,6 +243,8 @@ class Forwarder:
                 current.uncancel()
             cut = Refusal(503, "shutting_down", "the sidecar stopped before the upstream answered; retry")
             await self._failed(exchange, cut)
+        finally:
+            self.in_flight -= 1
 
     async def _failed(self, exchange: Exchange, failure: Refusal) -> None:
         record = exchange.record

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from proxy.tokens.schedule import RefreshPolicy
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
 log = logging.getLogger("proxy.app")
+# How often a reload's retired forwarders are looked at, to close those whose requests have ended, seconds.
+RETIRE_CHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,16 @@ class Sidecar:
     # The other workers of this sidecar (SIDECAR_WORKERS), whose counts a scrape adds to its own.
     peers: WorkerPeers | None = None
     clock: Clock = SYSTEM_CLOCK
+    # Each credential's provider, by RouteSettings.credential_key(): a reload keeps those it still has.
+    credentials: dict[tuple[str, ...], TokenProvider] = field(default_factory=dict)
+    # How the providers were made, for those a reload adds (tests pass a policy).
+    policy: RefreshPolicy | None = None
+    private_store: bool = False
+    # Called when a watched file changed: re-read the secrets, or (with a Reloader) every setting.
+    on_files_changed: Callable[[], object] | None = None
     forwarders: list[Forwarder] = field(init=False)
+    # A reload's predecessors' forwarders, closed once their requests have ended (or at stop).
+    retiring: list[Forwarder] = field(default_factory=list, init=False)
     # What /-/metrics shows of this process (of this worker, with workers).
     registry: CollectorRegistry = field(init=False)
     # Set whenever a re-read brought a new value.
@@ -99,40 +111,105 @@ class Sidecar:
         for provider in self.providers:
             provider.grant.claim(provider.shared.identity if provider.shared else "")
             provider.start()
+        self._start_tasks()
+        if self.peers is not None:
+            await self.peers.start(lambda: snapshot(self.registry))
+
+    def _start_tasks(self) -> None:
         if self.access_log is not None:
             self._tasks.append(asyncio.create_task(self.access_log.run(), name="access-log"))
         files = self.watched_files()
         if files:
-            watcher = watch_files(files, self.reload_secrets, interval=self.watch_interval)
+            watcher = watch_files(files, self._files_changed, interval=self.watch_interval)
             self._tasks.insert(0, asyncio.create_task(watcher, name="secret-files"))
-        if self.peers is not None:
-            await self.peers.start(lambda: snapshot(self.registry))
 
-    async def stop(self) -> None:
-        """Stop, in order: 1. readiness says draining, and the other workers no longer get this one's counts;
-        2. stop watching files; 3. write the last access lines; 4. stop the refreshers and release the refresh
-        token files; 5. close the upstream pools; 6. close the token store; 7. close the token endpoint's client."""
-        self.draining = True
+    def _files_changed(self) -> None:
+        if self.on_files_changed is not None:
+            self.on_files_changed()
+        else:
+            self.reload_secrets()
+
+    async def take_over(self, old: Sidecar) -> None:
+        """Serve in place of ``old`` (a reload; the caller swaps the app over right after), in order:
+
+        1. open every route's upstream connection pool, the counts of ``old``'s same routes carried over;
+        2. claim and start the providers ``old`` did not have;
+        3. stop ``old``'s tasks (its access log writes its last lines) and start this one's;
+        4. with workers, the other workers get this one's counts.
+        """
+        before = {route.prefix: route.forwarder for route in old.routes}
+        for route in self.routes:
+            await route.forwarder.open()
+            if (previous := before.get(route.prefix)) is not None:
+                route.forwarder.replays += previous.replays
+                route.forwarder.egress_failures.update(previous.egress_failures)
+        kept = {id(provider) for provider in old.providers}
+        for provider in self.providers:
+            if id(provider) not in kept:
+                provider.grant.claim(provider.shared.identity if provider.shared else "")
+                provider.start()
+        await old._stop_tasks()
+        self.on_files_changed = old.on_files_changed
+        self._start_tasks()
         if self.peers is not None:
-            await self.peers.stop()
+            self.peers.snapshot = lambda: snapshot(self.registry)
+
+    async def hand_over(self, successor: Sidecar) -> None:
+        """After ``successor.take_over(self)``: stop the providers it does not use; its forwarders close once the
+        requests they are still serving have ended (``successor`` closes them at its stop otherwise)."""
+        used = {id(provider) for provider in successor.providers}
+        for provider in self.providers:
+            if id(provider) not in used:
+                await provider.aclose()
+                provider.grant.release()
+        successor.retiring.extend([*self.forwarders, *self.retiring])
+        successor._tasks.append(asyncio.create_task(successor._close_retired(), name="retire-forwarders"))
+
+    async def _close_retired(self) -> None:
+        while self.retiring:
+            idle = [forwarder for forwarder in self.retiring if not forwarder.in_flight]
+            for forwarder in idle:
+                self.retiring.remove(forwarder)
+                await forwarder.aclose()
+                log.info(
+                    "the connection pool to %s that a reload replaced is closed: its last request ended",
+                    forwarder.host,
+                    extra=event("pool_retired", host=forwarder.host),
+                )
+            if self.retiring:
+                await asyncio.sleep(RETIRE_CHECK_INTERVAL)
+
+    async def _stop_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    async def stop(self) -> None:
+        """Stop, in order: 1. readiness says draining, and the other workers no longer get this one's counts;
+        2. stop watching files; 3. write the last access lines; 4. stop the refreshers and release the refresh
+        token files; 5. close the upstream pools (a reload's predecessors' too); 6. close the token store; 7. close
+        the token endpoint's client."""
+        self.draining = True
+        if self.peers is not None:
+            await self.peers.stop()
+        await self._stop_tasks()
         for provider in self.providers:
             await provider.aclose()
             provider.grant.release()
-        for forwarder in self.forwarders:
+        for forwarder in [*self.forwarders, *self.retiring]:
             await forwarder.aclose()
         if self.store is not None:
             await self.store.aclose()
         await self.http.aclose()
 
     def watched_files(self) -> list[Path]:
-        """Every secret file and TLS file the settings name, each once."""
+        """Every secret file and TLS file the settings name, and the TOML file they came from, each once."""
         tls_files = (path for context in self.tls for path in context.files.paths())
-        return list(dict.fromkeys([*secret_files(self.settings), *tls_files]))
+        config = self.settings.origins.get("config")
+        toml = [Path(config.name)] if config is not None else []
+        return list(dict.fromkeys([*secret_files(self.settings), *tls_files, *toml]))
 
     def warnings(self) -> list[str]:
         """What readiness reports while serving: a restart (or a rotation) could lose a credential."""
@@ -175,20 +252,30 @@ def build_sidecar(
     watch_interval: float = SECRET_POLL_INTERVAL,
     private_store: bool = False,
     peers: WorkerPeers | None = None,
+    reuse: Sidecar | None = None,
 ) -> Sidecar:
     """Assemble the sidecar's parts from settings (no I/O happens here). ``private_store``: the token store is the
     one ``SIDECAR_WORKERS`` made for its workers, removed at exit (rotated refresh tokens must still reach the
-    refresh token file). ``peers``: this worker's siblings, with workers."""
+    refresh token file). ``peers``: this worker's siblings, with workers. ``reuse``: the running sidecar, on a
+    reload: its token endpoint client, token store, counts and the providers of credentials it still has are
+    kept (``proxy.reload`` checks first that they may be), and so are its options."""
     routes = settings.effective_routes()
     if not routes:
         raise ConfigError(["SIDECAR_UPSTREAM_URL: is required (or routes in SIDECAR_CONFIG)"])
     egress = settings.egress
     tls = TlsContexts()
-    token_context = token_tls(settings)
+    if reuse is None:
+        token_context = token_tls(settings)
+        http = token_http(settings, token_context)
+        store = open_configured_store(settings)
+    else:  # the token endpoint's client (and its TLS) and the store change only at a restart
+        policy, clock, watch_interval = reuse.policy, reuse.clock, reuse.watch_interval
+        private_store, peers = reuse.private_store, reuse.peers
+        token_files = TlsFiles(reuse.settings.ca_file)
+        token_context = next((context for context in reuse.tls if context.files == token_files), None)
+        http, store = reuse.http, reuse.store
     if token_context is not None:
         tls.contexts[token_context.files] = token_context
-    http = token_http(settings, token_context)
-    store = open_configured_store(settings)
     providers: dict[tuple[str, ...], TokenProvider] = {}
     kinds: dict[tuple[str, ...], set[str]] = {}
     for route in routes:
@@ -196,6 +283,8 @@ def build_sidecar(
     # Shortest prefix first, so the catch-all route's provider (the one-route form's) is providers[0].
     for route in reversed(routes):
         key = route.credential_key()
+        if reuse is not None and key in reuse.credentials:
+            providers.setdefault(key, reuse.credentials[key])
         if key not in providers:
             providers[key] = provider_for(
                 settings,
@@ -235,11 +324,9 @@ def build_sidecar(
         allow_from=None if settings.listens_on_loopback else settings.allow_from,
         caller_token=Secret(caller_token.get_secret_value(), settings.caller_token_file) if caller_token else None,
     )
-    limits = ConnectionLimits(
-        max_clients=settings.max_clients,
-        max_header_bytes=settings.max_header_bytes,
-        allow_from=None if settings.listens_on_loopback else settings.allow_from,
-    )
+    limits = reuse.limits if reuse is not None else ConnectionLimits()  # the server holds it: changed in place
+    limits.max_clients, limits.max_header_bytes = settings.max_clients, settings.max_header_bytes
+    limits.allow_from = None if settings.listens_on_loopback else settings.allow_from
     return Sidecar(
         settings,
         http,
@@ -261,6 +348,10 @@ def build_sidecar(
         watch_interval=watch_interval,
         peers=peers,
         clock=clock,
+        credentials=providers,
+        policy=policy,
+        private_store=private_store,
+        requests=reuse.requests if reuse is not None else RequestMetrics(),
     )
 
 

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from proxy.app import create_app
+from proxy.app import SidecarApp, create_app
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.forward import Forwarder
 from proxy.server.serving import ServerTls, bind_listen, bound_url, running
@@ -137,6 +137,7 @@ class RunningSidecar:
     url: str
     parts: Sidecar
     metrics_url: str | None = None  # SIDECAR_METRICS_LISTEN's, when the settings have it
+    app: SidecarApp | None = None
 
     # The first route's pieces: the whole sidecar in the usual one-route form.
     @property
@@ -167,7 +168,7 @@ async def run_sidecar(
     also = [bind_listen(settings.metrics_listen)] if settings.metrics_listen else []
     app = create_app(settings, metrics_port=also[0].getsockname()[1] if also else None, **kwargs)
     async with running(app, host=host, limits=app.sidecar.limits, also=also) as url:
-        yield RunningSidecar(url, app.sidecar, bound_url(also[0]) if also else None)
+        yield RunningSidecar(url, app.sidecar, bound_url(also[0]) if also else None, app)
 
 
 @pytest.fixture
@@ -380,8 +381,11 @@ def awaiting(event_name: str) -> Iterator[asyncio.Event]:
 
     handler = Watch()
     logger = logging.getLogger("proxy")
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))  # events at INFO are seen too
     try:
         yield seen
     finally:
+        logger.setLevel(level)
         logger.removeHandler(handler)

@@ -174,7 +174,7 @@ async def test_sighup_rereads_secret_files(stack: Stack, tmp_path: Path):
         assert (await client.get(f"{sidecar.url}/a")).status_code == 503
         token_file.write_text(stack.emulator.refresh_token + "\n")
         sidecar.process.send_signal(signal.SIGHUP)
-        await sidecar.read_until("SIGHUP")
+        await sidecar.read_until("secret files re-read (a value changed)")  # the reload's end
         assert (await client.get(f"{sidecar.url}/b")).status_code == 200
         code, _ = await sidecar.stop()
     assert code == 0

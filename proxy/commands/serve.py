@@ -14,6 +14,7 @@ from pathlib import Path
 from proxy.app import create_app
 from proxy.errors import ConfigError
 from proxy.logs import configure_logging
+from proxy.reload import Reloader
 from proxy.server.peers import WorkerPeers
 from proxy.server.serving import GracefulServer, bind_listen, bound_url, config_for, tune_gc
 from proxy.server.workers import run_workers
@@ -31,8 +32,8 @@ def serve(env: Mapping[str, str]) -> int:
         sockets.append(bind_listen(settings.metrics_listen))
     try:
         if settings.workers > 1:
-            return _serve_workers(settings, sockets)
-        return _serve_on(settings, sockets, False)
+            return _serve_workers(settings, env, sockets)
+        return _serve_on(settings, env, sockets, False)
     finally:
         if settings.unix_socket is not None:
             with contextlib.suppress(OSError):
@@ -40,10 +41,16 @@ def serve(env: Mapping[str, str]) -> int:
 
 
 def _serve_on(
-    settings: Settings, sockets: Sequence[socket.socket], private_store: bool, peers: WorkerPeers | None = None
+    settings: Settings,
+    env: Mapping[str, str],
+    sockets: Sequence[socket.socket],
+    private_store: bool,
+    peers: WorkerPeers | None = None,
+    loaded: Settings | None = None,
 ) -> int:
-    """One serving process on bound ``sockets`` (the forwarding listener, then the metrics one if any); with
-    workers, ``peers`` are the others."""
+    """One serving process on bound ``sockets`` (the forwarding listener, then the metrics one if any), whose
+    settings came from ``env`` (read again on SIGHUP; ``loaded``: what it gave, if the process changed a value
+    since); with workers, ``peers`` are the others."""
     app = create_app(
         settings,
         metrics_port=sockets[1].getsockname()[1] if len(sockets) > 1 else None,
@@ -59,19 +66,19 @@ def _serve_on(
     )
     if len(sockets) > 1:
         log.info("metrics and health (the /-/ routes only) on %s", bound_url(sockets[1]))
-    sidecar = app.sidecar
+    reloader = Reloader(app, env, loaded)
 
     def start_draining() -> None:
-        sidecar.draining = True
+        app.sidecar.draining = True  # the sidecar serving now (a reload may have replaced the first)
 
-    def reload_secrets() -> None:
-        log.info("SIGHUP: re-reading the secret files")
-        sidecar.reload_secrets()
+    def reload() -> None:
+        log.info("SIGHUP: re-reading every setting and secret file")
+        reloader.reload_soon()
 
     server = GracefulServer(
-        config_for(app, grace=settings.shutdown_grace, limits=sidecar.limits),
+        config_for(app, grace=settings.shutdown_grace, limits=app.sidecar.limits),
         on_stop=start_draining,
-        on_reload=reload_secrets,
+        on_reload=reload,
         delay=settings.shutdown_delay,
     )
     tune_gc()
@@ -79,11 +86,12 @@ def _serve_on(
     return 0
 
 
-def _serve_workers(settings: Settings, sockets: Sequence[socket.socket]) -> int:
+def _serve_workers(settings: Settings, env: Mapping[str, str], sockets: Sequence[socket.socket]) -> int:
     """``SIDECAR_WORKERS`` processes on the bound sockets, sharing the token through the configured store, or through
     a file store in a private directory made here and removed at exit; each answers the others' scrapes on a
     socket in another such directory."""
     made: list[str] = []
+    loaded = settings
     try:
         settings, private = shared_settings(settings)
         if private is not None:
@@ -94,7 +102,7 @@ def _serve_workers(settings: Settings, sockets: Sequence[socket.socket]) -> int:
 
         def serve_one(number: int) -> int:
             peers = WorkerPeers(Path(sockets_dir), number, settings.workers)
-            return _serve_on(settings, sockets, private is not None, peers)
+            return _serve_on(settings, env, sockets, private is not None, peers, loaded)
 
         return run_workers(settings.workers, serve_one, sharing=sharing)
     finally:

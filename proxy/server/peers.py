@@ -31,17 +31,21 @@ class WorkerPeers:
     directory: Path
     number: int
     count: int
+    # This worker's counts now (``proxy.metrics.snapshot``): what ``start`` was given, or a reload's since.
+    snapshot: Callable[[], bytes] = field(default=lambda: b"[]", repr=False)
     _server: asyncio.AbstractServer | None = field(default=None, init=False, repr=False)
 
     def _socket(self, number: int) -> str:
         return str(self.directory / f"worker-{number}.sock")
 
     async def start(self, snapshot: Callable[[], bytes]) -> None:
-        """Answer every connection to this worker's socket with ``snapshot()``, then close it."""
+        """Answer every connection to this worker's socket with ``snapshot()`` (``self.snapshot`` from now on), then
+        close it."""
+        self.snapshot = snapshot
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                writer.write(snapshot())
+                writer.write(self.snapshot())
                 await writer.drain()
             except OSError:
                 pass  # the asking worker gave up (its timeout): nothing to tell anyone
