@@ -67,6 +67,7 @@ class SidecarApp:
         self.metrics_allow_from = sidecar.settings.metrics_allow_from
         self.limits = sidecar.limits  # logs refusals (at most one line per code per 10 s); its errors are the app's
         self.request_metrics = sidecar.requests
+        self.tracing = sidecar.tracing
         self.reserved = reserved_routes(sidecar, self.clock, self._lifespan)
 
     @contextlib.asynccontextmanager
@@ -85,6 +86,8 @@ class SidecarApp:
         # Whatever happens to the request is noted here, and counted and logged once, below.
         record = RequestRecord(request_id_of(scope["headers"]))
         CURRENT_REQUEST_ID.set(record.request_id)  # this request's task only: uvicorn runs each in its own
+        tracing = self.tracing
+        span = tracing.start_request(scope) if tracing is not None else None
         try:
             if self.metrics_port is not None and (scope.get("server") or ("", None))[1] == self.metrics_port:
                 await self._metrics_listener(scope, receive, send, record)
@@ -119,6 +122,8 @@ class SidecarApp:
             record.bytes_out = await send_error(send, refusal, request_id=record.request_id)
         finally:
             seconds = time.perf_counter() - start
+            if tracing is not None and span is not None:
+                tracing.end_request(span, scope["method"], record)
             if record.error and record.error not in NOT_ANSWERED:
                 self.limits.errors[record.error] += 1
             self.request_metrics.observe(record, scope["method"], seconds)

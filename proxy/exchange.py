@@ -196,9 +196,11 @@ class Exchange:
         )
         record = self.record
         headers.append(("x-request-id", record.request_id))
+        tracing = forwarder.tracing
+        span = tracing.start_upstream(self.method, str(url), headers) if tracing is not None else None
         sent = time.perf_counter()
         try:
-            return await session.request(
+            response = await session.request(
                 self.method,
                 url,
                 headers=headers,
@@ -212,14 +214,24 @@ class Exchange:
         except (aiohttp.ClientError, TimeoutError, Refusal, ClientGone) as exc:
             # A failure of the request body (too large, stalled, client gone) is what the client hears about,
             # however the client library wrapped it.
+            failure: Refusal | ClientGone
             if self.body_failure is not None:
-                raise self.body_failure from None
-            if isinstance(exc, Refusal | ClientGone):
+                failure = self.body_failure
+            elif isinstance(exc, Refusal | ClientGone):
+                failure = exc
+            else:
+                failure = _upstream_failure(exc, forwarder)
+            if tracing is not None and span is not None:
+                tracing.end_upstream(span, None, failure.code if isinstance(failure, Refusal) else "client_gone")
+            if failure is exc:
                 raise
-            raise _upstream_failure(exc, forwarder) from None
+            raise failure from None
         finally:
             waited = time.perf_counter() - sent
             record.upstream_seconds = waited + (record.upstream_seconds or 0.0)
+        if tracing is not None and span is not None:
+            tracing.end_upstream(span, response.status)
+        return response
 
     async def _relay(self, response: aiohttp.ClientResponse) -> None:
         send = self.send

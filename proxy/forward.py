@@ -34,6 +34,7 @@ from proxy.paths import path_pattern
 from proxy.request import REQUEST_ID_HEADER, RequestRecord
 from proxy.secrets import Secret
 from proxy.tokens.token import Token
+from proxy.tracing import Tracing
 from proxy.types import Receive, Scope, Send
 from proxy.upstream import Limits, Timeouts
 
@@ -83,8 +84,11 @@ class Forwarder:
         api_id: str | None = None,
         proxy: EgressProxy | None = None,
         tls: TlsContext | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         parts = urlsplit(upstream_url)
+        # OpenTelemetry (None: off): a client span per upstream call, whose context goes upstream.
+        self.tracing = tracing
         self._scheme = parts.scheme
         self.host = parts.hostname or ""
         self._port = parts.port

@@ -24,7 +24,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, Literal, TextIO
 
@@ -62,6 +62,16 @@ class _Stamps:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return self._prefix + _MILLISECONDS[int((now - second) * 1000)]
+
+
+# With tracing on, the current span's (trace id, span id) in hex, or None outside a span (``set_trace_ids``).
+_trace_ids: Callable[[], tuple[str, str] | None] | None = None
+
+
+def set_trace_ids(source: Callable[[], tuple[str, str] | None] | None) -> None:
+    """JSON lines carry ``trace_id`` and ``span_id`` from ``source`` (the tracer's), or none (``None``)."""
+    global _trace_ids
+    _trace_ids = source
 
 
 def event(name: str, **fields: object) -> dict[str, Any]:
@@ -103,6 +113,8 @@ class JsonFormatter(logging.Formatter):
         request_id = CURRENT_REQUEST_ID.get()
         if request_id:
             data["request_id"] = request_id
+        if _trace_ids is not None and (ids := _trace_ids()) is not None:
+            data["trace_id"], data["span_id"] = ids
         happened = getattr(record, _EVENT, None)
         if happened is not None:
             name, fields = happened
@@ -195,7 +207,8 @@ class AccessLog:
             f"error={record.error or '-'} in={record.bytes_in} out={record.bytes_out} "
             f"duration_ms={seconds * 1000:.2f} upstream_ms={'-' if upstream is None else f'{upstream * 1000:.2f}'} "
             f"route={record.route} request_id={record.request_id} "
-            f"upstream_request_id={record.upstream_request_id or '-'}\n"
+            f"upstream_request_id={record.upstream_request_id or '-'}"
+            f"{' trace_id=' + record.trace_id if record.trace_id else ''}\n"
         )
 
     def _json_line(self, scope: Scope, record: RequestRecord, seconds: float) -> str:
@@ -208,6 +221,7 @@ class AccessLog:
         error = f'"{record.error}"' if record.error else "null"
         peer = f'"{client[0]}"' if client else "null"
         upstream_id = f'"{record.upstream_request_id}"' if record.upstream_request_id else "null"
+        trace = f',"trace_id":"{record.trace_id}"' if record.trace_id else ""
         return (
             f'{{"time":"{self._stamp(time.time())}","level":"INFO","logger":"access",'
             f'"request_id":"{record.request_id}","client":{peer},"route":"{record.route}","method":"{scope["method"]}",'
@@ -215,7 +229,7 @@ class AccessLog:
             f'"status":{record.status},"source":"{record.source}","error":{error},'
             f'"bytes_in":{record.bytes_in},"bytes_out":{record.bytes_out},"duration_ms":{seconds * 1000:.2f},'
             f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.2f}"},'
-            f'"upstream_request_id":{upstream_id}}}\n'
+            f'"upstream_request_id":{upstream_id}{trace}}}\n'
         )
 
     def flush(self) -> None:
@@ -244,4 +258,5 @@ __all__ = [
     "configure_logging",
     "event",
     "quiet_uvicorn",
+    "set_trace_ids",
 ]

@@ -78,6 +78,8 @@ class RequestRecord:
     bytes_out: int = 0
     upstream_seconds: float | None = None
     upstream_request_id: str = ""
+    # The request's trace (32 hex digits) when tracing is on, for the access line and the histograms' exemplars.
+    trace_id: str = ""
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id

@@ -20,7 +20,7 @@ from proxy.egress.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
 from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.guard import CallerGuard
-from proxy.logs import AccessLog, event
+from proxy.logs import AccessLog, event, set_trace_ids
 from proxy.metrics import RequestMetrics, sidecar_registry, snapshot
 from proxy.secrets import Secret, secret_file_warnings, secret_files
 from proxy.server.limits import ConnectionLimits
@@ -30,6 +30,7 @@ from proxy.store.base import Store
 from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
 from proxy.tokens.provider import TokenProvider, TokenView
 from proxy.tokens.schedule import RefreshPolicy
+from proxy.tracing import Tracing
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
 log = logging.getLogger("proxy.app")
@@ -80,6 +81,8 @@ class Sidecar:
     # How the providers were made, for those a reload adds (tests pass a policy).
     policy: RefreshPolicy | None = None
     private_store: bool = False
+    # OpenTelemetry (None: SIDECAR_TRACING off, the SDK not even imported).
+    tracing: Tracing | None = None
     # Called when a watched file changed: re-read the secrets, or (with a Reloader) every setting.
     on_files_changed: Callable[[], object] | None = None
     forwarders: list[Forwarder] = field(init=False)
@@ -94,7 +97,7 @@ class Sidecar:
     async def start(self) -> None:
         """Start serving, in order:
 
-        1. say which secret files other users could read or replace;
+        1. say which secret files other users could read or replace; with tracing, log lines carry trace ids;
         2. open every route's upstream connection pool;
         3. claim each refresh token file (members of one token store share it) and start each credential's refresher,
            which asks for a token at once;
@@ -104,6 +107,9 @@ class Sidecar:
         """
         for warning in self.file_warnings:
             log.warning("%s", warning)
+        if self.tracing is not None:
+            set_trace_ids(self.tracing.current_ids)
+            log.info("tracing on: spans go to %s over OTLP/HTTP", self.settings.tracing_endpoint or "the SDK's default")
         for forwarder in self.forwarders:
             await forwarder.open()
         if self.store is not None:
@@ -190,7 +196,7 @@ class Sidecar:
         """Stop, in order: 1. readiness says draining, and the other workers no longer get this one's counts;
         2. stop watching files; 3. write the last access lines; 4. stop the refreshers and release the refresh
         token files; 5. close the upstream pools (a reload's predecessors' too); 6. close the token store; 7. close
-        the token endpoint's client."""
+        the token endpoint's client; 8. export the last spans."""
         self.draining = True
         if self.peers is not None:
             await self.peers.stop()
@@ -203,6 +209,9 @@ class Sidecar:
         if self.store is not None:
             await self.store.aclose()
         await self.http.aclose()
+        if self.tracing is not None:
+            set_trace_ids(None)
+            await asyncio.to_thread(self.tracing.shutdown)  # the last spans go out (a blocking HTTP request)
 
     def watched_files(self) -> list[Path]:
         """Every secret file and TLS file the settings name, and the TOML file they came from, each once."""
@@ -268,12 +277,13 @@ def build_sidecar(
         token_context = token_tls(settings)
         http = token_http(settings, token_context)
         store = open_configured_store(settings)
+        tracing = _tracing(settings)
     else:  # the token endpoint's client (and its TLS) and the store change only at a restart
         policy, clock, watch_interval = reuse.policy, reuse.clock, reuse.watch_interval
         private_store, peers = reuse.private_store, reuse.peers
         token_files = TlsFiles(reuse.settings.ca_file)
         token_context = next((context for context in reuse.tls if context.files == token_files), None)
-        http, store = reuse.http, reuse.store
+        http, store, tracing = reuse.http, reuse.store, reuse.tracing
     if token_context is not None:
         tls.contexts[token_context.files] = token_context
     providers: dict[tuple[str, ...], TokenProvider] = {}
@@ -296,6 +306,7 @@ def build_sidecar(
                 clock=clock,
                 durable=not private_store,
             )
+            providers[key].tracing = tracing
     upstream_routes = [
         UpstreamRoute(
             route.prefix.encode(),
@@ -313,6 +324,7 @@ def build_sidecar(
                 api_id=route.api_id,
                 proxy=egress.proxy_for(route.upstream_url),
                 tls=tls.for_route(route),
+                tracing=tracing,
             ),
         )
         for route in routes
@@ -349,10 +361,25 @@ def build_sidecar(
         peers=peers,
         clock=clock,
         credentials=providers,
+        tracing=tracing,
         policy=policy,
         private_store=private_store,
         requests=reuse.requests if reuse is not None else RequestMetrics(),
     )
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    if not settings.tracing:
+        return None
+    try:
+        return Tracing(settings.tracing_endpoint)
+    except ImportError:
+        raise ConfigError(
+            [
+                "SIDECAR_TRACING: traces need the OpenTelemetry SDK: pip install 'cognito-sidecar[otel]' (the image "
+                "has it), or set SIDECAR_TRACING=0"
+            ]
+        ) from None
 
 
 class TlsContexts:

@@ -18,12 +18,14 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Histogram:
     """Observations counted per bucket (not cumulative; the last counts those above every bound) and summed."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "exemplars", "sum")
 
     def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
+        # With tracing on: the latest (trace id, value, Unix time) per bucket, shown as OpenMetrics exemplars.
+        self.exemplars: dict[int, tuple[str, float, float]] = {}
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1

@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
 )
 
+from proxy import tracing
 from proxy.egress.route import ProxyEnvironment
 from proxy.errors import ConfigError
 from proxy.secrets import read_secret_file
@@ -35,7 +36,7 @@ from proxy.settings.rules import ENV_PREFIX, FILE_KEYS, PATH_KEYS, ROUTE_FILE_KE
 _CREDENTIALS = ("client_secret", "client_secret_file", "refresh_token", "refresh_token_file")
 _ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {f"{k}_file" for k in ROUTE_FILE_KEYS}
 # Read from the standard variables (HTTPS_PROXY, ...), never from a SIDECAR_ setting or the TOML file.
-_FROM_ENVIRONMENT = frozenset({"proxy_environment"})
+_FROM_ENVIRONMENT = frozenset({"proxy_environment", "tracing_endpoint"})
 _KNOWN_KEYS = (frozenset(Settings.model_fields) - _FROM_ENVIRONMENT) | {"config"}
 
 
@@ -209,6 +210,10 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
     if route_dicts:
         raw["routes"] = route_dicts
     raw["proxy_environment"] = ProxyEnvironment.from_env(env)
+    raw["tracing_endpoint"] = tracing.endpoint_of(env)
+    if "tracing" not in raw and tracing.wanted(env):
+        raw["tracing"] = True
+        origins["tracing"] = Origin("environment", next(name for name in tracing.ENDPOINT_VARIABLES if env.get(name)))
     try:
         settings = Settings.model_validate(raw, context={"purpose": purpose})
     except ValidationError as exc:

@@ -141,6 +141,15 @@ class Settings(Credentialed):
     log_format: Literal["text", "json"] = Field(
         default="text", description="`text` or `json` (one object per line), for every log line (see Observability)"
     )
+    tracing: bool = Field(
+        default=False,
+        description=(
+            "`1`: OpenTelemetry traces over OTLP/HTTP (the `otel` extra); on by itself when "
+            "`OTEL_EXPORTER_OTLP_ENDPOINT` is set, `0` keeps it off (see Operations)"
+        ),
+    )
+    # Where spans go: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT's /v1/traces (not SIDECAR_).
+    tracing_endpoint: str | None = None
     ready_when: Literal["token", "process"] = Field(
         default="token",
         description=(

@@ -24,6 +24,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.errors import TokenEndpointError, TokenError, TransientTokenError
@@ -35,6 +36,11 @@ from proxy.tokens.refresher import NextOutcome, Refresher
 from proxy.tokens.schedule import RefreshPolicy, RefreshSchedule
 from proxy.tokens.spec import TokenSpec
 from proxy.tokens.token import Token, TokenResponse, TokenSet
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
+
+    from proxy.tracing import Tracing
 
 log = logging.getLogger("proxy.cache")
 
@@ -73,6 +79,9 @@ class TokenProvider:
         self.outcomes: Counter[str] = Counter()
         self.durations = Histogram()
         self.waits = 0
+        # OpenTelemetry, when on: each attempt's span, which the requests that waited on it link to.
+        self.tracing: Tracing | None = None
+        self.last_attempt: SpanContext | None = None
 
     def __repr__(self) -> str:
         return f"TokenProvider(grant={self.grant!r}, kinds={sorted(self.spec.kinds)!r})"
@@ -138,6 +147,9 @@ class TokenProvider:
                 raise self.last_error or _unanswered(self.grant.flow, self._wait_limit, waiting=True) from None
             except TokenError:
                 pass  # look again: the next attempt may be due at once (a secret file changed meanwhile)
+            finally:
+                if self.tracing is not None and self.last_attempt is not None:
+                    self.tracing.link_current(self.last_attempt)  # the request's span, to the refresh it waited on
 
     def _ask(self) -> None:
         # An attempt in flight answers whoever asks meanwhile: its outcome is as new as one asked for now.
@@ -190,6 +202,15 @@ class TokenProvider:
             await self.shared.aclose()
 
     async def _attempt(self) -> None:
+        if self.tracing is None:
+            await self._attempt_untraced()
+            return
+        with self.tracing.refresh(self.spec.kinds) as span:
+            self.last_attempt = span.get_span_context()
+            self.tracing.outcome(span, await self._attempt_untraced())
+
+    async def _attempt_untraced(self) -> str:
+        """One attempt; its outcome: ``success`` or the failure's kind."""
         self.schedule.started(self._clock.monotonic())
         self._attempting = True
         began = time.perf_counter()  # real time, whatever the clock: how long the endpoint took
@@ -203,10 +224,12 @@ class TokenProvider:
                 self._outcome.fail(exc)
             else:
                 self._failed(exc, time.perf_counter() - began)
+            return exc.failure_kind
         else:
             if trying:
                 self.new_secrets.worked()
             self._succeeded(tokens, time.perf_counter() - began)
+            return "success"
         finally:
             self._attempting = False
 

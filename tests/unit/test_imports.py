@@ -20,7 +20,16 @@ create_app(load_settings({
 print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} | {m for m in sys.modules if m[:6] == "proxy."})))
 """
 
-NEVER = ("cryptography", "jwt", "redis", "proxy.emulator", "proxy.commands.demo", "proxy.commands.login")
+NEVER = (
+    "cryptography",
+    "jwt",
+    "redis",
+    "opentelemetry",
+    "google",
+    "proxy.emulator",
+    "proxy.commands.demo",
+    "proxy.commands.login",
+)
 
 
 def test_a_plain_serve_never_imports_what_only_some_setups_need():
