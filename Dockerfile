@@ -7,7 +7,8 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # binutils for strip: the extension modules ship with debug symbols (uvloop's is 13.6 MB, 1.6 MB stripped).
 # redis-py's Redis Stack command sets (search, JSON, time series, Bloom, vector sets; about 2 MiB with their
-# bytecode) are dropped: they load only when called, and the token store calls none of them.
+# bytecode) are dropped: they load only when called, and the token store calls none of them. So are the Google API
+# protobufs that the OTLP exporter's package requires and never imports (about 3 MiB with their bytecode).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends binutils \
@@ -25,6 +26,8 @@ RUN /opt/sidecar/bin/pip install --no-deps /tmp/src \
  && find /opt/sidecar -depth -type d -name __pycache__ -exec rm -rf {} + \
  && for module in search json timeseries bf vectorset; do \
       rm -r "/opt/sidecar/lib/python3.11/site-packages/redis/commands/$module"; done \
+ && for package in api cloud gapic logging longrunning rpc type; do \
+      rm -r "/opt/sidecar/lib/python3.11/site-packages/google/$package"; done \
  && python3 -m compileall -q -j 0 /opt/sidecar/lib
 
 FROM python:3.11-slim
