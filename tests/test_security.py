@@ -195,6 +195,23 @@ async def test_a_huge_header_block_gets_431_without_growing_memory(stack: Stack,
     assert stack.emulator.apigw.requests == before
 
 
+async def test_a_head_over_the_limit_gets_431_where_its_read_cannot_be_followed_byte_by_byte(
+    stack: Stack, sidecar: RunningSidecar
+):
+    """After a chunked body in the same read, the parser's own report of the head is what is measured. The POST's
+    answer may be under way, so the refusal closes the connection rather than write a 431 into it."""
+    refused = sidecar.parts.limits.errors["headers_too_large"]
+    chunked = b"POST /x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    big = b"GET /x HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-P%d: %s\r\n" % (i, b"v" * 6000) for i in range(3))
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(chunked + big + b"\r\n")  # one write: the chunked body and the big head in one read
+    answers = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert sidecar.parts.limits.errors["headers_too_large"] == refused + 1
+    assert answers.count(b"HTTP/1.1 200 ") <= 1  # the POST's at most; never the big GET's
+
+
 @pytest.mark.parametrize("length", [b"5 ", b"5\t"])
 async def test_a_content_length_with_trailing_whitespace_gets_a_400_not_a_traceback(
     stack: Stack, sidecar: RunningSidecar, length: bytes, caplog: pytest.LogCaptureFixture

@@ -238,9 +238,11 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._too_large())
-        elif self._began and self._in_head and self._meter.at is not None:
-            # A head that began in this read and goes on in the next: all of the read from its start is head.
-            self._head_bytes = max(self._head_bytes, len(data) - self._meter.head_from)
+        elif self._began and self._in_head:
+            # A head that began in this read and goes on in the next: all of the read from its start is head (or,
+            # when the read could not be followed, what the parser has reported of it).
+            so_far = len(data) - self._meter.head_from if self._meter.at is not None else self._reported_head()
+            self._head_bytes = max(self._head_bytes, so_far)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._too_large())
         if self.timeout_keep_alive_task is None and self._served and not self._head_started and not self.pipeline:
@@ -264,19 +266,15 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self._head_timer is None:
             self._head_timer = self.loop.call_at(self._head_deadline, self._head_expired)
 
-    def on_url(self, url: bytes) -> None:
-        self._add_head_bytes(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a chunked trailer: never part of the request's headers
-        self._add_head_bytes(len(name) + len(value) + 4)
-        super().on_header(name, value)
+    # No on_url or on_header of its own: a head's size is measured in the bytes of each read (a Python call per
+    # header line cost 16k instructions a request). Chunked trailers, which httptools reports like headers, go
+    # to a list of their own (see on_headers_complete).
 
     def on_headers_complete(self) -> None:
         size = self._meter.head_ends()
-        if size is not None and size > self.limits.max_header_bytes:
+        if size is None:  # a head over several reads, or in a read that could not be followed
+            size = max(self._head_bytes, self._reported_head())
+        if size > self.limits.max_header_bytes:
             raise self._too_large()  # padding the parser does not report counts too
         self._in_head = False
         self._head_started = False
@@ -293,6 +291,8 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if len(self.pipeline) >= MAX_PIPELINED:
             self._stop_pipeline()
         super().on_headers_complete()
+        # The request's scope holds the list its headers went to; trailers go to this one, which nobody reads.
+        self.headers = []
 
     def _stop_pipeline(self) -> None:
         """Too many requests ahead of their answers: answer the queued ones, the last with Connection: close, drop
@@ -322,10 +322,10 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._head_bytes = 0
 
     # Helpers
-    def _add_head_bytes(self, count: int) -> None:
-        self._head_bytes += count
-        if self._head_bytes > self.limits.max_header_bytes:
-            raise self._too_large()
+    def _reported_head(self) -> int:
+        """The head's size as the parser reported it so far: the target and each header line (name, ": ", value,
+        CRLF), without the padding it drops."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _too_large(self) -> Refusal:
         return _head_too_large(self.limits.max_header_bytes)
