@@ -32,11 +32,16 @@ _AMBIGUOUS = re.compile(
 
 
 def _is_ambiguous(raw_path: bytes) -> bool:
-    """Whether ``raw_path`` holds one of the ``_AMBIGUOUS`` forms (a quick look first: most paths have no
-    ``%``, ``..`` or backslash at all)."""
-    if b"%" not in raw_path and b".." not in raw_path and b"\\" not in raw_path:
-        return False
+    """Whether ``raw_path`` holds one of the ``_AMBIGUOUS`` forms."""
     return _AMBIGUOUS.search(raw_path) is not None
+
+
+def _is_plain(raw_path: bytes) -> bool:
+    """Whether ``raw_path`` has nothing to resolve or refuse: no ``%``, ``..``, backslash or ``/.`` (nearly every
+    request). ``bytes.find``, not ``in``: ``in`` tries the operand as an integer first and clears the TypeError."""
+    return (
+        raw_path.find(b"%") < 0 and raw_path.find(b"..") < 0 and raw_path.find(b"\\") < 0 and raw_path.find(b"/.") < 0
+    )
 
 
 def path_pattern(glob: str) -> re.Pattern[str]:
@@ -56,8 +61,8 @@ def path_pattern(glob: str) -> re.Pattern[str]:
 
 
 def _has_dot_segment(raw_path: bytes) -> bool:
-    """Fast check: can ``raw_path`` hold a dot segment, plain or encoded? (False for nearly every request.)"""
-    return b"/." in raw_path or b"%2" in raw_path
+    """Can ``raw_path`` hold a dot segment, plain or encoded?"""
+    return raw_path.find(b"/.") >= 0 or raw_path.find(b"%2") >= 0
 
 
 def _is_encoded_dot(segment: bytes) -> bool:
@@ -69,6 +74,8 @@ def remove_dot_segments(raw_path: bytes) -> bytes:
     """``raw_path`` with ``.`` and ``..`` segments resolved (RFC 3986 5.2.4). Raises a ``Refusal`` for an encoded
     dot segment, a ``..`` that would climb above the root, or a form another server may read as either
     (``_AMBIGUOUS``)."""
+    if _is_plain(raw_path):
+        return raw_path
     if _is_ambiguous(raw_path):
         raise bad_path(
             "the path holds a form some servers read as a dot segment or a separator (..; ..\\ ..%2f, double or "
