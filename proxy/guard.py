@@ -131,7 +131,8 @@ class CallerGuard:
                 origin = value
             elif name == b"sec-fetch-site":
                 fetch_site = value
-        if host is not None and not self._host_ok(host):
+        # The cache hit inline: this runs for every request, and a call costs more than the look-up.
+        if host is not None and not (self._hosts.get(host) or self._host_ok(host)):
             return _host_refused(host_name(host))
         if origin is not None and origin.strip().lower() not in self._origins:
             shown = origin.decode("ascii", "replace")[:100]
@@ -152,7 +153,7 @@ class CallerGuard:
             )
         if self._allow_from is not None:
             client = scope.get("client")
-            if client and not self._peer_ok(client[0]):
+            if client and not (self._peers.get(client[0]) or self._peer_ok(client[0])):
                 return Refusal(
                     403,
                     "client_not_allowed",

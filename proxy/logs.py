@@ -50,18 +50,24 @@ _MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 class _Stamps:
-    """UTC ISO 8601 times to the millisecond; the part up to the second is formatted once per second."""
+    """UTC ISO 8601 times to the millisecond; the part up to the second (``prefix``, of ``second``) is formatted
+    once per second."""
+
+    __slots__ = ("prefix", "second")
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self.second = -1
+        self.prefix = ""
 
     def __call__(self, now: float) -> str:
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return self._prefix + _MILLISECONDS[int((now - second) * 1000)]
+        if second != self.second:
+            self.advance(second)
+        return self.prefix + _MILLISECONDS[int((now - second) * 1000)]
+
+    def advance(self, second: int) -> None:
+        self.second = second
+        self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 # With tracing on, the current span's (trace id, span id) in hex, or None outside a span (``set_trace_ids``).
@@ -186,23 +192,30 @@ class AccessLog:
             )
         ):
             return
-        self._lines.append(self._line(scope, record, seconds))
+        # What both formats need, worked out here once, inline: this runs for every request.
+        now = time.time()
+        second = int(now)
+        stamps = self._stamp
+        if second != stamps.second:
+            stamps.advance(second)
+        stamp = stamps.prefix + _MILLISECONDS[int((now - second) * 1000)]
+        raw: bytes = scope.get("raw_path") or scope["path"].encode()
+        path = (
+            raw.decode("latin-1")
+            if len(raw) <= ACCESS_MAX_TARGET
+            else raw[:ACCESS_MAX_TARGET].decode("latin-1") + "..."
+        )
+        query = scope.get("query_string", b"")[:ACCESS_MAX_TARGET].decode("latin-1") if self._query else ""
+        self._lines.append(self._line(stamp, scope, path, query, record, seconds))
         if len(self._lines) >= ACCESS_BUFFER_LINES:
             self.flush()
 
-    def _target(self, scope: Scope) -> tuple[str, str]:
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        if len(path) > ACCESS_MAX_TARGET:
-            path = path[:ACCESS_MAX_TARGET] + "..."
-        query: bytes = scope.get("query_string", b"") if self._query else b""
-        return path, query[:ACCESS_MAX_TARGET].decode("latin-1")
-
-    def _text_line(self, scope: Scope, record: RequestRecord, seconds: float) -> str:
+    @staticmethod
+    def _text_line(stamp: str, scope: Scope, path: str, query: str, record: RequestRecord, seconds: float) -> str:
         client = scope.get("client")
-        path, query = self._target(scope)
         upstream = record.upstream_seconds
         return (
-            f"{self._stamp(time.time())} INFO access: {client[0] if client else '-'} "
+            f"{stamp} INFO access: {client[0] if client else '-'} "
             f'"{scope["method"]} {path}{"?" + query if query else ""}" {record.status} source={record.source} '
             f"error={record.error or '-'} in={record.bytes_in} out={record.bytes_out} "
             f"duration_ms={seconds * 1000:.2f} upstream_ms={'-' if upstream is None else f'{upstream * 1000:.2f}'} "
@@ -211,19 +224,19 @@ class AccessLog:
             f"{' trace_id=' + record.trace_id if record.trace_id else ''}\n"
         )
 
-    def _json_line(self, scope: Scope, record: RequestRecord, seconds: float) -> str:
+    @staticmethod
+    def _json_line(stamp: str, scope: Scope, path: str, query: str, record: RequestRecord, seconds: float) -> str:
         # The path and query come from the client: escaped (json_string, in C). The method (an HTTP token), the
         # client (an IP address), the route (a prefix from the settings, RFC 3986 path characters), both request
         # ids (SANE_REQUEST_ID), numbers and the sidecar's own codes need no escaping.
         client = scope.get("client")
-        path, query = self._target(scope)
         upstream = record.upstream_seconds
         error = f'"{record.error}"' if record.error else "null"
         peer = f'"{client[0]}"' if client else "null"
         upstream_id = f'"{record.upstream_request_id}"' if record.upstream_request_id else "null"
         trace = f',"trace_id":"{record.trace_id}"' if record.trace_id else ""
         return (
-            f'{{"time":"{self._stamp(time.time())}","level":"INFO","logger":"access",'
+            f'{{"time":"{stamp}","level":"INFO","logger":"access",'
             f'"request_id":"{record.request_id}","client":{peer},"route":"{record.route}","method":"{scope["method"]}",'
             f'"path":{json_string(path)},"query":{json_string(query) if query else "null"},'
             f'"status":{record.status},"source":"{record.source}","error":{error},'
