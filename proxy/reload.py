@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.reload")
 
 # Settings a running sidecar keeps until it restarts: the sockets it listens on and its processes; the token
-# store and everything the token endpoint's client was built with (its providers keep their tokens).
+# store and everything the token endpoint's client was built with (its providers keep their tokens); tracing.
 RESTART_ONLY = frozenset(
     {
         "listen",
@@ -56,6 +56,8 @@ RESTART_ONLY = frozenset(
         "egress_proxy",
         "egress_proxy_file",
         "proxy_environment",
+        "tracing",
+        "tracing_endpoint",
     }
 )
 # What the logging is configured from.
@@ -143,7 +145,6 @@ class Reloader:
             self._refused(exc.problems)
             return False
         changed = changed_settings(self._loaded, settings)
-        self._loaded = settings
         later = sorted(key for key in changed if key in RESTART_ONLY)
         if later:
             log.warning(
@@ -151,9 +152,11 @@ class Reloader:
                 ", ".join(env_name(key) for key in later),
                 extra=event("config_needs_restart", settings=[env_name(key) for key in later]),
             )
+        loaded = settings
         settings = settings.model_copy(update={key: getattr(old.settings, key) for key in RESTART_ONLY})
         now = [key for key in changed if key not in RESTART_ONLY]
         if not now:
+            self._loaded = loaded
             old.reload_secrets()
             log.info("configuration re-read: no setting that can change while serving changed")
             return False
@@ -166,8 +169,10 @@ class Reloader:
         except (ConfigError, SidecarError) as exc:
             self._refused(exc.problems if isinstance(exc, ConfigError) else [str(exc)])
             return False
+        self._loaded = loaded  # a refused configuration is compared with the running one again next time
         await sidecar.take_over(old)
         self._app.use(sidecar)
+        await sidecar.carry_on(old)
         await old.hand_over(sidecar)
         if any(key in now for key in _LOGGING):
             configure_logging(settings.log_level, settings.log_format, settings.log_levels)

@@ -136,12 +136,10 @@ class Sidecar:
             self.reload_secrets()
 
     async def take_over(self, old: Sidecar) -> None:
-        """Serve in place of ``old`` (a reload; the caller swaps the app over right after), in order:
+        """Get ready to serve in place of ``old`` (a reload; the app is swapped over next, then ``carry_on``):
 
         1. open every route's upstream connection pool, the counts of ``old``'s same routes carried over;
-        2. claim and start the providers ``old`` did not have;
-        3. stop ``old``'s tasks (its access log writes its last lines) and start this one's;
-        4. with workers, the other workers get this one's counts.
+        2. claim and start the providers ``old`` did not have.
         """
         before = {route.prefix: route.forwarder for route in old.routes}
         for route in self.routes:
@@ -154,6 +152,11 @@ class Sidecar:
             if id(provider) not in kept:
                 provider.grant.claim(provider.shared.identity if provider.shared else "")
                 provider.start()
+
+    async def carry_on(self, old: Sidecar) -> None:
+        """Once the app serves new requests with this one: 3. stop ``old``'s tasks (its access log writes its last
+        lines: no request records there any more) and start this one's; 4. with workers, the other workers get
+        this one's counts."""
         await old._stop_tasks()
         self.on_files_changed = old.on_files_changed
         self._start_tasks()
@@ -161,7 +164,7 @@ class Sidecar:
             self.peers.snapshot = lambda: snapshot(self.registry)
 
     async def hand_over(self, successor: Sidecar) -> None:
-        """After ``successor.take_over(self)``: stop the providers it does not use; its forwarders close once the
+        """After ``successor.carry_on(self)``: stop the providers it does not use; its forwarders close once the
         requests they are still serving have ended (``successor`` closes them at its stop otherwise)."""
         used = {id(provider) for provider in successor.providers}
         for provider in self.providers:

@@ -121,12 +121,15 @@ async def test_a_configuration_that_cannot_be_used_is_refused_and_the_running_on
         assert sidecar.app is not None
         before = sidecar.app.sidecar
         write(toml, change.replace("{url}", stack.upstream_url))
+        reloader = Reloader(sidecar.app, env)
         with caplog.at_level(logging.ERROR, logger="proxy.reload"):
-            assert not await Reloader(sidecar.app, env).reload()
+            assert not await reloader.reload()
+            assert not await reloader.reload()  # refused again: compared with the running configuration
         assert sidecar.app.sidecar is before
         assert (await client.get(f"{sidecar.url}/a/x")).status_code == 200
-    # Said once per look: here by the reload asked for, and by the one the file watcher started on the change.
+    # Said at every look: the two asked for here, and the one the file watcher started on the change.
     refused = [r.getMessage() for r in caplog.records if r.name == "proxy.reload" and r.levelno == logging.ERROR]
+    assert len(refused) >= 2
     text = refused[0]
     assert "refused, and the running one keeps serving" in text and problem in text
     assert_hidden(text, "another-secret", stack.emulator.refresh_token)
