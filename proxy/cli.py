@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import uvloop
@@ -25,6 +25,13 @@ from proxy.logs import configure_logging
 from proxy.secrets import keep_out_of_core_dumps
 from proxy.settings import settings_help
 
+# serve's options, each overriding its variable: (flag, variable, example).
+SERVE_FLAGS = (
+    ("--listen", "SIDECAR_LISTEN", "HOST:PORT"),
+    ("--upstream", "SIDECAR_UPSTREAM_URL", "URL"),
+    ("--config", "SIDECAR_CONFIG", "FILE"),
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -33,13 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-V", "--version", action="version", version=f"cognito-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser(
+    serve = commands.add_parser(
         "serve",
         help="run the sidecar (settings from SIDECAR_* variables; see docs/configuration.md)",
-        description="Run the sidecar. Settings come from the environment (and SIDECAR_CONFIG).",
+        description="Run the sidecar. Settings come from the environment (and SIDECAR_CONFIG); the options below "
+        "override their variables.",
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    for flag, variable, example in SERVE_FLAGS:
+        serve.add_argument(flag, default=None, metavar=example, help=f"overrides {variable}")
     commands.add_parser("healthcheck", help="exit 0 when the running sidecar is ready (for container healthchecks)")
     demo = commands.add_parser("demo", help="run the local emulator and the sidecar, and show one request end to end")
     demo.add_argument("--listen", default=None, help="sidecar address (default: SIDECAR_LISTEN or 127.0.0.1:8080)")
@@ -82,14 +92,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # no command: what there is to do (the image's default command is serve)
+        parser.print_help()
+        return 0
     keep_out_of_core_dumps()  # before any secret is read
-    env = os.environ
+    env: Mapping[str, str] = os.environ
     try:
-        if args.command in (None, "serve"):
+        if args.command == "serve":
             from proxy.commands.serve import serve
 
-            return serve(env)
+            flags = {variable: getattr(args, flag[2:].replace("-", "_")) for flag, variable, _ in SERVE_FLAGS}
+            return serve({**env, **{name: value for name, value in flags.items() if value is not None}})
         # One-shot commands say what went wrong once, in their own words: the token cache's log lines would
         # repeat it (unless a log level is asked for).
         quiet = args.command in ("token", "check", "login")

@@ -244,7 +244,7 @@ async def test_check_explains_a_wrong_stage_and_an_access_token_without_scopes(s
 
 async def test_check_reports_bad_settings_and_unresolvable_hosts():
     status, out, _ = await run_cli("check", env=cli_env(SIDECAR_CLIENT_ID="x"))
-    assert status == 1
+    assert status == 2  # a configuration problem, as every command says one
     assert "FAIL  setting" in out and "SIDECAR_TOKEN_URL: is required: set SIDECAR_COGNITO_DOMAIN" in out
     env = cli_env(
         SIDECAR_COGNITO_DOMAIN="https://no-such-domain.invalid",

@@ -116,7 +116,8 @@ def test_version_and_serve_help_list_every_setting():
     keys = {
         key
         for key in Settings.model_fields
-        if key not in ("routes", "proxy_environment") and (not key.endswith("_file") or key in PATH_KEYS)
+        if key not in ("routes", "proxy_environment", "tracing_endpoint")
+        and (not key.endswith("_file") or key in PATH_KEYS)
     }
     undescribed = {key for key in keys if not Settings.model_fields[key].description}
     assert not undescribed, undescribed
@@ -124,6 +125,43 @@ def test_version_and_serve_help_list_every_setting():
     for key in keys:
         assert f"SIDECAR_{key.upper()}" in text
     assert "SIDECAR_MAX_BODY_BYTES\n      largest request body, bytes; 0 for no limit (default: 10485760)" in text
+    assert "(capped at half its life) (default: 300)\n" in text  # as a user writes it: no 300.0, no False
+    assert "(default: False)" not in text and ".0)" not in text
+    bare = subprocess.run([sys.executable, "-m", "proxy"], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 0 and bare.stdout.startswith("usage: cognito-sidecar") and bare.stderr == ""
+
+
+async def test_serve_options_override_their_variables(stack: Stack, tmp_path: Path):
+    toml = tmp_path / "sidecar.toml"
+    toml.write_text("read_timeout = 12\n")
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_LISTEN="127.0.0.1:1")
+    env["SIDECAR_UPSTREAM_URL"] = "https://not-this-one.example/prod"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        stack.upstream_url,
+        "--config",
+        str(toml),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+    try:
+        assert f"forwarding to {stack.upstream_url} " in line and "listening on http://127.0.0.1:" in line, line
+        url = line.split("listening on ")[1].split(",")[0]
+        async with httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            assert (await client.get(f"{url}/x")).status_code == 200
+            rows = {row["name"]: row for row in (await client.get(f"{url}/-/config")).json()["settings"]}
+        assert rows["SIDECAR_READ_TIMEOUT"]["value"] == "12"  # from the --config file
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
 
 
 @pytest.mark.slow

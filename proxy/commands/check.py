@@ -25,7 +25,7 @@ from proxy.egress.failures import describe_failure
 from proxy.egress.route import EgressProxy, target_of
 from proxy.egress.tls import EXPIRY_WARNING_DAYS, CertificateInfo, TlsContext
 from proxy.egress.transport import proxy_status, token_client
-from proxy.errors import EXIT_FAILURE, ConfigError, EgressError, TokenEndpointError, TokenError
+from proxy.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, EgressError, TokenEndpointError, TokenError
 from proxy.secrets import secret_file_warnings
 from proxy.settings import RouteSettings, Settings, load_settings
 from proxy.tokens.build import one_shot, token_http
@@ -44,6 +44,10 @@ GATEWAY_HINTS = {
     "SIDECAR_UPSTREAM_URL or --path (the stage belongs in the URL, e.g. .../prod)",
     "Forbidden": "an API key is required or wrong (SIDECAR_API_KEY), or a resource policy denies this caller",
 }
+
+
+# The title of a finding about the settings themselves: ``check`` then exits 2, as every command does.
+CONFIGURATION = "setting"
 
 
 @dataclass(frozen=True)
@@ -252,14 +256,14 @@ async def run_checks(env: Mapping[str, str], *, path: str | None) -> list[Findin
     try:
         settings = load_settings(env, purpose="serve" if path else "token")
     except ConfigError as exc:
-        findings.extend(Finding("FAIL", "setting", problem) for problem in exc.problems)
+        findings.extend(Finding("FAIL", CONFIGURATION, problem) for problem in exc.problems)
         return findings
     findings.append(Finding("PASS", "settings are valid", f"token endpoint {settings.token_url}"))
     findings.extend(Finding("WARN", "a secret file is open to other users", w) for w in secret_file_warnings(settings))
     try:
         findings.extend(egress_findings(settings))
     except ConfigError as exc:
-        findings.extend(Finding("FAIL", "setting", problem) for problem in exc.problems)
+        findings.extend(Finding("FAIL", CONFIGURATION, problem) for problem in exc.problems)
         return findings
     tls = tls_findings(settings, time.time())
     findings.extend(tls)
@@ -350,4 +354,6 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(finding.render())
     failed = sum(1 for f in findings if f.status == "FAIL")
     print(f"\n{'all checks passed' if not failed else f'{failed} check(s) failed'}")
+    if any(f.status == "FAIL" and f.title == CONFIGURATION for f in findings):
+        return EXIT_CONFIG  # as every command says a configuration problem
     return 0 if not failed else EXIT_FAILURE

@@ -32,6 +32,8 @@ def default_of(field: FieldInfo) -> str:
         return ",".join(str(item) for item in default)
     if isinstance(default, bool):
         return "1" if default else "0"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))  # 300, as a user writes it, not 300.0
     return str(default)
 
 
