@@ -18,7 +18,7 @@ from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.errors import CLOSE, Refusal
 from proxy.forward import send_error
 from proxy.listen import in_networks
-from proxy.paths import pick_route
+from proxy.paths import is_plain, pick_route
 from proxy.request import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
 from proxy.reserved import reserved_routes
 from proxy.server.peers import WorkerPeers
@@ -61,6 +61,7 @@ class SidecarApp:
         self.sidecar = sidecar
         self.upstream_routes = sidecar.routes
         self.prefixes = [route.prefix for route in sidecar.routes]
+        self.root_only = self.prefixes == [b"/"]
         self.labels = [route.label for route in sidecar.routes]
         self.access_log = sidecar.access_log
         self.guard = sidecar.guard
@@ -106,7 +107,8 @@ class SidecarApp:
                     record.route = OWN_ROUTE
                     await self._own_route(scope, receive, send, record)
                     return
-                refusal = self.guard.check_caller(scope)
+                if self.guard.caller_token is not None:
+                    refusal = self.guard.check_caller(scope)
             if index is not None:
                 record.route = self.labels[index]
             if refusal is None:
@@ -157,6 +159,8 @@ class SidecarApp:
         """The index of the route for the request's path, once its dot segments are resolved (the scope then
         holds the resolved path: it is what is matched, logged and forwarded)."""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if self.root_only and is_plain(raw_path):
+            return 0  # the one-route form, and nothing to resolve: the usual request, in one call
         index, path = pick_route(self.prefixes, raw_path)
         if path is not raw_path:
             scope["raw_path"] = path

@@ -33,6 +33,10 @@ _REQUEST_OWN = frozenset(
 )
 
 
+# Connection values that list no other header (nearly every request's): no need to parse them.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
 def _listed(value: bytes) -> set[bytes]:
     """The header names a ``Connection`` value lists (each is hop-by-hop for this message)."""
     return {part.strip().lower() for part in value.split(b",")} - {b""}
@@ -57,7 +61,7 @@ def upstream_request_headers(
     original_host = ""
     for name, value in raw:
         if name in HOP_BY_HOP or name in replaced:
-            if name == b"connection":
+            if name == b"connection" and value not in _PLAIN_CONNECTION:
                 listed |= _listed(value)
             continue
         if name in _REQUEST_OWN:

@@ -36,7 +36,7 @@ def _is_ambiguous(raw_path: bytes) -> bool:
     return _AMBIGUOUS.search(raw_path) is not None
 
 
-def _is_plain(raw_path: bytes) -> bool:
+def is_plain(raw_path: bytes) -> bool:
     """Whether ``raw_path`` has nothing to resolve or refuse: no ``%``, ``..``, backslash or ``/.`` (nearly every
     request). ``bytes.find``, not ``in``: ``in`` tries the operand as an integer first and clears the TypeError."""
     return (
@@ -74,7 +74,7 @@ def remove_dot_segments(raw_path: bytes) -> bytes:
     """``raw_path`` with ``.`` and ``..`` segments resolved (RFC 3986 5.2.4). Raises a ``Refusal`` for an encoded
     dot segment, a ``..`` that would climb above the root, or a form another server may read as either
     (``_AMBIGUOUS``)."""
-    if _is_plain(raw_path):
+    if is_plain(raw_path):
         return raw_path
     if _is_ambiguous(raw_path):
         raise bad_path(
@@ -121,6 +121,8 @@ def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, 
     The path is normalised first; when that changes which route takes it, the request is refused
     (a ``Refusal``): a path's dot segments never reach another route.
     """
+    if is_plain(raw_path):  # nothing to resolve: the path as it came
+        return _first_match(prefixes, raw_path), raw_path
     path = remove_dot_segments(raw_path)
     chosen = _first_match(prefixes, path)
     if path is not raw_path and _first_match(prefixes, raw_path) != chosen:
@@ -128,4 +130,4 @@ def pick_route(prefixes: Sequence[bytes], raw_path: bytes) -> tuple[int | None, 
     return chosen, path
 
 
-__all__ = ["bad_path", "path_pattern", "pick_route", "prefix_matches", "remove_dot_segments"]
+__all__ = ["bad_path", "is_plain", "path_pattern", "pick_route", "prefix_matches", "remove_dot_segments"]

@@ -48,13 +48,13 @@ def new_request_id() -> str:
 
 
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's ``X-Request-Id`` if it is sane, else a new id."""
+    """The client's ``X-Request-Id`` if it is sane, else a new id (``new_request_id``, inline: every request)."""
     for name, value in headers:
         if name == REQUEST_ID_HEADER:
             if SANE_REQUEST_ID.fullmatch(value):
                 return value.decode("ascii")
             break
-    return new_request_id()
+    return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
 class RequestRecord:
