@@ -20,7 +20,7 @@ from proxy.commands.login import (
     DEFAULT_REDIRECT_URI,
     DEFAULT_SCOPE,
 )
-from proxy.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SidecarError
+from proxy.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SidecarError, TokenEndpointError
 from proxy.logs import configure_logging
 from proxy.secrets import keep_out_of_core_dumps
 from proxy.settings import settings_help
@@ -139,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cognito-sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except TokenEndpointError as exc:  # a one-shot command's: said for a person, once
+        print(f"cognito-sidecar: {exc.terminal()}", file=sys.stderr)
+        return EXIT_FAILURE
     except SidecarError as exc:
         print(f"cognito-sidecar: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -138,14 +138,29 @@ class TokenEndpointError(TokenError):
         super().__init__(self._render())
 
     def _render(self) -> str:
+        """One line, for logs and error bodies: a serving sidecar tries again by itself unless a person must act."""
         parts = [self.summary]
         if self.causes:
             parts.append("Likely causes: " + "; ".join(self.causes) + ".")
         if self.fix:
-            parts.append("What to do: " + self.fix)
+            fix = self.fix.rstrip(".")
+            parts.append("What to do: " + fix + ("." if self.permanent else "; the sidecar keeps retrying."))
         if self.status is not None:
             parts.append(f"Token endpoint answered HTTP {self.status}: {self.body or '(empty body)'}")
         return " ".join(parts)
+
+    def terminal(self) -> str:
+        """For a person at a terminal (the one-shot commands, which try once): the headline, then the causes and
+        what to do on lines of their own."""
+        lines = [self.summary]
+        if self.causes:
+            lines.append("Likely causes:")
+            lines.extend(f"  - {cause}" for cause in self.causes)
+        if self.fix:
+            lines.append("What to do: " + self.fix.rstrip(".") + ".")
+        if self.status is not None:
+            lines.append(f"Token endpoint answered HTTP {self.status}: {self.body or '(empty body)'}")
+        return "\n".join(lines)
 
 
 class PermanentTokenError(TokenEndpointError):
@@ -204,7 +219,7 @@ class TokenClockSkewError(TransientTokenError):
             f"no more than the {margin:.0f} s refresh margin, although it was issued for {lifetime:.0f} s: the "
             f"token endpoint's clock and this machine's differ by about {self.skew:.0f} s. Such a token is never sent.",
             causes=("this machine's clock is ahead (check NTP or chrony)", "the token endpoint's clock is behind"),
-            fix="synchronise this machine's clock; the sidecar retries with backoff meanwhile.",
+            fix="synchronise this machine's clock",
         )
 
 
@@ -250,7 +265,7 @@ class StoreUnavailableError(TransientTokenError):
             summary=f"{error}. This credential's refresh token rotates, so it is never refreshed without the "
             "store's lease (another sidecar could be refreshing it).",
             fix="bring the token store back (a restarted Redis that lost its data is seeded again from this "
-            "sidecar's refresh token); the sidecar keeps trying.",
+            "sidecar's refresh token)",
         )
 
 

@@ -217,6 +217,21 @@ async def test_unknown_and_throttled_answers_are_explained(stack: Stack, status_
     assert body[:40] in err
 
 
+async def test_one_shot_commands_say_a_failure_on_lines_of_its_own_and_promise_no_retry(stack: Stack):
+    stack.emulator.cognito.fail_next(503, "busy", times=20, content_type="text/plain")
+    status, out, err = await run_cli("token", env=stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token))
+    assert (status, out) == (1, "")
+    lines = err.splitlines()
+    assert lines[0] == "cognito-sidecar: The token endpoint failed (HTTP 503)."
+    assert lines[1:3] == ["Likely causes:", "  - Cognito or a proxy in between is having trouble"]
+    assert lines[3] == "What to do: if it persists, check the token endpoint's health."
+    assert lines[4] == "Token endpoint answered HTTP 503: busy"
+    assert "retrying" not in err and "keeps trying" not in err  # it tried once, and is done
+    async with run_sidecar(stack.settings()) as sidecar, httpx2.AsyncClient(trust_env=False) as client:
+        detail = (await client.get(f"{sidecar.url}/x")).json()["detail"]
+    assert "\n" not in detail and "; the sidecar keeps retrying." in detail  # one line, from a sidecar that does
+
+
 async def test_check_passes_and_shows_claims_not_the_token(stack: Stack):
     env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
     status, out, err = await run_cli("check", "--path", "/health", env=env)

@@ -191,7 +191,7 @@ class TokenEndpoint:
                 flow=flow,
                 summary=f"The token endpoint {self.token_url} did not answer within {self._timeout:g} s "
                 f"({type(exc).__name__}).",
-                fix="check network access to the Cognito domain; the sidecar keeps retrying.",
+                fix="check network access to the Cognito domain",
             ) from None
         except httpx2.HTTPError as exc:
             failure = describe_failure(
@@ -208,7 +208,7 @@ class TokenEndpoint:
                 flow=flow,
                 summary=f"Could not reach the token endpoint {self.token_url} ({type(exc).__name__}: "
                 f"{_excerpt(str(exc), secrets) or 'no detail'}).",
-                fix="check DNS, proxy and firewall settings for the Cognito domain; the sidecar keeps retrying.",
+                fix="check DNS, proxy and firewall settings for the Cognito domain",
             ) from None
         if response.status_code == 407 and self.proxy is not None:  # a plain-http endpoint: the proxy answered
             raise self._egress_error(flow, proxy_refusal(self.proxy, 407, target_of(self.token_url)))
@@ -228,7 +228,7 @@ class TokenEndpoint:
             error=None,
             body="",
             summary=f"Could not reach the token endpoint {self.token_url}: {failure.summary}.",
-            fix=failure.fix + "; the sidecar keeps retrying.",
+            fix=failure.fix,
         )
 
 
@@ -256,7 +256,7 @@ def parse_success(
             body=f"(body withheld: {shape})",
             summary="The token endpoint answered 200 without tokens.",
             causes=("a proxy or captive portal answered instead of Cognito", "the endpoint is overloaded"),
-            fix="check SIDECAR_TOKEN_URL; the sidecar keeps retrying.",
+            fix="check SIDECAR_TOKEN_URL",
         )
     expires_in = data.get("expires_in")
 
@@ -327,7 +327,7 @@ def classify(flow: str, token_url: str, response: httpx2.Response, secrets: tupl
         body=body,
         summary=summary,
         causes=causes,
-        fix="the sidecar retries with backoff; if it persists, check the token endpoint's health.",
+        fix="if it persists, check the token endpoint's health",
         retry_after=retry_after,
         throttled=throttled,
     )

@@ -282,7 +282,7 @@ def _unanswered(flow: str, seconds: float, *, waiting: bool = False, store: bool
         summary = f"The token endpoint did not finish answering within {seconds:g} s" + (
             " (or the token store's refresh lease stayed held)." if store else "."
         )
-    fix = "check the token endpoint's health and network access; the sidecar keeps trying."
+    fix = "check the token endpoint's health and network access"
     return TransientTokenError.unanswered(flow=flow, summary=summary, fix=fix)
 
 
