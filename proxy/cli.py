@@ -12,18 +12,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import uvloop
-
 from proxy import __version__
-from proxy.commands.login import (
-    DEFAULT_LOGIN_TIMEOUT,
-    DEFAULT_REDIRECT_URI,
-    DEFAULT_SCOPE,
-)
+from proxy.commands import DEFAULT_LOGIN_TIMEOUT, DEFAULT_REDIRECT_URI, DEFAULT_SCOPE
 from proxy.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SidecarError, TokenEndpointError
 from proxy.logs import configure_logging
 from proxy.secrets import keep_out_of_core_dumps
-from proxy.settings import settings_help
 
 # serve's options, each overriding its variable: (flag, variable, example).
 SERVE_FLAGS = (
@@ -33,7 +26,9 @@ SERVE_FLAGS = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The command line. ``serve --help`` lists every setting: only then are the settings' models imported (the
+    rest of the help answers at once)."""
     parser = argparse.ArgumentParser(
         prog="cognito-sidecar",
         description="Adds an Amazon Cognito token to every request a legacy service sends to API Gateway.",
@@ -45,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the sidecar (settings from SIDECAR_* variables; see docs/configuration.md)",
         description="Run the sidecar. Settings come from the environment (and SIDECAR_CONFIG); the options below "
         "override their variables.",
-        epilog=settings_help(),
+        epilog=_settings_help() if argv[:1] == ["serve"] else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for flag, variable, example in SERVE_FLAGS:
@@ -91,8 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_help() -> str:
+    from proxy.settings import settings_help
+
+    return settings_help()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:  # no command: what there is to do (the image's default command is serve)
         parser.print_help()
@@ -105,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             flags = {variable: getattr(args, flag[2:].replace("-", "_")) for flag, variable, _ in SERVE_FLAGS}
             return serve({**env, **{name: value for name, value in flags.items() if value is not None}})
+        import uvloop
+
         # One-shot commands say what went wrong once, in their own words: the token cache's log lines would
         # repeat it (unless a log level is asked for).
         quiet = args.command in ("token", "check", "login")

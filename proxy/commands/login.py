@@ -36,11 +36,6 @@ from proxy.tokens.build import endpoint_for, token_http
 from proxy.tokens.endpoint import TokenEndpoint
 from proxy.tokens.token import TokenResponse
 
-# Cognito's authorization codes live a few minutes; a person needs a moment to sign in.
-DEFAULT_LOGIN_TIMEOUT = 300.0
-DEFAULT_REDIRECT_URI = "http://localhost:8001/callback"
-DEFAULT_SCOPE = "openid"
-
 
 class LoginError(SidecarError):
     """The login could not complete; the message says why and what to do."""

@@ -38,3 +38,25 @@ def test_a_plain_serve_never_imports_what_only_some_setups_need():
     )
     assert "aiohttp" in loaded and "proxy.forward" in loaded  # the probe built the real thing
     assert sorted(name for name in NEVER if name in loaded) == []
+
+
+HELP_PROBE = """
+import contextlib, io, json, sys
+from proxy.entry import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(["--help"])
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_the_top_level_help_imports_neither_the_settings_nor_the_clients():
+    loaded = set(
+        json.loads(
+            subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, check=True, timeout=60).stdout
+        )
+    )
+    assert "argparse" in loaded  # the probe asked for the help
+    assert (
+        sorted(name for name in ("pydantic", "aiohttp", "httpx2", "uvicorn", "starlette", "uvloop") if name in loaded)
+        == []
+    )
