@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 from prometheus_client import CollectorRegistry
@@ -34,6 +36,8 @@ from proxy.tracing import Tracing
 from proxy.watch import SECRET_POLL_INTERVAL, watch_files
 
 log = logging.getLogger("proxy.app")
+# How long the start-up look-up of a token endpoint's host may take before it is reported, seconds.
+LOOKUP_TIMEOUT = 5.0
 # How often a reload's retired forwarders are looked at, to close those whose requests have ended, seconds.
 RETIRE_CHECK_INTERVAL = 1.0
 
@@ -100,7 +104,8 @@ class Sidecar:
         1. say which secret files other users could read or replace; with tracing, log lines carry trace ids;
         2. open every route's upstream connection pool;
         3. claim each refresh token file (members of one token store share it) and start each credential's refresher,
-           which asks for a token at once;
+           which asks for a token at once; look each token endpoint's host up once (a warning if it does not
+           resolve: DNS may come later, and the refresher keeps trying);
         4. start the access log's writer;
         5. watch the secret and TLS files for changes;
         6. with workers, answer the other workers' scrapes for this one's counts.
@@ -118,6 +123,8 @@ class Sidecar:
             provider.grant.claim(provider.shared.identity if provider.shared else "")
             provider.start()
         self._start_tasks()
+        hosts = {route.token_url for route in self.settings.effective_routes()}
+        self._tasks.append(asyncio.create_task(_look_up(sorted(hosts), self.settings), name="token-hosts"))
         if self.peers is not None:
             await self.peers.start(lambda: snapshot(self.registry))
 
@@ -369,6 +376,27 @@ def build_sidecar(
         private_store=private_store,
         requests=reuse.requests if reuse is not None else RequestMetrics(),
     )
+
+
+async def _look_up(urls: list[str], settings: Settings) -> None:
+    """Warn about each token endpoint whose host does not resolve (reached directly: a proxy resolves its own)."""
+    for url in urls:
+        if settings.egress.proxy_for(url) is not None:
+            continue
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as exc:
+            reason = f"no answer within {LOOKUP_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            log.warning(
+                "the token endpoint's host %s does not resolve (%s): check SIDECAR_COGNITO_DOMAIN (or "
+                "SIDECAR_TOKEN_URL) and this machine's DNS; the sidecar keeps trying, and serves once it does",
+                host,
+                reason,
+                extra=event("token_host_unresolved", host=host),
+            )
 
 
 def _tracing(settings: Settings) -> Tracing | None:

@@ -25,6 +25,7 @@ from tests.conftest import (
     SilentUpstream,
     Stack,
     answering,
+    awaiting,
     metric,
     raw_upstream,
     run_sidecar,
@@ -69,6 +70,19 @@ async def test_token_endpoint_hanging_answers_503_within_the_bounds(client: http
     assert response.status_code == 503
     assert response.headers["x-sidecar-error"] == "token_endpoint_unavailable"
     assert "did not answer within 0.2 s" in response.json()["detail"]
+
+
+async def test_a_token_endpoint_host_that_does_not_resolve_is_a_warning_at_start(
+    stack: Stack, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+):
+    settings = stack.settings(token_url="https://no-such-cognito-domain.invalid/oauth2/token")
+    with awaiting("token_host_unresolved") as unresolved:
+        async with run_sidecar(settings) as sidecar:
+            await asyncio.wait_for(unresolved.wait(), 30)
+            ready = await client.get(f"{sidecar.url}/-/healthz")
+    assert ready.status_code == 200  # a warning, not a failure: DNS may come later
+    [said] = [r.getMessage() for r in caplog.records if "does not resolve" in r.getMessage()]
+    assert "no-such-cognito-domain.invalid" in said and "SIDECAR_COGNITO_DOMAIN" in said
 
 
 async def test_token_endpoint_refusing_connections(stack: Stack, client: httpx2.AsyncClient):
