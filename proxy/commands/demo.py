@@ -99,6 +99,11 @@ def _emulator_secret(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _usable(url: str) -> str:
+    """``url`` as this machine can call it: a wildcard listening address is no address to send requests to."""
+    return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+
+
 async def emulator(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     stack = make_stack(
@@ -114,9 +119,13 @@ async def emulator(args: argparse.Namespace) -> int:
         running(stack.cognito.app, host=args.host, port=args.cognito_port) as cognito_url,
         running(stack.apigw, host=args.host, port=args.api_port) as api_url,
     ):
-        print(f"SIDECAR_TOKEN_URL={cognito_url}/oauth2/token")
-        print(f"SIDECAR_UPSTREAM_URL={api_url}/{stack.apigw.stage}")
+        print(f"SIDECAR_TOKEN_URL={_usable(cognito_url)}/oauth2/token")
+        print(f"SIDECAR_UPSTREAM_URL={_usable(api_url)}/{stack.apigw.stage}")
         print(f"SIDECAR_CLIENT_ID={stack.client.client_id}")
+        if _usable(cognito_url) != cognito_url:
+            print(
+                f"(listening on every interface of this host, {args.host}: other machines and containers use its name)"
+            )
         print(
             "(the client secret and refresh token are EMULATOR_CLIENT_SECRET and EMULATOR_REFRESH_TOKEN, or their "
             "_FILE variants; random ones, never shown, when unset)"

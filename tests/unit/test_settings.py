@@ -232,3 +232,17 @@ def test_access_log_and_logger_levels_parse_from_the_environment_and_toml(tmp_pa
 def test_bad_log_settings_say_what_to_write(name: str, value: str, problem: str):
     with pytest.raises(ConfigError, match=f"{name}: .*{problem}"):
         load_settings({**BASE, name: value})
+
+
+@pytest.mark.parametrize(
+    ("bound", "usable"),
+    [
+        ("http://0.0.0.0:9000", "http://127.0.0.1:9000"),
+        ("http://[::]:9000", "http://[::1]:9000"),
+        ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+    ],
+)
+def test_the_emulator_prints_urls_this_machine_can_call(bound: str, usable: str):
+    from proxy.commands.demo import _usable
+
+    assert _usable(bound) == usable
