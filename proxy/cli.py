@@ -46,19 +46,37 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     for flag, variable, example in SERVE_FLAGS:
         serve.add_argument(flag, default=None, metavar=example, help=f"overrides {variable}")
     commands.add_parser("healthcheck", help="exit 0 when the running sidecar is ready (for container healthchecks)")
-    demo = commands.add_parser("demo", help="run the local emulator and the sidecar, and show one request end to end")
+    demo = commands.add_parser(
+        "demo",
+        help="run the local emulator and the sidecar, and show one request end to end",
+        description="Start the built-in Cognito and API Gateway emulator and a sidecar in front of it, on loopback, "
+        "send one request through and show what API Gateway's stand-in received (never the token); then keep "
+        "serving for curl until Ctrl-C. Needs no AWS account and no settings.",
+    )
     demo.add_argument("--listen", default=None, help="sidecar address (default: SIDECAR_LISTEN or 127.0.0.1:8080)")
-    emu = commands.add_parser("emulator", help="run the local Cognito and API Gateway emulator (dev stacks)")
-    emu.add_argument("--host", default="127.0.0.1")
-    emu.add_argument("--cognito-port", type=int, default=9000)
-    emu.add_argument("--api-port", type=int, default=9001)
-    emu.add_argument("--client-id", default="emulator-client")
+    emu = commands.add_parser(
+        "emulator",
+        help="run the local Cognito and API Gateway emulator (dev stacks)",
+        description="Run the emulated Cognito token endpoint and API Gateway stage, for compose dev stacks and "
+        "tests. It prints the SIDECAR_TOKEN_URL, SIDECAR_UPSTREAM_URL and SIDECAR_CLIENT_ID a sidecar needs. The "
+        "client secret and refresh token are EMULATOR_CLIENT_SECRET and EMULATOR_REFRESH_TOKEN (or their _FILE "
+        "variants); random ones, never shown, when unset.",
+    )
+    emu.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    emu.add_argument("--cognito-port", type=int, default=9000, help="the token endpoint's port (default 9000)")
+    emu.add_argument("--api-port", type=int, default=9001, help="API Gateway's port (default 9001)")
+    emu.add_argument("--client-id", default="emulator-client", help="the app client id (default emulator-client)")
     emu.add_argument("--token-lifetime", type=int, default=3600, help="id/access token lifetime in seconds")
-    emu.add_argument("--stage", default="prod")
+    emu.add_argument("--stage", default="prod", help="API Gateway's stage (default prod)")
     emu.add_argument("--rotate", action="store_true", help="rotate refresh tokens on every refresh")
     emu.add_argument("--grace-period", type=float, default=0.0, help="seconds a rotated-out refresh token still works")
     login = commands.add_parser(
-        "login", help="sign in once (authorization code + PKCE) and save the refresh token the sidecar needs"
+        "login",
+        help="sign in once (authorization code + PKCE) and save the refresh token the sidecar needs",
+        description="Sign in once in a browser at Cognito's hosted UI (authorization code with PKCE) and save the "
+        "refresh token to SIDECAR_REFRESH_TOKEN_FILE (or --out), mode 0600. Uses SIDECAR_COGNITO_DOMAIN (or "
+        "SIDECAR_TOKEN_URL), SIDECAR_CLIENT_ID and SIDECAR_CLIENT_SECRET(_FILE); the redirect URI must be listed "
+        "on the app client byte for byte.",
     )
     login.add_argument("--redirect-uri", default=DEFAULT_REDIRECT_URI, help=f"default {DEFAULT_REDIRECT_URI}")
     login.add_argument("--scope", default=DEFAULT_SCOPE, help=f"space-separated (default {DEFAULT_SCOPE!r})")
@@ -71,7 +89,14 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     login.add_argument("--print", action="store_true", dest="print_token", help="print the refresh token to stdout")
     login.add_argument("--timeout", type=float, default=DEFAULT_LOGIN_TIMEOUT, help="seconds to wait for the sign-in")
     login.add_argument("--no-browser", action="store_true", help="only print the URL to open")
-    token = commands.add_parser("token", help='print a currently valid token (for curl -H "Authorization: $(...)")')
+    token = commands.add_parser(
+        "token",
+        help='print a currently valid token (for curl -H "Authorization: $(...)")',
+        description="Print a currently valid token, and nothing else, on stdout: through the token store when "
+        "SIDECAR_TOKEN_STORE names the fleet's, else with one token request. Uses the same SIDECAR_* settings as "
+        "serve (SIDECAR_UPSTREAM_URL is not needed). Exits 1 with the token endpoint's answer explained if none "
+        "could be had, 2 on configuration problems.",
+    )
     token.add_argument("--type", choices=("id", "access"), default=None, help="default: SIDECAR_TOKEN")
     config = commands.add_parser(
         "config",
@@ -81,7 +106,14 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         "default. Secrets are shown as [set] or [file: path], never their values. Exits 2 on configuration problems.",
     )
     config.add_argument("--json", action="store_true", help="as JSON, the same report /-/config serves")
-    check = commands.add_parser("check", help="check the configuration, the token endpoint and the token")
+    check = commands.add_parser(
+        "check",
+        help="check the configuration, the token endpoint and the token",
+        description="Check the SIDECAR_* settings, the egress proxy and TLS files, that the token endpoint's host "
+        "resolves and answers, and that a real refresh works (showing the token's claims, never the token); with "
+        "--path, send one GET upstream and explain a 401 or 403. Prints PASS, WARN and FAIL lines; exits 0 when "
+        "nothing failed, 1 when a check failed, 2 on configuration problems.",
+    )
     check.add_argument("--path", default=None, help="also send one GET to this path upstream and explain the answer")
     return parser
 
