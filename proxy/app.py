@@ -24,6 +24,7 @@ from proxy.reserved import reserved_routes
 from proxy.server.peers import WorkerPeers
 from proxy.settings import Settings
 from proxy.sidecar import Sidecar, build_sidecar
+from proxy.status import PAGE_PATHS
 from proxy.tokens.schedule import RefreshPolicy
 from proxy.types import Message, Receive, Scope, Send
 from proxy.watch import SECRET_POLL_INTERVAL
@@ -68,6 +69,7 @@ class SidecarApp:
         self.metrics_allow_from = sidecar.settings.metrics_allow_from
         self.limits = sidecar.limits  # logs refusals (at most one line per code per 10 s); its errors are the app's
         self.request_metrics = sidecar.requests
+        self.recent = sidecar.recent
         self.tracing = sidecar.tracing
         self.reserved = reserved_routes(sidecar, self.clock, self._lifespan)
 
@@ -129,6 +131,7 @@ class SidecarApp:
             if record.error and record.error not in NOT_ANSWERED:
                 self.limits.errors[record.error] += 1
             self.request_metrics.observe(record, scope["method"], seconds)
+            self.recent.note(scope, record, seconds)
             if self.access_log is not None:
                 self.access_log.record(scope, record, seconds)
 
@@ -149,7 +152,7 @@ class SidecarApp:
             record.bytes_out = await send_error(send, refusal, request_id=record.request_id)
             return
         path: str = scope["path"]
-        if path.startswith("/-/"):
+        if path.startswith("/-/") and path not in PAGE_PATHS and path != "/-/config":
             await self._own_route(scope, receive, send, record)
             return
         record.status = 404  # like the /-/ routes' own 404: a report, not counted in sidecar_errors_total

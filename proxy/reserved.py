@@ -1,19 +1,25 @@
 """The reserved ``/-/`` routes, a small Starlette app: ``/-/healthz``, ``/-/readyz`` (from state alone, never
-waiting on the network: probes have short timeouts) and ``/-/metrics``. Their answers are reports, not errors."""
+waiting on the network: probes have short timeouts), ``/-/metrics``, ``/-/config`` and the status page (``/-/``,
+``proxy.status``). Their answers are reports, not errors."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import __version__
 from proxy.clock import Clock
 from proxy.errors import error_body
 from proxy.metrics import merge, render, snapshot
 from proxy.request import CURRENT_REQUEST_ID
 from proxy.settings.effective import effective
 from proxy.sidecar import Sidecar
+from proxy.status import CSP, PAGE, SCRIPT, SHOWN_CLAIMS, STYLE
 from proxy.types import Lifespan
 
 # What a caller that may not see details is told instead of them.
@@ -69,8 +75,40 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
             )
         return JSONResponse(effective(sidecar.settings), headers={"cache-control": "no-store"})
 
+    def refuse_stranger(request: Request) -> Response | None:
+        # The routes, files, hosts and recent requests are not a stranger's business; secrets are never shown.
+        if sidecar.guard.trusted(request.scope):
+            return None
+        return _error(
+            403,
+            "client_not_allowed",
+            f"{request.url.path} is shown to callers on this machine or with the caller token (X-Sidecar-Caller)",
+        )
+
+    async def page(request: Request) -> Response:
+        refused = refuse_stranger(request)
+        asset = {
+            "/-/": (PAGE, "text/html; charset=utf-8"),
+            "/-/status.js": (SCRIPT, "text/javascript; charset=utf-8"),
+            "/-/status.css": (STYLE, "text/css; charset=utf-8"),
+        }[request.url.path]
+        return refused or Response(
+            asset[0],
+            media_type=asset[1],
+            headers={
+                "content-security-policy": CSP,
+                "x-content-type-options": "nosniff",
+                "referrer-policy": "no-referrer",
+                "cache-control": "no-store",
+            },
+        )
+
+    async def status(request: Request) -> Response:
+        refused = refuse_stranger(request)
+        return refused or JSONResponse(status_report(sidecar, clock), headers={"cache-control": "no-store"})
+
     async def not_found(request: Request) -> Response:
-        reserved = "/-/healthz, /-/readyz, /-/metrics, /-/config"
+        reserved = "/-/ (the status page), /-/healthz, /-/readyz, /-/metrics, /-/config"
         return _error(404, "not_found", f"{request.url.path} is not a sidecar route (reserved: {reserved})")
 
     return Starlette(
@@ -79,11 +117,67 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
             Route("/-/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/-/metrics", metrics, methods=["GET"]),
             Route("/-/config", config, methods=["GET"]),
+            Route("/-/", page, methods=["GET"]),
+            Route("/-/status.js", page, methods=["GET"]),
+            Route("/-/status.css", page, methods=["GET"]),
+            Route("/-/status.json", status, methods=["GET"]),
             Route("/-/{rest:path}", not_found),
             Route("/-", not_found),
         ],
         lifespan=lifespan,
     )
+
+
+def status_report(sidecar: Sidecar, clock: Clock) -> dict[str, Any]:
+    """What the status page shows (``proxy.status``): each route and its credential, the token in hand's claims
+    (never the token), the last refresh, the store, and the last requests."""
+    now = clock.monotonic()
+    routes = []
+    ready = True
+    for route in sidecar.settings.effective_routes():
+        provider = sidecar.credentials.get(route.credential_key())
+        if provider is None:
+            continue
+        state, reason = provider.state()
+        ready = ready and state == "ready"
+        tokens = provider.usable()
+        claims: dict[str, Any] = {}
+        if tokens is not None:
+            held = tokens[route.token].claims
+            claims = {name: held[name] for name in SHOWN_CLAIMS if name in held}
+            if isinstance(claims.get("exp"), int | float):
+                claims["exp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims["exp"]))
+        failure = provider.last_error
+        shared = provider.shared
+        routes.append(
+            {
+                "prefix": route.prefix,
+                "upstream": route.upstream_url,
+                "token": route.token,
+                "header": route.header,
+                "credential": {
+                    "state": state,
+                    "detail": reason if state != "ready" else (str(failure) if failure else ""),
+                    "grant": route.grant,
+                    "client_id": route.client_id,
+                    "token_url": route.token_url,
+                    "expires_in": tokens.expires_at - now if tokens else None,
+                    "next_refresh_in": max(0.0, provider.schedule.background_at - now) if tokens else None,
+                    "last_outcome": f"failed: {failure.code}" if failure else ("success" if tokens else "none yet"),
+                    "claims": claims,
+                    "store": f"{shared.store.name}{' (out of reach)' if shared.problem else ''}"
+                    if shared
+                    else "memory (this process only)",
+                },
+            }
+        )
+    return {
+        "version": __version__,
+        "ready": ready and not sidecar.draining,
+        "warnings": sidecar.warnings(),
+        "routes": routes,
+        "requests": sidecar.recent.rows(),
+    }
 
 
 def _error(status: int, code: str, detail: str, *, warning: str = "") -> Response:

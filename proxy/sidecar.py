@@ -28,6 +28,7 @@ from proxy.secrets import Secret, secret_file_warnings, secret_files
 from proxy.server.limits import ConnectionLimits
 from proxy.server.peers import WorkerPeers
 from proxy.settings import RouteSettings, Settings
+from proxy.status import RecentRequests
 from proxy.store.base import Store
 from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
 from proxy.tokens.provider import TokenProvider, TokenView
@@ -85,6 +86,8 @@ class Sidecar:
     # How the providers were made, for those a reload adds (tests pass a policy).
     policy: RefreshPolicy | None = None
     private_store: bool = False
+    # The last requests, for the status page (kept across a reload).
+    recent: RecentRequests = field(default_factory=RecentRequests)
     # OpenTelemetry (None: SIDECAR_TRACING off, the SDK not even imported).
     tracing: Tracing | None = None
     # Called when a watched file changed: re-read the secrets, or (with a Reloader) every setting.
@@ -375,6 +378,7 @@ def build_sidecar(
         policy=policy,
         private_store=private_store,
         requests=reuse.requests if reuse is not None else RequestMetrics(),
+        recent=reuse.recent if reuse is not None else RecentRequests(),
     )
 
 

@@ -81,6 +81,7 @@ async def demo(listen: str) -> int:
             print("Try it yourself while this runs (Ctrl-C stops it):")
             print(f"  curl -s '{sidecar_url}/hello?name=you'")
             print(f"  curl -s {sidecar_url}/-/readyz")
+            print(f"  or open {sidecar_url}/-/ in a browser: the status page")
             sys.stdout.flush()
             await stop.wait()
     print("demo stopped")
