@@ -1,7 +1,8 @@
 # cognito-sidecar: a container beside a legacy service; see docs/deployment.md.
 #   docker build -t cognito-sidecar .
 # Stage 1 installs the locked dependencies (hashes checked) and the package into a virtual environment and
-# strips it; stage 2 is the base image plus that environment, nothing else.
+# strips it; stage 2 is the base image plus that environment, nothing else. The bytecode is compiled with hashes,
+# not timestamps, so that it is the same in every build.
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
@@ -28,13 +29,20 @@ RUN /opt/sidecar/bin/pip install --no-deps /tmp/src \
       rm -r "/opt/sidecar/lib/python3.11/site-packages/redis/commands/$module"; done \
  && for package in api cloud gapic logging longrunning rpc type; do \
       rm -r "/opt/sidecar/lib/python3.11/site-packages/google/$package"; done \
- && python3 -m compileall -q -j 0 /opt/sidecar/lib
+ && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/sidecar/lib
 
 FROM python:3.11-slim
+# VERSION is proxy.__version__ (tests/unit/test_release.py checks that they agree); the release workflow passes
+# the commit as REVISION and its time as CREATED, and builds with SOURCE_DATE_EPOCH set to that time, which makes
+# the layers' timestamps that time (BuildKit's rewrite-timestamp): the same inputs give the same image digest.
 ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
 LABEL org.opencontainers.image.title="cognito-sidecar" \
       org.opencontainers.image.description="Adds an Amazon Cognito token to every request a legacy service sends to API Gateway" \
       org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/cognito-sidecar/cognito-sidecar"
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar

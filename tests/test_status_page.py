@@ -15,7 +15,7 @@ import pytest
 from proxy.status import PAGE
 from tests.conftest import Stack, assert_hidden, run_sidecar
 
-BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="chromium is missing (scripts/check installs Debian's)")
 
 
