@@ -45,7 +45,10 @@ LABEL org.opencontainers.image.title="cognito-sidecar" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/cognito-sidecar/cognito-sidecar"
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+# /credentials: where the compose dev stack's emulator hands its made-up credentials to the sidecar (a volume
+# mounted there starts as this directory: the sidecar's own, 0700).
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar \
+ && install -d -m 0700 -o 10001 -g 10001 /credentials
 COPY --from=build /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     # Inside a container the sidecar listens on all interfaces to be reachable from its neighbours; callers

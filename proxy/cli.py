@@ -70,6 +70,13 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     emu.add_argument("--stage", default="prod", help="API Gateway's stage (default prod)")
     emu.add_argument("--rotate", action="store_true", help="rotate refresh tokens on every refresh")
     emu.add_argument("--grace-period", type=float, default=0.0, help="seconds a rotated-out refresh token still works")
+    emu.add_argument(
+        "--write-credentials",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write client_secret and refresh_token (0600) into DIR, for a sidecar of the same dev stack to read",
+    )
     login = commands.add_parser(
         "login",
         help="sign in once (authorization code + PKCE) and save the refresh token the sidecar needs",

@@ -194,3 +194,49 @@ async def test_demo_shows_the_whole_path():
     assert "token_use: id" in text
     assert "aud: demo-client" in text
     assert "eyJ" not in text  # no JWT is ever printed
+
+
+@pytest.mark.slow
+async def test_the_emulator_hands_its_credentials_to_a_sidecar_through_files_that_start_it_clean(tmp_path: Path):
+    """The compose dev stack's way: no secret file in the repository, no warning at start."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    emulator = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "emulator",
+        "--cognito-port",
+        "0",
+        "--api-port",
+        "0",
+        "--write-credentials",
+        str(credentials),
+        env=cli_env(),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert emulator.stdout is not None
+    try:
+        said = {}
+        for _ in range(3):  # SIDECAR_TOKEN_URL=..., SIDECAR_UPSTREAM_URL=..., SIDECAR_CLIENT_ID=...
+            name, _, value = (await asyncio.wait_for(emulator.stdout.readline(), 30)).decode().strip().partition("=")
+            said[name] = value
+        files = {path.name: stat.S_IMODE(path.stat().st_mode) for path in credentials.iterdir()}
+        assert files == {"client_secret": 0o600, "refresh_token": 0o600}
+        env = cli_env(
+            **said,
+            SIDECAR_CLIENT_SECRET_FILE=str(credentials / "client_secret"),
+            SIDECAR_REFRESH_TOKEN_FILE=str(credentials / "refresh_token"),
+            SIDECAR_LISTEN="127.0.0.1:0",
+            SIDECAR_SHUTDOWN_DELAY="0",
+        )
+        async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+            assert (await client.get(f"{sidecar.url}/hello")).status_code == 200
+            ready = (await client.get(f"{sidecar.url}/-/readyz")).json()
+            code, text = await sidecar.stop()
+        assert code == 0 and "warning" not in ready
+        assert " WARNING " not in text and " ERROR " not in text
+        assert_hidden(text, (credentials / "refresh_token").read_text().strip())
+    finally:
+        emulator.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(emulator.wait(), 30)

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import httpx2
 from pydantic import SecretStr
@@ -17,7 +18,7 @@ from proxy.app import create_app
 from proxy.commands.check import format_epoch
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import EXIT_FAILURE, SidecarError
-from proxy.secrets import read_secret_file
+from proxy.secrets import read_secret_file, write_secret_file
 from proxy.server.serving import running
 from proxy.settings import Settings
 
@@ -100,6 +101,20 @@ def _emulator_secret(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _hand_over(client_secret: str | None, refresh_token: str, directory: Path) -> None:
+    """Write the emulator's credentials where a sidecar of the same dev stack reads them (``client_secret`` and
+    ``refresh_token``, 0600, atomically): the stack then needs no secret files in the repository."""
+    try:
+        if client_secret:
+            write_secret_file(directory / "client_secret", client_secret)
+        write_secret_file(directory / "refresh_token", refresh_token)
+    except OSError as exc:
+        raise SidecarError(
+            f"--write-credentials: cannot write to {directory} ({exc.strerror}); give the emulator a writable "
+            "directory of its own (a volume both containers mount)"
+        ) from None
+
+
 def _usable(url: str) -> str:
     """``url`` as this machine can call it: a wildcard listening address is no address to send requests to."""
     return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
@@ -116,6 +131,8 @@ async def emulator(args: argparse.Namespace) -> int:
         rotate_refresh_tokens=args.rotate,
         grace_period=args.grace_period,
     )
+    if args.write_credentials is not None:
+        _hand_over(stack.client.secret, stack.refresh_token, args.write_credentials)
     async with (
         running(stack.cognito.app, host=args.host, port=args.cognito_port) as cognito_url,
         running(stack.apigw, host=args.host, port=args.api_port) as api_url,
