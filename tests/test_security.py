@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -199,7 +200,7 @@ async def test_a_head_over_the_limit_gets_431_where_its_read_cannot_be_followed_
     stack: Stack, sidecar: RunningSidecar
 ):
     """After a chunked body in the same read, the parser's own report of the head is what is measured. The POST's
-    answer may be under way, so the refusal closes the connection rather than write a 431 into it."""
+    answer is under way when the GET's head is refused: the 431 follows it, and nothing is lost."""
     refused = sidecar.parts.limits.errors["headers_too_large"]
     chunked = b"POST /x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
     big = b"GET /x HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-P%d: %s\r\n" % (i, b"v" * 6000) for i in range(3))
@@ -209,7 +210,17 @@ async def test_a_head_over_the_limit_gets_431_where_its_read_cannot_be_followed_
     answers = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     assert sidecar.parts.limits.errors["headers_too_large"] == refused + 1
-    assert answers.count(b"HTTP/1.1 200 ") <= 1  # the POST's at most; never the big GET's
+    assert answers.startswith(b"HTTP/1.1 200 ")  # the POST's answer, whole
+    assert answers.count(b"HTTP/1.1 200 ") == 1 and b"HTTP/1.1 431 " in answers  # then the refusal, last
+    assert answers.index(b"HTTP/1.1 431 ") > answers.index(b"HTTP/1.1 200 ")
+    # Two requests queued ahead of the refused head: both are answered, in order, and then the refusal.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    queued = b"".join(b"GET /q/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % i for i in range(2))
+    writer.write(queued + big.replace(b"GET /x", b"GET /q/big") + b"\r\n")
+    answers = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)  # each answer's status line (bodies hold none)
+    assert statuses == [b"200", b"200", b"431"]
 
 
 @pytest.mark.parametrize("length", [b"5 ", b"5\t"])

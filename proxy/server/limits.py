@@ -187,6 +187,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._lingering = False
         self._discarding = False  # too many requests sent ahead: the rest of the connection is dropped
         self._meter = HeadMeter()
+        self._refusal_after: Refusal | None = None  # answered once the response under way is complete
         self._served = False  # a request head has arrived on this connection
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0
@@ -320,6 +321,14 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         super().on_response_complete()
         self._in_head = True
         self._head_bytes = 0
+        refusal = self._refusal_after
+        if refusal is not None:
+            if self.pipeline or not self.cycle or not self.cycle.response_complete:
+                self.flow.pause_reading()  # a queued request is answered first; still nothing more is read
+            elif not self.transport.is_closing():
+                self._refusal_after = None
+                self._cancel_keep_alive()
+                self._answer_refusal(refusal)
 
     # Helpers
     def _reported_head(self) -> int:
@@ -345,6 +354,11 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         else:
             self.transport.close()  # a connection that sent nothing at all: closed without a word
 
+    def _cancel_keep_alive(self) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -353,10 +367,21 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def _refuse(self, refusal: Refusal) -> None:
         self._cancel_head_timer()
         self.limits.refused(refusal.code, refusal.detail)
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A response is under way on this connection: the refusal cannot be told apart from it.
-            self.transport.close()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.more_body:
+                # A request whose body is still coming is under way: its answer cannot be told apart from the
+                # refusal, nor can the request be finished (the refusal is about its own bytes).
+                self.transport.close()
+                return
+            # Whole requests are under way (the refusal concerns the one after them): the refusal follows their
+            # answers, so that none is lost; nothing more is read meanwhile.
+            self._refusal_after = refusal
+            self.flow.pause_reading()
             return
+        self._answer_refusal(refusal)
+
+    def _answer_refusal(self, refusal: Refusal) -> None:
         self.transport.write(refusal_bytes(refusal))
         transport = self.transport
         if transport.can_write_eof():
