@@ -81,8 +81,9 @@ class Tracing:
 
     # A request --------------------------------------------------------------------------------------------------
 
-    def start_request(self, scope: Scope) -> tuple[Span, Token[Context]]:
-        """The server span of the request in ``scope``, made current; hand the pair to ``end_request``."""
+    def start_request(self, scope: Scope) -> tuple[Span, Token[Context]] | None:
+        """The server span of the request in ``scope``, made current; hand the pair to ``end_request``. None when
+        the sampler leaves the request out: then nothing else is traced for it."""
         headers = scope["headers"]
         carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers if name in _TRACE_HEADERS}
         parent = self._propagator.extract(carrier) if carrier else None
@@ -91,6 +92,8 @@ class Tracing:
         if client:
             attributes["client.address"] = client[0]
         span = self.tracer.start_span(scope["method"], context=parent, kind=self._kind.SERVER, attributes=attributes)
+        if not span.is_recording():
+            return None  # sampled out: no child span, no context to carry; the caller's traceparent passes as it came
         token = self._context.attach(self._trace.set_span_in_context(span))
         return span, token
 
@@ -113,9 +116,11 @@ class Tracing:
 
     # An upstream call -------------------------------------------------------------------------------------------
 
-    def start_upstream(self, method: str, url: str, headers: list[tuple[str, str]]) -> Span:
+    def start_upstream(self, method: str, url: str, headers: list[tuple[str, str]]) -> Span | None:
         """The client span of one upstream call, child of the current request's; replaces any ``traceparent`` and
-        ``tracestate`` in ``headers`` with its own."""
+        ``tracestate`` in ``headers`` with its own. None, and the headers untouched, outside a recorded request."""
+        if not self._trace.get_current_span().is_recording():
+            return None
         span = self.tracer.start_span(
             method,
             kind=self._kind.CLIENT,

@@ -156,3 +156,20 @@ async def test_sidecar_tracing_0_keeps_tracing_off_whatever_the_otel_variables_s
         code, said = await sidecar.stop()
     assert code == 0 and "tracing on" not in said and found.spans == []
     assert dict(answer.json()["headers"])["traceparent"] == caller["traceparent"]  # passed through untouched
+
+
+async def test_a_request_the_sampler_leaves_out_passes_the_callers_traceparent_as_it_came(
+    stack: Stack, receiver: tuple[Receiver, str]
+):
+    found, url = receiver
+    env = stack_env(stack, SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token, SIDECAR_LOG_FORMAT="json")
+    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_TRACES_SAMPLER": "always_off"}
+    async with sidecar_process(env) as sidecar, httpx2.AsyncClient(trust_env=False, timeout=30) as client:
+        caller = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+        answer = await client.get(f"{sidecar.url}/orders/7", headers=caller)
+        code, said = await sidecar.stop()
+    assert code == 0 and "tracing on" in said
+    assert [span.name for span in found.spans if span.name != "cognito token refresh"] == []  # nothing recorded
+    assert dict(answer.json()["headers"])["traceparent"] == caller["traceparent"]
+    access = [json.loads(line) for line in said.splitlines() if line.startswith('{"time"') and '"access"' in line]
+    assert access and all("trace_id" not in line for line in access)
