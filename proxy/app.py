@@ -90,7 +90,8 @@ class SidecarApp:
         record = RequestRecord(request_id_of(scope["headers"]))
         CURRENT_REQUEST_ID.set(record.request_id)  # this request's task only: uvicorn runs each in its own
         tracing = self.tracing
-        span = tracing.start_request(scope) if tracing is not None else None
+        # Traced: what is forwarded or refused, not the sidecar's own /-/ routes (probes and scrapes every few s).
+        span = tracing.start_request(scope) if tracing is not None and not scope["path"].startswith("/-/") else None
         try:
             if self.metrics_port is not None and (scope.get("server") or ("", None))[1] == self.metrics_port:
                 await self._metrics_listener(scope, receive, send, record)

@@ -109,6 +109,7 @@ async def test_a_request_is_traced_from_the_callers_span_to_the_upstream_and_the
         code, said = await sidecar.stop()  # the last spans go out at stop
     assert code == 0 and first.status_code == 200 and fresh.status_code == 200
     assert found.services == {"cognito-sidecar"}
+    assert [s.name for s in found.spans if str(s.attributes.get("url.path", "")).startswith("/-/")] == []  # no probes
     [server] = [span for span in found.named("GET /") if span.trace_id == CALLER_TRACE]
     assert (server.kind, server.parent) == (SERVER, CALLER_SPAN)  # the caller's trace, continued
     assert server.attributes["http.response.status_code"] == 200
