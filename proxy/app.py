@@ -20,11 +20,10 @@ from proxy.forward import send_error
 from proxy.listen import in_networks
 from proxy.paths import is_plain, pick_route
 from proxy.request import CURRENT_REQUEST_ID, OWN_ROUTE, REQUEST_ID_HEADER, RequestRecord, request_id_of
-from proxy.reserved import reserved_routes
+from proxy.reserved import TRUSTED_ROUTES, reserved_routes
 from proxy.server.peers import WorkerPeers
 from proxy.settings import Settings
 from proxy.sidecar import Sidecar, build_sidecar
-from proxy.status import PAGE_PATHS
 from proxy.tokens.schedule import RefreshPolicy
 from proxy.types import Message, Receive, Scope, Send
 from proxy.watch import SECRET_POLL_INTERVAL
@@ -153,7 +152,7 @@ class SidecarApp:
             record.bytes_out = await send_error(send, refusal, request_id=record.request_id)
             return
         path: str = scope["path"]
-        if path.startswith("/-/") and path not in PAGE_PATHS and path != "/-/config":
+        if path.startswith("/-/") and path not in TRUSTED_ROUTES:
             await self._own_route(scope, receive, send, record)
             return
         record.status = 404  # like the /-/ routes' own 404: a report, not counted in sidecar_errors_total

@@ -19,9 +19,12 @@ from proxy.metrics import merge, render, snapshot
 from proxy.request import CURRENT_REQUEST_ID
 from proxy.settings.effective import effective
 from proxy.sidecar import Sidecar
-from proxy.status import CSP, PAGE, SCRIPT, SHOWN_CLAIMS, STYLE
+from proxy.status import CSP, PAGE, PAGE_PATHS, SCRIPT, SHOWN_CLAIMS, STYLE
 from proxy.types import Lifespan
 
+# The /-/ routes for trusted callers only (they show routes, files, hosts, requests): never on the metrics
+# listener, whose callers are scrapers on the network.
+TRUSTED_ROUTES = PAGE_PATHS | {"/-/config"}
 # What a caller that may not see details is told instead of them.
 UNTRUSTED_DETAIL = "details for callers on this machine or with the caller token, and in the sidecar's log"
 
@@ -65,16 +68,6 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
         body, content_type = render(registry, request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
 
-    async def config(request: Request) -> Response:
-        # The routes, files and hosts the sidecar uses are not a stranger's business; secrets show as [set].
-        if not sidecar.guard.trusted(request.scope):
-            return _error(
-                403,
-                "client_not_allowed",
-                "the settings are shown to callers on this machine or with the caller token (X-Sidecar-Caller)",
-            )
-        return JSONResponse(effective(sidecar.settings), headers={"cache-control": "no-store"})
-
     def refuse_stranger(request: Request) -> Response | None:
         # The routes, files, hosts and recent requests are not a stranger's business; secrets are never shown.
         if sidecar.guard.trusted(request.scope):
@@ -102,6 +95,10 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
                 "cache-control": "no-store",
             },
         )
+
+    async def config(request: Request) -> Response:
+        refused = refuse_stranger(request)  # secrets show as [set] in any case
+        return refused or JSONResponse(effective(sidecar.settings), headers={"cache-control": "no-store"})
 
     async def status(request: Request) -> Response:
         refused = refuse_stranger(request)
@@ -189,4 +186,4 @@ def _error(status: int, code: str, detail: str, *, warning: str = "") -> Respons
     )
 
 
-__all__ = ["reserved_routes"]
+__all__ = ["TRUSTED_ROUTES", "reserved_routes"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import httpx2
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.egress.route import unresolved
 from proxy.egress.tls import TOP_LEVEL_NAMES, TlsContext, TlsFiles
 from proxy.errors import ConfigError
 from proxy.forward import Forwarder
@@ -62,7 +62,9 @@ class Sidecar:
 
     settings: Settings
     http: httpx2.AsyncClient
-    providers: list[TokenProvider]
+    # Each credential's provider, by RouteSettings.credential_key() (the catch-all route's first): a reload keeps
+    # those it still has.
+    credentials: dict[tuple[str, ...], TokenProvider]
     routes: list[UpstreamRoute]  # longest prefix first
     guard: CallerGuard = field(default_factory=CallerGuard)
     # Secret files other users could read or replace (proxy.secrets.exposure): logged, shown by readyz.
@@ -81,8 +83,6 @@ class Sidecar:
     # The other workers of this sidecar (SIDECAR_WORKERS), whose counts a scrape adds to its own.
     peers: WorkerPeers | None = None
     clock: Clock = SYSTEM_CLOCK
-    # Each credential's provider, by RouteSettings.credential_key(): a reload keeps those it still has.
-    credentials: dict[tuple[str, ...], TokenProvider] = field(default_factory=dict)
     # How the providers were made, for those a reload adds (tests pass a policy).
     policy: RefreshPolicy | None = None
     private_store: bool = False
@@ -92,6 +92,7 @@ class Sidecar:
     tracing: Tracing | None = None
     # Called when a watched file changed: re-read the secrets, or (with a Reloader) every setting.
     on_files_changed: Callable[[], object] | None = None
+    providers: list[TokenProvider] = field(init=False)
     forwarders: list[Forwarder] = field(init=False)
     # A reload's predecessors' forwarders, closed once their requests have ended (or at stop).
     retiring: list[Forwarder] = field(default_factory=list, init=False)
@@ -262,6 +263,7 @@ class Sidecar:
         return self.limits.errors
 
     def __post_init__(self) -> None:
+        self.providers = list(self.credentials.values())
         self.forwarders = [route.forwarder for route in self.routes]
         self.registry = sidecar_registry(self, self.clock)
 
@@ -355,7 +357,7 @@ def build_sidecar(
     return Sidecar(
         settings,
         http,
-        list(providers.values()),
+        providers,
         upstream_routes,
         store=store,
         guard=guard,
@@ -373,7 +375,6 @@ def build_sidecar(
         watch_interval=watch_interval,
         peers=peers,
         clock=clock,
-        credentials=providers,
         tracing=tracing,
         policy=policy,
         private_store=private_store,
@@ -387,13 +388,9 @@ async def _look_up(urls: list[str], settings: Settings) -> None:
     for url in urls:
         if settings.egress.proxy_for(url) is not None:
             continue
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT):
-                await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
-        except (OSError, TimeoutError) as exc:
-            reason = f"no answer within {LOOKUP_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else str(exc)
+        reason = await unresolved(url, LOOKUP_TIMEOUT)
+        if reason is not None:
+            host = urlsplit(url).hostname or ""
             log.warning(
                 "the token endpoint's host %s does not resolve (%s): check SIDECAR_COGNITO_DOMAIN (or "
                 "SIDECAR_TOKEN_URL) and this machine's DNS; the sidecar keeps trying, and serves once it does",

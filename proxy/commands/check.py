@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx2
 
 from proxy.egress.failures import describe_failure
-from proxy.egress.route import EgressProxy, target_of
+from proxy.egress.route import EgressProxy, target_of, unresolved
 from proxy.egress.tls import EXPIRY_WARNING_DAYS, CertificateInfo, TlsContext
 from proxy.egress.transport import proxy_status, token_client
 from proxy.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, EgressError, TokenEndpointError, TokenError
@@ -243,11 +242,9 @@ async def _untrusted_finding(url: str, proxy: EgressProxy | None, limit: float, 
 
 async def _reachable(url: str) -> Finding:
     host = urlsplit(url).hostname or ""
-    port = urlsplit(url).port or (443 if url.startswith("https") else 80)
-    try:
-        await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        return Finding("FAIL", f"the token endpoint's host {host} does not resolve", str(exc))
+    reason = await unresolved(url)
+    if reason is not None:
+        return Finding("FAIL", f"the token endpoint's host {host} does not resolve", reason)
     return Finding("PASS", f"the token endpoint's host {host} resolves")
 
 

@@ -15,8 +15,10 @@ message: ``EgressProxy.display`` is the URL without them. Imports nothing from t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -53,6 +55,22 @@ class ProxyEnvironment:
         http, http_name = first(HTTP_PROXY_NAMES)
         no_proxy, _ = first(NO_PROXY_NAMES)
         return cls(https, http, no_proxy or "", https_name, http_name)
+
+
+async def unresolved(url: str, within: float | None = None) -> str | None:
+    """Why ``url``'s host does not resolve here (the resolver's words, or no answer ``within`` seconds); None when
+    it does."""
+    parts = urlsplit(url)
+    try:
+        async with asyncio.timeout(within):
+            await asyncio.get_running_loop().getaddrinfo(
+                parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+            )
+    except TimeoutError:
+        return f"no answer within {within:g} s"
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 self.flow.pause_reading()  # a queued request is answered first; still nothing more is read
             elif not self.transport.is_closing():
                 self._refusal_after = None
-                self._cancel_keep_alive()
+                self._unset_keepalive_if_required()  # uvicorn's: cancels the idle timer it just armed
                 self._answer_refusal(refusal)
 
     # Helpers
@@ -353,11 +353,6 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             self._refuse(Refusal(408, "request_timeout", f"the request head did not arrive within {limit:g} s"))
         else:
             self.transport.close()  # a connection that sent nothing at all: closed without a word
-
-    def _cancel_keep_alive(self) -> None:
-        if self.timeout_keep_alive_task is not None:
-            self.timeout_keep_alive_task.cancel()
-            self.timeout_keep_alive_task = None
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
