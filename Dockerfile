@@ -1,8 +1,10 @@
 # cognito-sidecar: a container beside a legacy service; see docs/deployment.md.
-#   docker build -t cognito-sidecar .
-# Stage 1 installs the locked dependencies (hashes checked) and the package into a virtual environment and
-# strips it; stage 2 is the base image plus that environment, nothing else. The bytecode is compiled with hashes,
-# not timestamps, so that it is the same in every build.
+#   docker build -t cognito-sidecar .                                        the sidecar (the default target)
+#   docker build --target emulator -t cognito-sidecar-emulator .             the same, plus the local emulator
+# The build stage installs the locked dependencies (hashes checked) and the package into a virtual environment and
+# strips it; each image is the base image plus that environment, nothing else. The bytecode is compiled with
+# hashes, not timestamps, so that it is the same in every build. The production image leaves out the emulator
+# (a stand-in Cognito that signs tokens for anyone): the compose dev stacks build the `emulator` target for it.
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
@@ -31,10 +33,15 @@ RUN /opt/sidecar/bin/pip install --no-deps /tmp/src \
       rm -r "/opt/sidecar/lib/python3.11/site-packages/google/$package"; done \
  && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/sidecar/lib
 
-FROM python:3.11-slim
+# The production tree: the emulator's package removed (`demo` and `emulator` then say how to get it).
+FROM build AS build-sidecar
+RUN rm -r /opt/sidecar/lib/python3.11/site-packages/proxy/emulator
+
+FROM python:3.11-slim AS runtime
 # VERSION is proxy.__version__ (tests/unit/test_release.py checks that they agree); the release workflow passes
 # the commit as REVISION and its time as CREATED, and builds with SOURCE_DATE_EPOCH set to that time, which makes
-# the layers' timestamps that time (BuildKit's rewrite-timestamp): the same inputs give the same image digest.
+# the layers' timestamps that time (BuildKit's rewrite-timestamp; podman build --timestamp): the same inputs give
+# the same image digest (scripts/container-check builds twice from nothing and compares).
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
@@ -49,7 +56,6 @@ LABEL org.opencontainers.image.title="cognito-sidecar" \
 # mounted there starts as this directory: the sidecar's own, 0700).
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar \
  && install -d -m 0700 -o 10001 -g 10001 /credentials
-COPY --from=build /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     # Inside a container the sidecar listens on all interfaces to be reachable from its neighbours; callers
     # must still come from SIDECAR_ALLOW_FROM (private ranges by default). See docs/security.md.
@@ -60,3 +66,13 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 CMD ["cognito-sidecar", "healthcheck"]
 ENTRYPOINT ["cognito-sidecar"]
 CMD ["serve"]
+
+# The compose dev stacks' Cognito and API Gateway: `emulator --host 0.0.0.0` (also `demo`, and `serve`).
+FROM runtime AS emulator
+LABEL org.opencontainers.image.title="cognito-sidecar-emulator" \
+      org.opencontainers.image.description="cognito-sidecar with its local Cognito and API Gateway emulator, for dev stacks only"
+COPY --from=build /opt/sidecar /opt/sidecar
+
+# The default target, last: the sidecar alone.
+FROM runtime AS sidecar
+COPY --from=build-sidecar /opt/sidecar /opt/sidecar

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from proxy import __version__
 from proxy.commands import DEFAULT_LOGIN_TIMEOUT, DEFAULT_REDIRECT_URI, DEFAULT_SCOPE
@@ -125,6 +126,25 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# What ``demo`` and ``emulator`` say where the emulator is not installed (the production image).
+NO_EMULATOR = (
+    "the emulator is not in this installation (the production image leaves it out: it signs tokens for anyone). "
+    "For a dev stack, build the image's emulator target (docker build --target emulator -t cognito-sidecar-emulator "
+    ".), as the compose files do; or run `cognito-sidecar demo` from a pip install (pip install cognito-sidecar)."
+)
+
+
+def _emulator_commands() -> ModuleType | None:
+    """``proxy.commands.demo``, or None where the emulator is not installed."""
+    try:
+        from proxy.commands import demo
+    except ModuleNotFoundError as exc:
+        if exc.name != "proxy.emulator":
+            raise
+        return None
+    return demo
+
+
 def _settings_help() -> str:
     from proxy.settings import settings_help
 
@@ -155,11 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             env.get("SIDECAR_LOG_LEVEL", "critical" if quiet else "warning"),
             "json" if env.get("SIDECAR_LOG_FORMAT", "").strip().lower() == "json" else "text",
         )
-        if args.command == "demo":
-            from proxy.commands.demo import demo
-
-            listen = args.listen or env.get("SIDECAR_LISTEN", "127.0.0.1:8080")
-            return uvloop.run(demo(listen))
+        if args.command in ("demo", "emulator"):
+            emulator = _emulator_commands()
+            if emulator is None:
+                print(f"cognito-sidecar: {NO_EMULATOR}", file=sys.stderr)
+                return EXIT_CONFIG
+            if args.command == "emulator":
+                return uvloop.run(emulator.emulator(args))
+            return uvloop.run(emulator.demo(args.listen or env.get("SIDECAR_LISTEN", "127.0.0.1:8080")))
         if args.command == "login":
             from proxy.commands import login
 
@@ -172,13 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy.commands import config
 
             return config.run(args, env)
-        if args.command == "check":
-            from proxy.commands import check
+        from proxy.commands import check
 
-            return uvloop.run(check.run(args, env))
-        from proxy.commands.demo import emulator
-
-        return uvloop.run(emulator(args))
+        return uvloop.run(check.run(args, env))
     except ConfigError as exc:
         print(f"cognito-sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG

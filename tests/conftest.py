@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import sysconfig
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -18,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
+import proxy
 from proxy.app import SidecarApp, create_app
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.forward import Forwarder
@@ -234,14 +238,45 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def run_cli(*args: str, env: dict[str, str], limit: float = 60) -> tuple[int, str, str]:
-    """Run ``python -m proxy ARGS`` to completion; exit status, stdout and stderr."""
+async def run_cli(
+    *args: str, env: dict[str, str], limit: float = 60, python: tuple[str, ...] = ()
+) -> tuple[int, str, str]:
+    """Run ``python [PYTHON] -m proxy ARGS`` to completion; exit status, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        *python,
+        "-m",
+        "proxy",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=limit)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+# Run the CLI in an installation made by installation_without: no .pth file (-S: the editable install's finder
+# would supply what is missing) and no working directory (-P: a checkout) on the path.
+PLAIN_PYTHON = ("-S", "-P")
+
+
+def installation_without(root: Path, *, packages: tuple[str, ...] = (), parts: tuple[str, ...] = ()) -> str:
+    """A PYTHONPATH for this project installed without some of it, as a user's installation or an image has it:
+    ``proxy`` copied without its subpackages ``parts``, and site-packages linked entry by entry without the
+    distributions ``packages`` (their modules and metadata). Run with ``python *PLAIN_PYTHON``."""
+    source = Path(proxy.__file__).parent
+    shutil.copytree(source, root / "src" / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    for part in parts:
+        shutil.rmtree(root / "src" / "proxy" / part)
+    site = Path(sysconfig.get_paths()["purelib"])
+    (root / "site").mkdir()
+    for entry in site.iterdir():
+        name = entry.name.split("-")[0].lower()
+        if name not in packages and entry.suffix != ".pth":
+            (root / "site" / entry.name).symlink_to(entry)
+    return os.pathsep.join([str(root / "src"), str(root / "site")])
 
 
 def stack_env(stack: Stack, **extra: str) -> dict[str, str]:

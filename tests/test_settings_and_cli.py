@@ -15,7 +15,18 @@ import pytest
 
 from proxy import __version__
 from proxy.settings import PATH_KEYS, Settings
-from tests.conftest import BASE, SECRET, Stack, assert_hidden, cli_env, run_cli, sidecar_process, stack_env
+from tests.conftest import (
+    BASE,
+    PLAIN_PYTHON,
+    SECRET,
+    Stack,
+    assert_hidden,
+    cli_env,
+    installation_without,
+    run_cli,
+    sidecar_process,
+    stack_env,
+)
 
 
 async def test_bad_configuration_exits_2_without_a_traceback():
@@ -162,6 +173,32 @@ async def test_serve_options_override_their_variables(stack: Stack, tmp_path: Pa
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.communicate(), 30)
+
+
+async def test_without_the_emulator_demo_and_emulator_say_how_to_get_it_and_check_still_runs(tmp_path: Path):
+    # The production image's tree: the package without proxy/emulator (the Dockerfile's build-sidecar stage).
+    env = cli_env(PYTHONPATH=installation_without(tmp_path, parts=("emulator",)))
+    for command in (["demo"], ["emulator", "--host", "127.0.0.1"]):
+        status, out, err = await run_cli(*command, env=env, python=PLAIN_PYTHON)
+        assert status == 2, err
+        assert "the emulator is not in this installation" in err and "--target emulator" in err
+        assert "Traceback" not in err and out == ""
+    status, out, err = await run_cli(
+        "check", env=env | {"SIDECAR_UPSTREAM_URL": "http://127.0.0.1:9/"}, python=PLAIN_PYTHON
+    )
+    assert status == 2 and "SIDECAR_COGNITO_DOMAIN" in out and "emulator" not in out + err  # settings, not imports
+
+
+async def test_a_redis_store_without_redis_py_is_a_configuration_error_that_names_the_extra(tmp_path: Path):
+    env = cli_env(PYTHONPATH=installation_without(tmp_path, packages=("redis",)))
+    settings = {"SIDECAR_UPSTREAM_URL": "http://127.0.0.1:9/", "SIDECAR_TOKEN_URL": "http://127.0.0.1:9/oauth2/token"}
+    settings |= {"SIDECAR_CLIENT_ID": "c", "SIDECAR_CLIENT_SECRET": "s", "SIDECAR_REFRESH_TOKEN": "r"}
+    settings |= {"SIDECAR_ALLOW_INSECURE": "1", "SIDECAR_LISTEN": "127.0.0.1:0"}
+    status, _, err = await run_cli(
+        "serve", env=env | settings | {"SIDECAR_TOKEN_STORE": "redis://127.0.0.1:9/0"}, python=PLAIN_PYTHON
+    )
+    assert status == 2, err
+    assert "SIDECAR_TOKEN_STORE" in err and "pip install 'cognito-sidecar[redis]'" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
