@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from functools import cached_property
@@ -283,6 +284,11 @@ class Settings(Credentialed):
                 RedisTarget.parse(value)
             except ValueError as exc:
                 raise ValueError(f"is not a valid Redis URL: {exc}") from None
+            if importlib.util.find_spec("redis") is None:
+                raise ValueError(
+                    "a Redis store needs redis-py, which this installation lacks: pip install 'cognito-sidecar[redis]' "
+                    "(the image includes it)"
+                )
             return value
         raise ValueError(
             "must be memory, file:/absolute/dir, redis://host:6379/0, redis+sentinel://sentinel:26379/service/0 or "
