@@ -252,7 +252,12 @@ async def run_cli(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=limit)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=limit)
+    finally:
+        if process.returncode is None:  # timed out (or cancelled): never leave it running, holding a port
+            process.kill()
+            await process.wait()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
