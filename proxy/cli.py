@@ -11,7 +11,6 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 
 from proxy import __version__
 from proxy.commands import DEFAULT_LOGIN_TIMEOUT, DEFAULT_REDIRECT_URI, DEFAULT_SCOPE
@@ -128,21 +127,10 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 # What ``demo`` and ``emulator`` say where the emulator is not installed (the production image).
 NO_EMULATOR = (
-    "the emulator is not in this installation (the production image leaves it out: it signs tokens for anyone). "
-    "For a dev stack, build the image's emulator target (docker build --target emulator -t cognito-sidecar-emulator "
-    ".), as the compose files do; or run `cognito-sidecar demo` from a pip install (pip install cognito-sidecar)."
+    "the emulator is not in this installation: the production image leaves it out (it signs tokens for anyone).\n"
+    "  For a dev stack: docker build --target emulator -t cognito-sidecar-emulator .  (the compose files build it)\n"
+    "  Outside a container: pip install cognito-sidecar, then cognito-sidecar demo"
 )
-
-
-def _emulator_commands() -> ModuleType | None:
-    """``proxy.commands.demo``, or None where the emulator is not installed."""
-    try:
-        from proxy.commands import demo
-    except ModuleNotFoundError as exc:
-        if exc.name != "proxy.emulator":
-            raise
-        return None
-    return demo
 
 
 def _settings_help() -> str:
@@ -176,8 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "json" if env.get("SIDECAR_LOG_FORMAT", "").strip().lower() == "json" else "text",
         )
         if args.command in ("demo", "emulator"):
-            emulator = _emulator_commands()
-            if emulator is None:
+            try:
+                from proxy.commands import demo as emulator
+            except ModuleNotFoundError as exc:
+                if exc.name != "proxy.emulator":
+                    raise
                 print(f"cognito-sidecar: {NO_EMULATOR}", file=sys.stderr)
                 return EXIT_CONFIG
             if args.command == "emulator":
