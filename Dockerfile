@@ -41,7 +41,7 @@ FROM python:3.11-slim AS runtime
 # VERSION is proxy.__version__ (tests/unit/test_release.py checks that they agree); the release workflow passes
 # the commit as REVISION and its time as CREATED, and builds with SOURCE_DATE_EPOCH set to that time, which makes
 # the layers' timestamps that time (BuildKit's rewrite-timestamp; podman build --timestamp): the same inputs give
-# the same image digest (scripts/container-check builds twice from nothing and compares).
+# the same image digest (scripts/container-check builds twice from nothing with podman and compares the layers).
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
