@@ -236,16 +236,19 @@ def token_upstream(work: Path, procs: list[subprocess.Popen[bytes]]) -> tuple[in
     return port, token
 
 
-def tree_env(tree: str, upstream: int, port: int) -> tuple[Path, dict[str, str]]:
+def tree_env(
+    tree: str, upstream: int, port: int, *, upstream_url: str | None = None, token_url: str | None = None
+) -> tuple[Path, dict[str, str]]:
     """For ``TREE[@NAME=VALUE...]``: the tree's directory, and the environment that runs its sidecar on ``port``
-    against ``upstream`` (``token_upstream``), with the settings appended to the tree applied."""
+    against ``upstream`` (``token_upstream``; or ``upstream_url`` and ``token_url``), with the settings appended to
+    the tree applied."""
     path, *settings = tree.split("@")
     cwd = Path(path).resolve()
     return cwd, {
         **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
         "PYTHONPATH": str(cwd),
-        "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{upstream}",
-        "SIDECAR_TOKEN_URL": f"http://127.0.0.1:{upstream}/oauth2/token",
+        "SIDECAR_UPSTREAM_URL": upstream_url or f"http://127.0.0.1:{upstream}",
+        "SIDECAR_TOKEN_URL": token_url or f"http://127.0.0.1:{upstream}/oauth2/token",
         "SIDECAR_CLIENT_ID": "bench",
         "SIDECAR_CLIENT_SECRET": "bench-secret",
         "SIDECAR_REFRESH_TOKEN": "bench-rt",

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import httpx2
 
-from bench import BARE, free_port, wait_port  # bench/bench.py, beside this script
+from bench import BARE, free_port, tree_env, wait_port  # bench/bench.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET, REFRESH, CLIENT = "bench-secret", "bench-rt", "bench"
+SECRET, REFRESH, CLIENT = "bench-secret", "bench-rt", "bench"  # as bench.tree_env gives them
 
 
 def _ready(port: int, path: str) -> bool:
@@ -61,20 +61,14 @@ def _rss_mib(pid: int) -> float:
 
 
 def _tree_env(tree: str, cognito: int, api: int, port: int) -> tuple[Path, dict[str, str]]:
-    path, *settings = tree.split("@")
-    cwd = Path(path).resolve()
-    return cwd, {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-        "PYTHONPATH": str(cwd),
-        "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{api}/prod",
-        "SIDECAR_TOKEN_URL": f"http://127.0.0.1:{cognito}/oauth2/token",
-        "SIDECAR_CLIENT_ID": CLIENT,
-        "SIDECAR_CLIENT_SECRET": SECRET,
-        "SIDECAR_REFRESH_TOKEN": REFRESH,
-        "SIDECAR_LISTEN": f"127.0.0.1:{port}",
-        "SIDECAR_ACCESS_LOG": "0",
-        **dict(setting.split("=", 1) for setting in settings),
-    }
+    """``bench.tree_env`` against the emulator, with the access log off (nothing to measure it against here)."""
+    return tree_env(
+        f"{tree}@SIDECAR_ACCESS_LOG=0" if "@SIDECAR_ACCESS_LOG=" not in tree else tree,
+        0,
+        port,
+        upstream_url=f"http://127.0.0.1:{api}/prod",
+        token_url=f"http://127.0.0.1:{cognito}/oauth2/token",
+    )
 
 
 def _serve_once(tree: str, cognito: int, api: int) -> float:
