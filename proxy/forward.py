@@ -23,6 +23,9 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp import hdrs
+from aiohttp.typedefs import LooseHeaders
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.egress.route import EgressProxy, target_of
@@ -62,6 +65,29 @@ class TokenSource(Protocol):
 
 
 _PLAIN_PATH = "the request target must be a plain ASCII path such as /items?id=1"
+
+# The headers aiohttp would add on a client's behalf (what it may add for a body, Content-Type, included): none is
+# added, so that what the client sent goes upstream as it came.
+SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(SKIPPED_AUTO_HEADERS))
+
+
+class ForwardedRequest(aiohttp.ClientRequest):
+    """aiohttp's request, with its two header steps done once rather than per request: the skipped automatic
+    headers are one shared table (aiohttp sorts and copies them per request), and the headers are the Host plus
+    those given in one ``extend`` (the sidecar never passes its own Host)."""
+
+    def update_headers(self, headers: LooseHeaders | None) -> None:
+        if not isinstance(headers, CIMultiDict) or hdrs.HOST in headers:
+            super().update_headers(headers)
+            return
+        self.headers = CIMultiDict({hdrs.HOST: self.url.host_port_subcomponent or ""})
+        self.headers.extend(headers)
+
+    def update_auto_headers(self, skip_auto_headers: object) -> None:
+        # skip_auto_headers is the session's SKIPPED_AUTO_HEADERS (no request passes its own); aiohttp only reads
+        # the table it leaves (tests/unit/test_aiohttp_internals.py compares the two classes).
+        self._skip_auto_headers = _SKIPPED
 
 
 class Forwarder:
@@ -197,7 +223,8 @@ class Forwarder:
             # No cookie jar: one client's upstream cookies must never reach another client.
             cookie_jar=aiohttp.DummyCookieJar(),
             # The client's own headers pass as they are; nothing is added on its behalf.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            skip_auto_headers=SKIPPED_AUTO_HEADERS,
+            request_class=ForwardedRequest,
             trust_env=False,
             read_bufsize=STREAM_BUFFER,
         )

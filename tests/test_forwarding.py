@@ -122,6 +122,25 @@ async def test_hop_by_hop_and_connection_listed_headers_are_stripped(stack: Stac
     assert headers["x-forwarded-host"] == "localhost:8080"
 
 
+async def test_nothing_is_added_on_the_client_s_behalf(stack: Stack, sidecar: RunningSidecar):
+    # A POST with a body and only Host and Content-Length: no User-Agent, Accept, Accept-Encoding or Content-Type
+    # appears on the way (the client library would add each), and Host is the upstream's.
+    request = b"POST /bare HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    status, _, body = await raw_request(sidecar.url, request)
+    assert status == 200
+    headers = json.loads(body)["headers"]
+    assert sorted(name for name, _ in headers) == [
+        "authorization",
+        "content-length",
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-request-id",
+    ]
+    assert dict(headers)["host"] == stack.api_url.removeprefix("http://")
+
+
 async def test_cookies_pass_separately_and_never_reach_another_client(stack: Stack):
     async with upstream_and_sidecar(stack) as (upstream, sidecar):
         status, headers, _ = await raw_request(
