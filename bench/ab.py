@@ -1,14 +1,16 @@
 """A/B: sidecars built from several source trees, measured in alternating wrk runs in one go.
 
+    python bench/ab.py                      # the baseline (bench.py's BASELINE) against this checkout
     git worktree add /tmp/before HEAD~1
-    python bench/ab.py /tmp/before . [bare] [--rounds 10] [--duration 2] [--connections 32]
+    python bench/ab.py baseline /tmp/before . [bare] [--rounds 10] [--duration 2] [--connections 32]
     python bench/ab.py . .@SIDECAR_LOG_FORMAT=json .@SIDECAR_ACCESS_LOG=0   # settings compared on one tree
     python bench/ab.py . .@SIDECAR_EGRESS_PROXY=tinyproxy   # direct against through a forward proxy (tinyproxy)
 
-Each tree (a checkout of this repository, with ``@NAME=VALUE`` settings appended if any; ``bare`` is the
-prototype from ``bench/bench.py``) runs as its own sidecar on CPU 0, against one nginx upstream on CPU 1 that
-answers 401 unless the token was injected. wrk (CPU 1) alternates between them, in rotating order, so a noisy
-machine hits every tree alike; the medians and best values are printed, with write/read system calls per
+Each tree (a checkout of this repository, with ``@NAME=VALUE`` settings appended if any; ``baseline`` is the
+commit named by ``bench.BASELINE``, and the default is ``baseline .``; ``bare`` is the prototype from
+``bench/bench.py``) runs as its own sidecar on CPU 0, against one nginx upstream on CPU 1 that answers 401 unless
+the token was injected. wrk (CPU 1) alternates between them, in rotating order, so a noisy machine hits every tree
+alike; the medians and best values are printed, with write/read system calls per
 request from ``/proc/PID/io``.
 Not a test (pytest does not collect it); needs wrk, nginx and taskset, like ``bench/bench.py``.
 """
@@ -48,7 +50,10 @@ def syscalls(pid: int) -> tuple[int, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "trees", nargs="+", help="source trees (checkouts of this repository, each with @NAME=VALUE settings) or 'bare'"
+        "trees",
+        nargs="*",
+        default=["baseline", "."],
+        help="source trees (checkouts of this repository, each with @NAME=VALUE settings), 'baseline' or 'bare'",
     )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--duration", type=int, default=2, help="seconds per wrk run")

@@ -1,6 +1,6 @@
 """Benchmark: the sidecar against direct requests and nginx doing the same job, in one run.
 
-    python bench/bench.py [--duration 10] [--rounds 2] [--gib 1] [--stream-rounds 3] [--streaming-only]
+    python bench/bench.py [--duration 10] [--rounds 2] [--gib 1] [--stream-rounds 3] [--streaming-only] [--no-baseline]
 
 Not a test (pytest does not collect it) and CI does not run it. Needs Linux with 2 cores, and wrk and
 nginx (installed with apt-get when missing and running as root). It starts, on loopback:
@@ -12,15 +12,18 @@ nginx (installed with apt-get when missing and running as root). It starts, on l
 - with ``--workers 2`` (the default), also the sidecar with SIDECAR_WORKERS=2 on CPUs 0 and 1 (so sharing CPU 1
   with wrk and the upstream): what a second worker buys on this machine;
 - "bare": the featureless prototype the first issue measured (ASGI callable over aiohttp), on CPU 0;
+- "baseline": the sidecar of the commit ``BASELINE`` names (extracted once into ``.cache/bench/``), on CPU 0, so that
+  the drift since that fixed point is printed from the same rounds (``--no-baseline`` skips it);
 - for the upload, a receiver on CPU 1 that counts the body bytes and drops them, and a sidecar pointed at it.
-wrk and curl run on CPU 1. Rounds rotate the order of direct, nginx, bare and sidecar. It prints one table, exits 1 if
-any request failed or a figure misses its target, and prints the figures either way.
+wrk and curl run on CPU 1. Rounds rotate the order of direct, nginx, bare, sidecar and baseline. It prints one table,
+exits 1 if any request failed or a figure misses its target, and prints the figures either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -37,6 +40,9 @@ from pathlib import Path
 import httpx2
 
 ROOT = Path(__file__).resolve().parent.parent
+# The fixed point every performance figure is compared against (docs/performance.md): the hot path before the
+# security, observability and fleet work. Named here and nowhere else; ``baseline`` in a list of trees is this commit.
+BASELINE = "bd51c89"
 BODY = json.dumps(
     {
         "id": 7,
@@ -236,14 +242,49 @@ def token_upstream(work: Path, procs: list[subprocess.Popen[bytes]]) -> tuple[in
     return port, token
 
 
+def baseline_tree() -> Path:
+    """The ``BASELINE`` commit's files, extracted once (``git archive``) into ``.cache/bench/`` with their bytecode.
+    Exits with what to do when the commit is not in this clone or the baseline's own dependency is missing."""
+    tree = ROOT / ".cache" / "bench" / f"baseline-{BASELINE}"
+    if importlib.util.find_spec("stamina") is None:
+        sys.exit(f"bench: the baseline ({BASELINE}) imports stamina, which this environment lacks: pip install stamina")
+    if tree.is_dir():
+        return tree
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{BASELINE}^{{commit}}"], check=False).returncode:
+        sys.exit(
+            f"bench: commit {BASELINE} (the baseline) is not in this clone: fetch the history (git fetch --unshallow)"
+        )
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"baseline-{BASELINE}-", dir=tree.parent))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
+    compile_tree(partial)
+    partial.chmod(0o755)
+    partial.rename(tree)  # whole or not at all: an interrupted extraction leaves only a temporary directory
+    return tree
+
+
+def tree_path(name: str) -> Path:
+    """A tree named on a benchmark's command line: ``baseline`` (``baseline_tree``) or a checkout's directory."""
+    return baseline_tree() if name == "baseline" else Path(name).resolve()
+
+
+def compile_tree(tree: Path) -> None:
+    """Compile ``tree``'s package to bytecode, as an installation does (pip, the image): a start-up measured
+    without it would time the compiler (with PYTHONDONTWRITEBYTECODE set, every start compiles every module)."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(tree / "proxy")], check=True, stdout=subprocess.DEVNULL
+    )
+
+
 def tree_env(
     tree: str, upstream: int, port: int, *, upstream_url: str | None = None, token_url: str | None = None
 ) -> tuple[Path, dict[str, str]]:
-    """For ``TREE[@NAME=VALUE...]``: the tree's directory, and the environment that runs its sidecar on ``port``
-    against ``upstream`` (``token_upstream``; or ``upstream_url`` and ``token_url``), with the settings appended to
-    the tree applied."""
+    """For ``TREE[@NAME=VALUE...]`` (``baseline`` names ``BASELINE``): the tree's directory, and the environment that
+    runs its sidecar on ``port`` against ``upstream`` (``token_upstream``; or ``upstream_url`` and ``token_url``),
+    with the settings appended to the tree applied."""
     path, *settings = tree.split("@")
-    cwd = Path(path).resolve()
+    cwd = tree_path(path)
     return cwd, {
         **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
         "PYTHONPATH": str(cwd),
@@ -363,6 +404,9 @@ def main() -> int:
     parser.add_argument("--streaming-only", action="store_true", help="skip the request-rate rounds")
     parser.add_argument("--stream-rounds", type=int, default=3, help="transfers each way per target; the best counts")
     parser.add_argument("--workers", type=int, default=2, help="also measure SIDECAR_WORKERS=N on CPUs 0,1 (1: skip)")
+    parser.add_argument(
+        "--no-baseline", dest="baseline", action="store_false", help=f"skip the baseline ({BASELINE}) in the rounds"
+    )
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     ensure_tools()
@@ -423,7 +467,7 @@ def main() -> int:
         # 3. The sidecar on CPU 0, default settings, but no body limit: the 1 GiB transfers measure streaming
         # (API Gateway itself takes 10 MB at most, the default SIDECAR_MAX_BODY_BYTES).
         def start_sidecar(
-            upstream: int = up, *, port: int = side, workers: int = 1, cpus: str = "0"
+            upstream: int = up, *, port: int = side, workers: int = 1, cpus: str = "0", tree: Path | None = None
         ) -> subprocess.Popen[bytes]:
             env = {
                 **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
@@ -433,12 +477,18 @@ def main() -> int:
                 "SIDECAR_CLIENT_SECRET": "bench-secret",
                 "SIDECAR_REFRESH_TOKEN": "bench-rt",
                 "SIDECAR_LISTEN": f"127.0.0.1:{port}",
-                "SIDECAR_MAX_BODY_BYTES": "0",
-                "SIDECAR_WORKERS": str(workers),
             }
+            if tree is None:
+                env |= {"SIDECAR_MAX_BODY_BYTES": "0", "SIDECAR_WORKERS": str(workers)}
+            else:  # the baseline: its own package, and only the settings it knows
+                env["PYTHONPATH"] = str(tree)
             with open(work / "sidecar.log", "ab") as log:
                 proc = subprocess.Popen(
-                    ["taskset", "-c", cpus, sys.executable, "-m", "proxy", "serve"], env=env, stderr=log, stdout=log
+                    ["taskset", "-c", cpus, sys.executable, "-m", "proxy", "serve"],
+                    env=env,
+                    stderr=log,
+                    stdout=log,
+                    cwd=tree,
                 )
             wait_port(port)
             return proc
@@ -462,6 +512,12 @@ def main() -> int:
             if httpx2.get(f"http://127.0.0.1:{pair_port}/warm-up").status_code != 200:
                 failures.append("warm-up request through the workers sidecar failed")
             extra[f"{args.workers}workers"] = (f"http://127.0.0.1:{pair_port}/item", children(pair.pid))
+        if args.baseline:
+            # The fixed point (BASELINE), started before the token log is emptied like the workers sidecar.
+            base_port = free_port()
+            base = start_sidecar(port=base_port, tree=baseline_tree())
+            procs.append(base)
+            extra["baseline"] = (f"http://127.0.0.1:{base_port}/item", [base.pid])
         token_log.write_text("")
         sidecar = start_sidecar()
         procs.append(sidecar)
@@ -520,6 +576,13 @@ def main() -> int:
                 for conns in (1, 32, 256)
             )
             print(f"sidecar/bare prototype, requests/s in the same rounds: {shares}")
+            if args.baseline:
+                drift = ", ".join(
+                    f"{conns} conns req/s {best('sidecar', conns, 'rps') / best('baseline', conns, 'rps'):.2f}x "
+                    f"CPU/req {best('sidecar', conns, 'cpu_us') / best('baseline', conns, 'cpu_us'):.2f}x"
+                    for conns in (1, 32, 256)
+                )
+                print(f"sidecar against the baseline ({BASELINE}) in the same rounds: {drift}")
             print(f"token requests by the sidecar over all rounds (one token lifetime): {steady_tokens}")
 
         # 4. Streaming: 1 GiB down (from nginx) and up (to the counting receiver), direct (the baseline) and

@@ -1,7 +1,8 @@
 """Instructions per forwarded request, counted by callgrind: a cost figure that a noisy machine cannot move.
 
+    python bench/cost.py                      # the baseline (bench.py's BASELINE) against this checkout
     git worktree add /tmp/before HEAD~1
-    python bench/cost.py /tmp/before . .@SIDECAR_LOG_FORMAT=json .@SIDECAR_ACCESS_LOG=0 [--requests 1000]
+    python bench/cost.py baseline /tmp/before . .@SIDECAR_LOG_FORMAT=json .@SIDECAR_ACCESS_LOG=0 [--requests 1000]
 
 Each tree (with ``@NAME=VALUE`` settings, as in ``bench/ab.py``) runs as a sidecar under ``valgrind
 --tool=callgrind`` twice, forwarding N and then 3N GET requests on one keep-alive connection to the nginx
@@ -9,7 +10,8 @@ upstream of ``bench/ab.py``; instructions per request are the difference of the 
 start-up and shutdown cancel out. The same code, inputs and environment give the same count whatever else
 the machine is doing (wrk's timings here moved by 10-20% between runs of identical code); instructions are
 not time, but a change that adds work adds instructions. Prints one line per tree and the ratio to the
-first. Not a test; needs valgrind and nginx (``apt-get install valgrind nginx-light``).
+first (``baseline`` and ``.`` when none is named). Not a test; needs valgrind and nginx (``apt-get install
+valgrind nginx-light``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench import free_port, stop_all, token_upstream, tree_env, wait_port
+from bench import free_port, stop_all, token_upstream, tree_env, tree_path, wait_port
 
 # Under valgrind the interpreter starts about 50 times slower.
 START_TIMEOUT = 300.0
@@ -68,12 +70,19 @@ def instructions(tree: str, upstream: int, count: int, work: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trees", nargs="+", help="source trees, each with @NAME=VALUE settings if any")
+    parser.add_argument(
+        "trees",
+        nargs="*",
+        default=["baseline", "."],
+        help="source trees ('baseline': bench.py's BASELINE), each with @NAME=VALUE settings",
+    )
     parser.add_argument("--requests", type=int, default=1000, help="N: runs forward N and 3N requests")
     args = parser.parse_args()
     for tool in ("valgrind", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"cost: {tool} is required (apt-get install valgrind nginx-light)")
+    for tree in args.trees:
+        tree_path(tree.split("@")[0])  # the baseline is extracted here, once, not by two runs at the same time
     work = Path(tempfile.mkdtemp(prefix="sidecar-cost-"))
     work.chmod(0o755)
     procs: list[subprocess.Popen[bytes]] = []
