@@ -517,6 +517,8 @@ def main() -> int:
             base_port = free_port()
             base = start_sidecar(port=base_port, tree=baseline_tree())
             procs.append(base)
+            if httpx2.get(f"http://127.0.0.1:{base_port}/warm-up").status_code != 200:  # its token, before the count
+                failures.append("warm-up request through the baseline sidecar failed")
             extra["baseline"] = (f"http://127.0.0.1:{base_port}/item", [base.pid])
         token_log.write_text("")
         sidecar = start_sidecar()

@@ -10,8 +10,8 @@ upstream of ``bench/ab.py``; instructions per request are the difference of the 
 start-up and shutdown cancel out. The same code, inputs and environment give the same count whatever else
 the machine is doing (wrk's timings here moved by 10-20% between runs of identical code); instructions are
 not time, but a change that adds work adds instructions. Prints one line per tree and the ratio to the
-first (``baseline`` and ``.`` when none is named). Not a test; needs valgrind and nginx (``apt-get install
-valgrind nginx-light``).
+first (``baseline`` and ``.`` when none is named), then likewise the instructions of a run less its requests
+(start-up and shutdown). Not a test; needs valgrind and nginx (``apt-get install valgrind nginx-light``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench import free_port, stop_all, token_upstream, tree_env, tree_path, wait_port
+from bench import compile_tree, free_port, stop_all, token_upstream, tree_env, tree_path, wait_port
 
 # Under valgrind the interpreter starts about 50 times slower.
 START_TIMEOUT = 300.0
@@ -82,7 +82,8 @@ def main() -> int:
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"cost: {tool} is required (apt-get install valgrind nginx-light)")
     for tree in args.trees:
-        tree_path(tree.split("@")[0])  # the baseline is extracted here, once, not by two runs at the same time
+        # Bytecode, as installed (start-up is counted too); the baseline is extracted here, once, not by two runs.
+        compile_tree(tree_path(tree.split("@")[0]))
     work = Path(tempfile.mkdtemp(prefix="sidecar-cost-"))
     work.chmod(0o755)
     procs: list[subprocess.Popen[bytes]] = []
@@ -99,6 +100,13 @@ def main() -> int:
         print(f"instructions per forwarded request (callgrind; {args.requests} and {3 * args.requests} requests):")
         for tree, count in per_request.items():
             print(f"{tree:40} {count:10,.0f}   {count / first:6.3f} of {args.trees[0]}   {count - first:+9,.0f}")
+        # What is left of a run once its requests are taken out: start-up (imports, settings, the first token) and
+        # shutdown, the start-up's share by far. Steadier than timing a start on a busy machine.
+        fixed = {tree: totals[2 * index] - per_request[tree] * args.requests for index, tree in enumerate(args.trees)}
+        base = fixed[args.trees[0]]
+        print("instructions to start and stop (the rest of a run):")
+        for tree, count in fixed.items():
+            print(f"{tree:40} {count / 1e6:10,.0f}M  {count / base:6.3f} of {args.trees[0]}")
         return 0
     finally:
         stop_all(procs, work)
