@@ -150,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     env: Mapping[str, str] = os.environ
     try:
         if args.command == "serve":
+            from proxy.egress.tls import bundle_deferred
+
+            with bundle_deferred():  # before anything imports it: see bundle_deferred
+                import aiohttp  # noqa: F401
             from proxy.commands.serve import serve
 
             flags = {variable: getattr(args, flag[2:].replace("-", "_")) for flag, variable, _ in SERVE_FLAGS}

@@ -29,7 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.egress.route import EgressProxy, target_of
-from proxy.egress.tls import TlsContext
+from proxy.egress.tls import TlsContext, default_context
 from proxy.errors import Refusal, error_body
 from proxy.exchange import ClientGone, Exchange
 from proxy.guard import CALLER_HEADER
@@ -137,7 +137,11 @@ class Forwarder:
         # The trusted CAs and client certificate (None: the default store, no certificate); every new connection
         # takes the current context, so a re-read certificate is used without a restart.
         self.tls = tls
-        self.ssl_context: ssl.SSLContext | bool = tls.context if tls is not None else True
+        self.ssl_context: ssl.SSLContext | bool = True  # no TLS on the way: nothing to trust
+        if tls is not None:
+            self.ssl_context = tls.context
+        elif self._scheme == "https" or (proxy is not None and proxy.url.startswith("https:")):
+            self.ssl_context = default_context()
         # Failures on the way (egress proxy, TLS) by code (for /-/metrics).
         self.egress_failures: Counter[str] = Counter()
         # Requests being forwarded now: a reload closes a replaced forwarder once it has none.

@@ -19,7 +19,7 @@ from proxy.egress.route import ProxyEnvironment
 from proxy.emulator.pki import TestCA
 from proxy.errors import TokenError
 from proxy.server.serving import ServerTls
-from tests.conftest import assert_hidden, metric, run_cli, run_sidecar, run_stack, stack_env
+from tests.conftest import assert_hidden, metric, run_cli, run_sidecar, run_stack, sidecar_process, stack_env
 from tests.forward_proxy import tinyproxy
 from tests.redis_server import _free_port
 from tests.tls_upstream import mtls_upstream
@@ -147,6 +147,26 @@ async def test_a_proxy_that_cannot_be_reached_or_cannot_reach_the_target(
 
 
 # The sidecar stops while its refresher retries a handshake that fails; a stop that cancels httpcore2 inside
+async def test_serve_trusts_the_default_store_it_is_started_with(
+    client: httpx2.AsyncClient, company_ca: TestCA, server_tls: ServerTls
+):
+    # The company CA as the machine's trust store (SSL_CERT_FILE), no SIDECAR_CA_FILE: the token endpoint and the
+    # upstream are trusted through the one default context. `serve` imports aiohttp with that variable pointed at an
+    # empty file (its own two contexts skip the bundle); had the variable stayed so, the token request would fail
+    # as untrusted (503), and had the forwarder used aiohttp's context, the upstream would (502).
+    async with run_stack(tls=server_tls) as stack:
+        env = stack_env(
+            stack, SSL_CERT_FILE=str(company_ca.ca_file), SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token or ""
+        )
+        async with sidecar_process(env) as sidecar:
+            answers = [await get(client, f"{sidecar.url}/orders/{n}") for n in range(3)]
+            code, said = await sidecar.stop()
+    assert [answer.status_code for answer in answers] == [200] * 3, answers[0].text
+    assert answers[0].json()["path"] == "/orders/0"
+    assert stack.token_requests == 1 and stack.emulator.apigw.authorized == 3
+    assert code == 0, said
+
+
 # start_tls leaves that TCP socket to the garbage collector (httpcore2 closes it on errors, not on cancellation),
 # and pytest reports the ResourceWarning whenever the collector runs.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

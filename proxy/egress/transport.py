@@ -13,7 +13,7 @@ import ssl
 import httpx2
 
 from proxy.egress.route import Egress, EgressProxy
-from proxy.egress.tls import TlsContext
+from proxy.egress.tls import TlsContext, default_context
 
 
 class EgressTransport(httpx2.AsyncBaseTransport):
@@ -22,15 +22,10 @@ class EgressTransport(httpx2.AsyncBaseTransport):
     def __init__(self, egress: Egress, tls: TlsContext | None = None) -> None:
         self.egress = egress
         self.tls = tls
-        self._default_context: ssl.SSLContext | None = None
         self._transports: dict[tuple[str | None, int], httpx2.AsyncHTTPTransport] = {}
 
     def _context(self) -> ssl.SSLContext:
-        if self.tls is not None:
-            return self.tls.context
-        if self._default_context is None:
-            self._default_context = ssl.create_default_context()
-        return self._default_context
+        return self.tls.context if self.tls is not None else default_context()
 
     def _transport(self, proxy: EgressProxy | None) -> httpx2.AsyncHTTPTransport:
         context = self._context()

@@ -3,18 +3,24 @@ it fails here rather than in the headers a client's request arrives with.
 
 ForwardedRequest overrides ``update_headers`` and ``update_auto_headers`` to do once what aiohttp does per request.
 Built from the same inputs, it must hold exactly the headers, and the table of headers not to add, that aiohttp's
-own request holds.
+own request holds. And ``serve`` imports aiohttp so that its import-time TLS contexts skip the CA bundle (last test).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.emulator.pki import TestCA
 from proxy.forward import SKIPPED_AUTO_HEADERS, ForwardedRequest
 
 CASES = {
@@ -46,3 +52,26 @@ async def test_forwarded_request_holds_what_aiohttp_s_own_request_holds(
     theirs, ours = built
     assert list(ours.headers.items()) == list(theirs.headers.items())
     assert sorted(ours.skip_auto_headers) == sorted(theirs.skip_auto_headers)
+
+
+# serve imports aiohttp inside proxy.egress.tls.bundle_deferred, so that the two default contexts aiohttp's connector
+# module builds as it is imported skip OpenSSL's default CA file (a tenth of the sidecar's start). The probe names that
+# file (a one-certificate bundle, so the figures hold on any machine) and reads what each context loaded.
+BUNDLE_PROBE = """
+import json, ssl
+from proxy.egress.tls import bundle_deferred, default_context
+with bundle_deferred():
+    import aiohttp.connector
+print(json.dumps([
+    aiohttp.connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"],
+    default_context().cert_store_stats()["x509_ca"],
+]))
+"""
+
+
+def test_aiohttp_s_import_time_contexts_skip_the_bundle_and_the_sidecar_s_own_loads_it(tmp_path: Path):
+    bundle = TestCA(tmp_path, "Machine Trust Store CA").ca_file
+    env = {**os.environ, "SSL_CERT_FILE": str(bundle)}
+    probe = subprocess.run([sys.executable, "-c", BUNDLE_PROBE], env=env, capture_output=True, check=True, timeout=60)
+    aiohttp_s, sidecar_s = json.loads(probe.stdout)
+    assert (aiohttp_s, sidecar_s) == (0, 1)

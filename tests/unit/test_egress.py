@@ -3,14 +3,19 @@ pure logic, table-driven."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from proxy.egress.failures import describe_failure, proxy_refusal
 from proxy.egress.route import Egress, EgressProxy, NoProxy, ProxyEnvironment
+from proxy.egress.tls import bundle_deferred, default_context
+from proxy.egress.transport import EgressTransport
 from proxy.errors import ConfigError
+from proxy.forward import Forwarder
 from proxy.settings import load_settings
+from proxy.upstream import Limits, Timeouts
 from tests.conftest import assert_hidden
 
 BASE = {
@@ -151,3 +156,30 @@ def test_failures_that_are_not_on_the_way_out_are_left_to_the_caller():
         504: "egress_proxy_cannot_reach",
     }
     assert "*.amazoncognito.com" in proxy_refusal(proxy, 403, "h:443").fix
+
+
+def test_bundle_deferred_points_openssl_s_default_file_at_nothing_and_puts_it_back(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/company/bundle.pem")
+    with bundle_deferred():
+        assert os.environ["SSL_CERT_FILE"] == os.devnull
+    assert os.environ["SSL_CERT_FILE"] == "/etc/company/bundle.pem"
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with pytest.raises(RuntimeError), bundle_deferred():
+        raise RuntimeError("an import that fails")
+    assert "SSL_CERT_FILE" not in os.environ
+
+
+def test_clients_without_tls_files_share_one_default_context():
+    # One parse of the trust store per process, however many routes and token endpoints.
+    def forwarder(url: str, proxy: EgressProxy | None = None) -> Forwarder:
+        return Forwarder(
+            upstream_url=url, tokens=None, header="Authorization", timeouts=Timeouts(), limits=Limits(), proxy=proxy
+        )  # type: ignore[arg-type]
+
+    assert forwarder("https://api.example/prod").ssl_context is default_context()
+    assert (
+        forwarder("http://api.example/prod", EgressProxy.parse("https://proxy.example:3128", "HTTPS_PROXY")).ssl_context
+        is default_context()
+    )
+    assert forwarder("http://api.example/prod").ssl_context is True  # no TLS on the way: no trust store loaded
+    assert EgressTransport(Egress())._context() is default_context()
