@@ -467,28 +467,18 @@ def main() -> int:
         # 3. The sidecar on CPU 0, default settings, but no body limit: the 1 GiB transfers measure streaming
         # (API Gateway itself takes 10 MB at most, the default SIDECAR_MAX_BODY_BYTES).
         def start_sidecar(
-            upstream: int = up, *, port: int = side, workers: int = 1, cpus: str = "0", tree: Path | None = None
+            upstream: int = up, *, port: int = side, workers: int = 1, cpus: str = "0", tree: str = str(ROOT)
         ) -> subprocess.Popen[bytes]:
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-                "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{upstream}",
-                "SIDECAR_TOKEN_URL": f"http://127.0.0.1:{up}/oauth2/token",
-                "SIDECAR_CLIENT_ID": "bench",
-                "SIDECAR_CLIENT_SECRET": "bench-secret",
-                "SIDECAR_REFRESH_TOKEN": "bench-rt",
-                "SIDECAR_LISTEN": f"127.0.0.1:{port}",
-            }
-            if tree is None:
-                env |= {"SIDECAR_MAX_BODY_BYTES": "0", "SIDECAR_WORKERS": str(workers)}
-            else:  # the baseline: its own package, and only the settings it knows
-                env["PYTHONPATH"] = str(tree)
+            # The baseline knows neither setting.
+            settings = "" if tree == "baseline" else f"@SIDECAR_MAX_BODY_BYTES=0@SIDECAR_WORKERS={workers}"
+            cwd, env = tree_env(tree + settings, up, port, upstream_url=f"http://127.0.0.1:{upstream}")
             with open(work / "sidecar.log", "ab") as log:
                 proc = subprocess.Popen(
                     ["taskset", "-c", cpus, sys.executable, "-m", "proxy", "serve"],
                     env=env,
                     stderr=log,
                     stdout=log,
-                    cwd=tree,
+                    cwd=cwd,
                 )
             wait_port(port)
             return proc
@@ -515,7 +505,7 @@ def main() -> int:
         if args.baseline:
             # The fixed point (BASELINE), started before the token log is emptied like the workers sidecar.
             base_port = free_port()
-            base = start_sidecar(port=base_port, tree=baseline_tree())
+            base = start_sidecar(port=base_port, tree="baseline")
             procs.append(base)
             if httpx2.get(f"http://127.0.0.1:{base_port}/warm-up").status_code != 200:  # its token, before the count
                 failures.append("warm-up request through the baseline sidecar failed")
