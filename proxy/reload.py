@@ -21,12 +21,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
-
 from proxy.errors import ConfigError, SidecarError
 from proxy.logs import configure_logging, event
 from proxy.settings import RouteSettings, Settings, load_settings
 from proxy.settings.rules import FILE_KEYS, env_name
+from proxy.settings.schema import Model
 from proxy.sidecar import build_sidecar
 
 if TYPE_CHECKING:
@@ -66,7 +65,7 @@ _LOGGING = ("log_level", "log_format", "log_levels")
 _CREDENTIAL = ("client_secret", "refresh_token", "scopes", "grant")
 
 
-def _value(model: BaseModel, key: str) -> object:
+def _value(model: Model, key: str) -> object:
     """What a reload compares of ``model.key``: a secret read from a file by its file (the file's new content is
     the secrets' re-read's business, done without a rebuild), anything else by its value."""
     if key in FILE_KEYS and getattr(model, f"{key}_file", None) is not None:
@@ -75,12 +74,12 @@ def _value(model: BaseModel, key: str) -> object:
 
 
 def _route(route: RouteSettings) -> dict[str, object]:
-    return {key: _value(route, key) for key in RouteSettings.model_fields}
+    return {key: _value(route, key) for key in RouteSettings.fields}
 
 
 def changed_settings(old: Settings, new: Settings) -> list[str]:
     """The keys whose values differ (``routes``: any route's, or the routes' list)."""
-    keys = [key for key in Settings.model_fields if key != "routes" and _value(old, key) != _value(new, key)]
+    keys = [key for key in Settings.fields if key != "routes" and _value(old, key) != _value(new, key)]
     if [_route(route) for route in old.effective_routes()] != [_route(route) for route in new.effective_routes()]:
         keys.append("routes")
     return keys
@@ -153,7 +152,7 @@ class Reloader:
                 extra=event("config_needs_restart", settings=[env_name(key) for key in later]),
             )
         loaded = settings
-        settings = settings.model_copy(update={key: getattr(old.settings, key) for key in RESTART_ONLY})
+        settings = settings.copy_with(**{key: getattr(old.settings, key) for key in RESTART_ONLY})
         now = [key for key in changed if key not in RESTART_ONLY]
         if not now:
             self._loaded = loaded

@@ -19,14 +19,13 @@ from typing import Any
 import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import SecretStr
 
 import proxy
 from proxy.app import SidecarApp, create_app
 from proxy.emulator import EmulatorStack, make_stack
 from proxy.forward import Forwarder
 from proxy.server.serving import ServerTls, bind_listen, bound_url, running
-from proxy.settings import Settings
+from proxy.settings import SecretStr, Settings
 from proxy.sidecar import Sidecar
 from proxy.tokens.grants import Grant
 from proxy.tokens.provider import TokenProvider

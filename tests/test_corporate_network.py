@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx2
 import pytest
-from pydantic import SecretStr
 
 from proxy.egress.route import ProxyEnvironment
 from proxy.emulator.pki import TestCA
 from proxy.errors import TokenError
 from proxy.server.serving import ServerTls
+from proxy.settings import SecretStr
 from tests.conftest import assert_hidden, metric, run_cli, run_sidecar, run_stack, sidecar_process, stack_env
 from tests.forward_proxy import tinyproxy
 from tests.redis_server import _free_port

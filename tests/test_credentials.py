@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from pydantic import SecretStr
 
 from proxy.emulator import fingerprint
 from proxy.secrets import read_secret_file
+from proxy.settings import SecretStr
 from tests.conftest import FakeClock, Stack, awaiting, metric, run_sidecar, run_stack, sidecar_process, stack_env
 
 

@@ -11,9 +11,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx2
 import pytest
-from pydantic import SecretStr
 
 from proxy.secrets import read_secret_file
+from proxy.settings import SecretStr
 from tests.conftest import Stack, assert_hidden, cli_env, run_cli, run_sidecar, run_stack, stack_env
 
 

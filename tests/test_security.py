@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -28,7 +27,7 @@ from starlette.routing import Route
 from proxy.app import create_app
 from proxy.server.limits import MAX_PIPELINED
 from proxy.server.serving import bind_unix, running
-from proxy.settings import RouteSettings
+from proxy.settings import RouteSettings, SecretStr
 from tests.conftest import (
     FAST_POLICY,
     RunningSidecar,
@@ -152,7 +151,7 @@ async def test_route_method_and_path_allowlists(stack: Stack, client: httpx2.Asy
         upstream_url=stack.upstream_url,
         methods=("get", "HEAD"),
         paths=("/ro/items/*",),
-        **{k: v for k, v in stack.settings().model_dump().items() if k in ("token_url", "client_id")},
+        **{k: v for k, v in stack.settings().values().items() if k in ("token_url", "client_id")},
         client_secret=stack.settings().client_secret,
         refresh_token=stack.settings().refresh_token,
     )

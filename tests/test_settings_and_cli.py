@@ -126,11 +126,11 @@ def test_version_and_serve_help_list_every_setting():
     ).stdout
     keys = {
         key
-        for key in Settings.model_fields
+        for key in Settings.fields
         if key not in ("routes", "proxy_environment", "tracing_endpoint")
         and (not key.endswith("_file") or key in PATH_KEYS)
     }
-    undescribed = {key for key in keys if not Settings.model_fields[key].description}
+    undescribed = {key for key in keys if not Settings.fields[key].description}
     assert not undescribed, undescribed
     assert "HTTPS_PROXY" in text and "NO_PROXY" in text
     for key in keys:

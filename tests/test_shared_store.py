@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx2
 import pytest
 import redis
-from pydantic import SecretStr
 
 from proxy.app import create_app
+from proxy.settings import SecretStr
 from proxy.store.redis import RedisStore
 from proxy.tokens.build import identity_of
 from proxy.tokens.sealed import HoldOff, Record, Sealer

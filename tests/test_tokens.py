@@ -42,7 +42,7 @@ async def test_revoked_refresh_token_is_a_503_that_explains_itself(
 
 
 async def test_wrong_client_secret_is_explained(stack: Stack, client: httpx2.AsyncClient):
-    from pydantic import SecretStr
+    from proxy.settings import SecretStr
 
     async with run_sidecar(stack.settings(client_secret=SecretStr("not-the-secret"))) as sidecar:
         response = await client.get(f"{sidecar.url}/x")

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx2
-from pydantic import SecretStr
 
 from proxy.app import create_app
 from proxy.commands.check import format_epoch
@@ -20,7 +19,7 @@ from proxy.emulator import EmulatorStack, make_stack
 from proxy.errors import EXIT_FAILURE, SidecarError
 from proxy.secrets import read_secret_file, write_secret_file
 from proxy.server.serving import running
-from proxy.settings import Settings
+from proxy.settings import SecretStr, Settings
 
 
 def _claims_summary(claims: Mapping[str, object]) -> list[str]:

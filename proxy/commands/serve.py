@@ -118,7 +118,7 @@ def shared_settings(settings: Settings) -> tuple[Settings, str | None]:
         "the workers share their token through a file store",
         or_else=", or set SIDECAR_TOKEN_STORE=file:/a/writable/dir",
     )
-    return settings.model_copy(update={"token_store": f"file:{directory}"}), directory
+    return settings.copy_with(token_store=f"file:{directory}"), directory
 
 
 def _private_directory(purpose: str, *, or_else: str = "") -> str:

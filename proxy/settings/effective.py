@@ -6,19 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, SecretStr
-
 from proxy.settings.model import Settings
 from proxy.settings.reference import described
 from proxy.settings.route import RouteSettings
 from proxy.settings.rules import PATH_KEYS, Origin, env_name
+from proxy.settings.schema import Model, SecretStr
 from proxy.store.redis import RedisTarget
 
 DEFAULT = Origin("default", "")
 DERIVED = Origin("derived", "")
 
 
-def shown(model: BaseModel, key: str) -> str:
+def shown(model: Model, key: str) -> str:
     """``model.key`` as a user would write it, with no secret in it."""
     value: Any = getattr(model, key)
     if isinstance(value, SecretStr):
@@ -41,10 +40,10 @@ def _row(name: str, value: str, origin: Origin) -> dict[str, str]:
     return {"name": name, "value": value, "source": origin.kind, "from": origin.name}
 
 
-def _origin(model: BaseModel, key: str, origin: Origin | None) -> Origin:
+def _origin(model: Model, key: str, origin: Origin | None) -> Origin:
     if origin is not None:
         return origin
-    field = type(model).model_fields[key]
+    field = type(model).fields[key]
     return DEFAULT if field.default == getattr(model, key) else DERIVED  # e.g. the token URL, from the domain
 
 
@@ -63,7 +62,7 @@ def effective(settings: Settings) -> dict[str, Any]:
         rows.append(_row(f"egress proxy for {scheme}://", proxy.display if proxy else "none (direct)", origin))
     if egress.no_proxy.value:
         rows.append(_row("NO_PROXY", egress.no_proxy.value, Origin("environment", "NO_PROXY")))
-    keys = [key for key in RouteSettings.model_fields if not key.endswith("_file") or key in PATH_KEYS]
+    keys = [key for key in RouteSettings.fields if not key.endswith("_file") or key in PATH_KEYS]
     routes = [
         {
             "prefix": route.prefix,

@@ -19,10 +19,6 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import (
-    ValidationError,
-)
-
 from proxy import tracing
 from proxy.egress.route import ProxyEnvironment
 from proxy.errors import ConfigError
@@ -30,14 +26,15 @@ from proxy.secrets import read_secret_file
 from proxy.settings.model import Settings
 from proxy.settings.route import INHERITED, RouteSettings
 from proxy.settings.rules import ENV_PREFIX, FILE_KEYS, PATH_KEYS, ROUTE_FILE_KEYS, Origin, Origins, env_name
+from proxy.settings.schema import Invalid
 
 # What a route does not take when it talks to another token endpoint or app client: its secrets are not
 # the top level's to send there.
 _CREDENTIALS = ("client_secret", "client_secret_file", "refresh_token", "refresh_token_file")
-_ROUTE_KEYS = frozenset(RouteSettings.model_fields) | {f"{k}_file" for k in ROUTE_FILE_KEYS}
+_ROUTE_KEYS = frozenset(RouteSettings.fields) | {f"{k}_file" for k in ROUTE_FILE_KEYS}
 # Read from the standard variables (HTTPS_PROXY, ...), never from a SIDECAR_ setting or the TOML file.
 _FROM_ENVIRONMENT = frozenset({"proxy_environment", "tracing_endpoint"})
-_KNOWN_KEYS = (frozenset(Settings.model_fields) - _FROM_ENVIRONMENT) | {"config"}
+_KNOWN_KEYS = (frozenset(Settings.fields) - _FROM_ENVIRONMENT) | {"config"}
 
 
 def _load_toml(path: str, problems: list[str]) -> dict[str, Any]:
@@ -172,7 +169,7 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
     failed: set[str] = set()
     keys = [
         key
-        for key in Settings.model_fields
+        for key in Settings.fields
         if key not in ("routes", *_FROM_ENVIRONMENT) and (not key.endswith("_file") or key in PATH_KEYS)
     ]
     raw = _merge(layers, keys, problems, failed, frozenset({"refresh_token"} if purpose == "login" else ()), origins)
@@ -215,16 +212,16 @@ def load_settings(env: Mapping[str, str], *, purpose: Purpose = "serve") -> Sett
         raw["tracing"] = True
         origins["tracing"] = Origin("environment", next(name for name in tracing.ENDPOINT_VARIABLES if env.get(name)))
     try:
-        settings = Settings.model_validate(raw, context={"purpose": purpose})
-    except ValidationError as exc:
-        for error in exc.errors(include_input=False, include_url=False):
-            place = _place(error["loc"], labels)
+        settings = Settings.validate(raw, context={"purpose": purpose})
+    except Invalid as exc:
+        for problem in exc.problems:
+            place = _place(problem.loc, labels)
             if place[1] in failed:
                 continue
-            message = str(error["msg"]).removeprefix("Value error, ")
-            if error["type"] == "missing":
+            message = problem.msg
+            if problem.type == "missing":
                 message = "is required"
-            elif error["type"] == "extra_forbidden":
+            elif problem.type == "extra_forbidden":
                 message = "unknown setting"
             problems.append(f"{place[0]}: {message}")
         raise ConfigError(problems) from None

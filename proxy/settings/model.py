@@ -9,14 +9,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    Field,
-    PrivateAttr,
-    SecretStr,
-    ValidationInfo,
-    field_validator,
-)
-
 from proxy.egress.route import Egress, ProxyEnvironment
 from proxy.errors import ConfigError
 from proxy.listen import parse_listen
@@ -37,6 +29,23 @@ from proxy.settings.rules import (
     is_loopback,
     words,
 )
+from proxy.settings.schema import (
+    BOOL,
+    FLOAT,
+    INT,
+    PATH,
+    SECRET,
+    STR,
+    Info,
+    Models,
+    SecretStr,
+    field,
+    instance_of,
+    literal,
+    optional,
+    tuple_of,
+    validates,
+)
 from proxy.store.base import DEFAULT_STORE_LEASE
 from proxy.store.redis import RedisTarget
 from proxy.upstream import (
@@ -51,49 +60,58 @@ from proxy.upstream import (
 
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 _DEFAULT_NETWORKS: Networks = tuple(ipaddress.ip_network(net) for net in DEFAULT_ALLOW_FROM)
+NETWORKS = tuple_of(instance_of(ipaddress.IPv4Network, ipaddress.IPv6Network))
 
 
 class Settings(Credentialed):
     """Validated, immutable settings. Build with ``load_settings``; tests may construct it directly."""
 
     # Before upstream_url, whose validator looks at them.
-    routes: tuple[RouteSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = field(Models(RouteSettings), ())
     # Required to serve; `login` and `token` work without it (load_settings(purpose=...)).
-    upstream_url: str | None = Field(
+    upstream_url: str | None = field(
+        optional(STR),
         default=None,
         validate_default=True,
         description=(
             "API Gateway base URL, stage included, e.g. `https://abc123.execute-api.us-east-1.amazonaws.com/prod`"
         ),
     )
-    listen: str = Field(
+    listen: str = field(
+        STR,
         default="127.0.0.1:8080",
         description="`host:port` to listen on (`:0` picks a free port, logged at start), or `unix:/path/to.sock`",
     )
     # A second listener that serves the /-/ routes only (metrics, health), e.g. for Prometheus in Kubernetes while
     # the forwarding listener stays on the pod's loopback.
-    metrics_listen: str | None = Field(
+    metrics_listen: str | None = field(
+        optional(STR),
         default=None,
         description=(
             "`host:port` of a second listener that serves `/-/metrics`, `/-/healthz` and `/-/readyz` only, "
             "never forwarding (for a scraper while `SIDECAR_LISTEN` stays on loopback)"
         ),
     )
-    refresh_margin: float = Field(
+    refresh_margin: float = field(
+        FLOAT,
         default=DEFAULT_REFRESH_MARGIN,
         ge=0,
         description="seconds before `exp` at which a token is refreshed (capped at half its life)",
     )
-    connect_timeout: float = Field(
-        default=DEFAULT_CONNECT_TIMEOUT, gt=0, description="upstream connect timeout, seconds"
+    connect_timeout: float = field(
+        FLOAT, default=DEFAULT_CONNECT_TIMEOUT, gt=0, description="upstream connect timeout, seconds"
     )
-    read_timeout: float = Field(
-        default=DEFAULT_READ_TIMEOUT, gt=0, description="upstream read timeout (and request body stall limit), seconds"
+    read_timeout: float = field(
+        FLOAT,
+        default=DEFAULT_READ_TIMEOUT,
+        gt=0,
+        description="upstream read timeout (and request body stall limit), seconds",
     )
-    token_timeout: float = Field(
-        default=DEFAULT_TOKEN_TIMEOUT, gt=0, description="token endpoint timeout per attempt, seconds"
+    token_timeout: float = field(
+        FLOAT, default=DEFAULT_TOKEN_TIMEOUT, gt=0, description="token endpoint timeout per attempt, seconds"
     )
-    pool_timeout: float = Field(
+    pool_timeout: float = field(
+        FLOAT,
         default=DEFAULT_POOL_TIMEOUT,
         gt=0,
         description=(
@@ -101,48 +119,58 @@ class Settings(Credentialed):
             "handshake is also bounded by the connect timeout) before a 504, seconds"
         ),
     )
-    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1, description="upstream connection pool size")
-    shutdown_delay: float = Field(
+    max_connections: int = field(
+        INT, default=DEFAULT_MAX_CONNECTIONS, ge=1, description="upstream connection pool size"
+    )
+    shutdown_delay: float = field(
+        FLOAT,
         default=DEFAULT_SHUTDOWN_DELAY,
         ge=0,
         description="on SIGTERM, how long new requests are still served while `/-/readyz` says `draining`, seconds",
     )
-    shutdown_grace: int = Field(
+    shutdown_grace: int = field(
+        INT,
         default=DEFAULT_SHUTDOWN_GRACE,
         ge=0,
         description="then, how long in-flight requests may finish before exit, seconds",
     )
-    access_log: bool = Field(default=True, description="access log on (1) or off (0)")
-    access_log_query: bool = Field(
-        default=False, description="`1`: the access log shows query strings, which can carry personal data"
+    access_log: bool = field(BOOL, default=True, description="access log on (1) or off (0)")
+    access_log_query: bool = field(
+        BOOL, default=False, description="`1`: the access log shows query strings, which can carry personal data"
     )
-    access_log_exclude: tuple[str, ...] = Field(
+    access_log_exclude: tuple[str, ...] = field(
+        tuple_of(STR),
         default=DEFAULT_ACCESS_LOG_EXCLUDE,
         description=(
             "path prefixes whose 1xx-3xx answers get no access line, comma-separated; the default `/-/` leaves out "
             "passing health probes and scrapes (errors are still logged); empty: a line for every request"
         ),
     )
-    access_log_sample: float = Field(
+    access_log_sample: float = field(
+        FLOAT,
         default=1.0,
         ge=0,
         le=1,
         description="share of 1xx-3xx answers that get an access line, from 0 to 1; errors always get one",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="debug, info, warning or error"
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        literal("debug", "info", "warning", "error"), default="info", description="debug, info, warning or error"
     )
-    log_levels: tuple[tuple[str, str], ...] = Field(
+    log_levels: tuple[tuple[str, str], ...] = field(
+        tuple_of(tuple_of(STR)),
         default=(),
         description=(
             "levels of single loggers, `logger=level` comma-separated, e.g. `httpx2=info,proxy.shared=debug`; "
             "httpx2's line per token request is at `warning` unless set here (`token_refreshed` says more)"
         ),
     )
-    log_format: Literal["text", "json"] = Field(
-        default="text", description="`text` or `json` (one object per line), for every log line (see Observability)"
+    log_format: Literal["text", "json"] = field(
+        literal("text", "json"),
+        default="text",
+        description="`text` or `json` (one object per line), for every log line (see Observability)",
     )
-    tracing: bool = Field(
+    tracing: bool = field(
+        BOOL,
         default=False,
         description=(
             "`1`: OpenTelemetry traces over OTLP/HTTP (the `otel` extra); on by itself when "
@@ -150,8 +178,9 @@ class Settings(Credentialed):
         ),
     )
     # Where spans go: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT's /v1/traces (not SIDECAR_).
-    tracing_endpoint: str | None = None
-    ready_when: Literal["token", "process"] = Field(
+    tracing_endpoint: str | None = field(optional(STR), None)
+    ready_when: Literal["token", "process"] = field(
+        literal("token", "process"),
         default="token",
         description=(
             "when `/-/readyz` answers 200: `token` (a valid token is held) or `process` (whenever it serves; "
@@ -159,39 +188,46 @@ class Settings(Credentialed):
         ),
     )
     # Who may use the credential (see docs/security.md).
-    allowed_hosts: tuple[str, ...] = Field(
+    allowed_hosts: tuple[str, ...] = field(
+        tuple_of(STR),
         default=(),
         description="more `Host` names the sidecar answers to, exact or `*.suffix`, comma-separated (see Security)",
     )
-    allowed_origins: tuple[str, ...] = Field(
-        default=(), description="browser origins allowed to call it, e.g. `https://tool.internal`"
+    allowed_origins: tuple[str, ...] = field(
+        tuple_of(STR), default=(), description="browser origins allowed to call it, e.g. `https://tool.internal`"
     )
-    allow_from: Networks = Field(
+    allow_from: Networks = field(
+        NETWORKS,
         default=_DEFAULT_NETWORKS,
         description="CIDRs that may call it when it listens on a non-loopback address",
     )
-    metrics_allow_from: Networks = Field(
+    metrics_allow_from: Networks = field(
+        NETWORKS,
         default=_DEFAULT_NETWORKS,
         description="CIDRs that may reach the `SIDECAR_METRICS_LISTEN` listener (scrapers, probes)",
     )
-    caller_token: SecretStr | None = Field(
-        default=None, description="a value every forwarded request must carry in `X-Sidecar-Caller`"
+    caller_token: SecretStr | None = field(
+        optional(SECRET), default=None, description="a value every forwarded request must carry in `X-Sidecar-Caller`"
     )
-    caller_token_file: Path | None = None
-    socket_mode: str = Field(
-        default=DEFAULT_SOCKET_MODE, description="file mode of the Unix socket (`SIDECAR_LISTEN=unix:/path`)"
+    caller_token_file: Path | None = field(optional(PATH), None)
+    socket_mode: str = field(
+        STR, default=DEFAULT_SOCKET_MODE, description="file mode of the Unix socket (`SIDECAR_LISTEN=unix:/path`)"
     )
-    max_header_bytes: int = Field(
-        default=DEFAULT_MAX_HEADER_BYTES, ge=1024, description="largest request head (request line and headers), bytes"
+    max_header_bytes: int = field(
+        INT,
+        default=DEFAULT_MAX_HEADER_BYTES,
+        ge=1024,
+        description="largest request head (request line and headers), bytes",
     )
-    max_body_bytes: int = Field(
-        default=DEFAULT_MAX_BODY_BYTES, ge=0, description="largest request body, bytes; `0` for no limit"
+    max_body_bytes: int = field(
+        INT, default=DEFAULT_MAX_BODY_BYTES, ge=0, description="largest request body, bytes; `0` for no limit"
     )
-    max_clients: int = Field(
-        default=DEFAULT_MAX_CLIENTS, ge=1, description="client connections open at once; more are refused at once"
+    max_clients: int = field(
+        INT, default=DEFAULT_MAX_CLIENTS, ge=1, description="client connections open at once; more are refused at once"
     )
     # Serving processes on this host; more than one share the credential through the token store.
-    workers: int = Field(
+    workers: int = field(
+        INT,
         default=1,
         ge=1,
         le=MAX_WORKERS,
@@ -199,7 +235,8 @@ class Settings(Credentialed):
     )
     # Where sidecars sharing a credential keep it (see proxy.store): memory, file:/dir, or a Redis URL (one server,
     # Sentinel or Cluster). Not in reprs: a Redis URL may carry a password.
-    token_store: str = Field(
+    token_store: str = field(
+        STR,
         default="memory",
         repr=False,
         description=(
@@ -208,14 +245,17 @@ class Settings(Credentialed):
             "`redis+cluster://node:6379` (`rediss` for TLS; see Fleet)"
         ),
     )
-    token_store_plaintext: bool = Field(
-        default=False, description="`1`: a public client with no store key keeps its refresh token in Redis in clear"
+    token_store_plaintext: bool = field(
+        BOOL,
+        default=False,
+        description="`1`: a public client with no store key keeps its refresh token in Redis in clear",
     )
-    token_store_password: SecretStr | None = Field(
-        default=None, description="Redis `AUTH` password (or in the URL, `redis://:password@host`)"
+    token_store_password: SecretStr | None = field(
+        optional(SECRET), default=None, description="Redis `AUTH` password (or in the URL, `redis://:password@host`)"
     )
-    token_store_password_file: Path | None = None
-    token_store_lease: float = Field(
+    token_store_password_file: Path | None = field(optional(PATH), None)
+    token_store_lease: float = field(
+        FLOAT,
         default=DEFAULT_STORE_LEASE,
         gt=0,
         description=(
@@ -223,31 +263,33 @@ class Settings(Credentialed):
         ),
     )
     # Last of the store's settings: its validator checks them together.
-    token_store_key: SecretStr | None = Field(
+    token_store_key: SecretStr | None = field(
+        optional(SECRET),
         default=None,
         validate_default=True,
         description="key material that seals what the store holds; the same for every sidecar sharing it",
     )
-    token_store_key_file: Path | None = None
+    token_store_key_file: Path | None = field(optional(PATH), None)
     # The egress proxy for every outbound HTTP request (not Redis), over the standard variables; "none" ignores them.
     # A secret: the URL may carry the proxy's password.
-    egress_proxy: SecretStr | None = Field(
+    egress_proxy: SecretStr | None = field(
+        optional(SECRET),
         default=None,
         description=(
             "forward proxy for every outbound HTTP(S) request, `http://[user:password@]host:port`, over the "
             "standard variables; `none` ignores them (see Corporate networks)"
         ),
     )
-    egress_proxy_file: Path | None = None
+    egress_proxy_file: Path | None = field(optional(PATH), None)
     # HTTPS_PROXY, HTTP_PROXY and NO_PROXY as load_settings found them in the environment (not SIDECAR_ settings).
-    proxy_environment: ProxyEnvironment = ProxyEnvironment()
-    # Where load_settings found each value (empty for settings built directly).
-    _sources: Origins = PrivateAttr(default_factory=dict)
+    proxy_environment: ProxyEnvironment = field(instance_of(ProxyEnvironment), ProxyEnvironment())
 
     @property
     def origins(self) -> Origins:
-        """Where each value came from, by key (``listen``, ``routes.0.upstream_url``); none: its default."""
-        return self._sources
+        """Where each value came from, by key (``listen``, ``routes.0.upstream_url``); none: its default. Filled by
+        ``load_settings``; empty for settings built directly."""
+        origins: Origins = self.__dict__.setdefault("_origins", {})
+        return origins
 
     @property
     def timeouts(self) -> Timeouts:
@@ -269,7 +311,7 @@ class Settings(Credentialed):
         except ValueError as exc:
             raise ConfigError([str(exc)]) from None
 
-    @field_validator("token_store")
+    @validates("token_store")
     @classmethod
     def _token_store(cls, value: str) -> str:
         value = value.strip()
@@ -295,9 +337,9 @@ class Settings(Credentialed):
             "redis+cluster://node:6379 (rediss for TLS)"
         )
 
-    @field_validator("token_store_key")
+    @validates("token_store_key")
     @classmethod
-    def _store_sealing(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+    def _store_sealing(cls, value: SecretStr | None, info: Info) -> SecretStr | None:
         store = info.data.get("token_store", "memory")
         if value is not None or not store.startswith("redis") or info.data.get("token_store_plaintext"):
             return value
@@ -311,9 +353,9 @@ class Settings(Credentialed):
             )
         return value
 
-    @field_validator("upstream_url")
+    @validates("upstream_url")
     @classmethod
-    def _upstream(cls, value: str | None, info: ValidationInfo) -> str | None:
+    def _upstream(cls, value: str | None, info: Info) -> str | None:
         purpose = (info.context or {}).get("purpose", "serve")
         if value is None:
             if purpose == "serve" and "routes" in info.data and not info.data["routes"]:
@@ -321,7 +363,7 @@ class Settings(Credentialed):
             return None
         return check_url(value, allow_insecure=bool(info.data.get("allow_insecure", False)))
 
-    @field_validator("listen")
+    @validates("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         value = value.strip()
@@ -332,9 +374,9 @@ class Settings(Credentialed):
         parse_listen(value)
         return value
 
-    @field_validator("metrics_listen")
+    @validates("metrics_listen")
     @classmethod
-    def _metrics_listen(cls, value: str | None, info: ValidationInfo) -> str | None:
+    def _metrics_listen(cls, value: str | None, info: Info) -> str | None:
         if value is None or not value.strip():
             return None
         value = value.strip()
@@ -344,7 +386,7 @@ class Settings(Credentialed):
             raise ValueError("must use another port than SIDECAR_LISTEN")
         return value
 
-    @field_validator("access_log_exclude", mode="before")
+    @validates("access_log_exclude", mode="before")
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         prefixes = tuple(words(value))
@@ -353,7 +395,7 @@ class Settings(Credentialed):
                 raise ValueError(f"{prefix!r} must be a path prefix starting with /, e.g. /-/ or /health")
         return prefixes
 
-    @field_validator("log_levels", mode="before")
+    @validates("log_levels", mode="before")
     @classmethod
     def _log_levels(cls, value: Any) -> Any:
         pairs = list(value.items()) if isinstance(value, dict) else [str(w).partition("=")[::2] for w in words(value)]
@@ -368,12 +410,12 @@ class Settings(Credentialed):
             levels.append((str(logger).strip(), level))
         return tuple(levels)
 
-    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @validates("allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return tuple(word.lower() for word in words(value))
 
-    @field_validator("allowed_hosts")
+    @validates("allowed_hosts")
     @classmethod
     def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for host in value:
@@ -382,7 +424,7 @@ class Settings(Credentialed):
                 raise ValueError(f"{host!r} must be a host name without port (exact, or *.suffix)")
         return value
 
-    @field_validator("allowed_origins")
+    @validates("allowed_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for origin in value:
@@ -390,7 +432,7 @@ class Settings(Credentialed):
                 raise ValueError(f"{origin!r} must be an origin: scheme://host[:port], no path")
         return value
 
-    @field_validator("allow_from", "metrics_allow_from", mode="before")
+    @validates("allow_from", "metrics_allow_from", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
         try:
@@ -398,7 +440,7 @@ class Settings(Credentialed):
         except ValueError as exc:
             raise ValueError(f"must be CIDRs such as 10.0.0.0/8, fc00::/7 ({exc})") from None
 
-    @field_validator("socket_mode")
+    @validates("socket_mode")
     @classmethod
     def _mode(cls, value: str) -> str:
         if not re.fullmatch(r"0?[0-7]{3}", value.strip()):

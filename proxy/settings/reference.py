@@ -1,14 +1,13 @@
 """What each setting means, for ``serve --help`` and for docs/configuration.md, read off the fields' own
-descriptions (``Field(description=...)``), so the help and the docs cannot drift from the code."""
+descriptions (``field(..., description=...)``), so the help and the docs cannot drift from the code."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pydantic.fields import FieldInfo
-
 from proxy.settings.model import Settings
 from proxy.settings.rules import FILE_KEYS, PATH_KEYS, env_name
+from proxy.settings.schema import Field
 
 CONFIG_HELP = "TOML file with these settings (lower-case keys; the environment wins)"
 PROXY_NAMES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
@@ -16,14 +15,14 @@ PROXY_VARIABLES = f"{', '.join(PROXY_NAMES)} (or lower case, which wins)"
 PROXY_HELP = "the standard proxy variables, read as curl reads them, unless SIDECAR_EGRESS_PROXY is set"
 
 
-def described() -> Iterator[tuple[str, FieldInfo]]:
+def described() -> Iterator[tuple[str, Field]]:
     """Every setting a user sets, in the order the fields are declared (the credential first)."""
-    for key, field in Settings.model_fields.items():
+    for key, field in Settings.fields.items():
         if field.description and (not key.endswith("_file") or key in PATH_KEYS):
             yield key, field
 
 
-def default_of(field: FieldInfo) -> str:
+def default_of(field: Field) -> str:
     """A field's default as a user would type it; empty when there is none to show."""
     if field.is_required() or field.default in (None, "", ()):
         return ""

@@ -20,6 +20,6 @@ def test_every_setting_is_in_the_configuration_docs():
     from proxy.settings import Settings
 
     text = (ROOT / "docs" / "configuration.md").read_text()
-    for key, field in Settings.model_fields.items():
+    for key, field in Settings.fields.items():
         if field.description:
             assert f"`SIDECAR_{key.upper()}`" in text, key
