@@ -21,8 +21,10 @@ happened, the likely causes, and what to do. None of them ever holds a secret or
         │       └── EgressError          the egress proxy or TLS failed before the endpoint could answer
         └── TokenUnusableError           the answer lacked the configured token kind, or it is not a JWT
 
-Outside the tree, on purpose: ``ClientGone`` (proxy.forward: the client left; nothing to answer) and
-``UnreadableRecord`` (proxy.tokens.sealed: a ``ValueError`` the fleet turns into a ``StoreError``).
+Outside the tree, on purpose: ``ClientGone`` (proxy.forward: the client left; nothing to answer),
+``UnreadableRecord`` (proxy.tokens.sealed: a ``ValueError`` the fleet turns into a ``StoreError``) and ``Invalid``
+(proxy.settings.schema: a ``ValueError`` listing problems by place, which ``load_settings`` turns into a
+``ConfigError``).
 
 ``failure_kind`` names each kind of failure in metrics (the ``outcome`` of ``sidecar_token_requests_total`` and
 ``sidecar_token_refreshes_total``; a throttled ``TransientTokenError`` is ``throttled``).

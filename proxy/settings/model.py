@@ -413,7 +413,7 @@ class Settings(Credentialed):
     @validates("allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
-        return tuple(word.lower() for word in words(value))
+        return tuple(word.lower() if isinstance(word, str) else word for word in words(value))
 
     @validates("allowed_hosts")
     @classmethod

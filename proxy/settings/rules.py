@@ -88,11 +88,13 @@ def check_url(value: str, *, allow_insecure: bool, path_allowed: bool = True) ->
     return value.rstrip("/")
 
 
-def words(value: Any) -> Any:
-    """A list setting from the environment: comma- or space-separated words."""
+def words(value: Any) -> tuple[Any, ...]:
+    """A list setting: comma- or space-separated words from the environment, or an array from the TOML file."""
     if isinstance(value, str):
         return tuple(word for word in re.split(r"[,\s]+", value) if word)
-    return value
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    raise ValueError("must be a list: words separated by commas, or an array in the TOML file")
 
 
 def env_name(key: str) -> str:

@@ -234,6 +234,24 @@ def test_bad_log_settings_say_what_to_write(name: str, value: str, problem: str)
         load_settings({**BASE, name: value})
 
 
+def test_list_settings_of_the_wrong_shape_in_toml_are_problems_not_crashes(tmp_path: Path):
+    toml = _config(
+        tmp_path,
+        "allowed_hosts = 5\naccess_log_exclude = true\nallow_from = 10\nlog_levels = 3\n"
+        'allowed_origins = ["https://a.b", 7]\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, "SIDECAR_CONFIG": toml})
+    listed = "must be a list: words separated by commas, or an array in the TOML file"
+    assert list(info.value.problems) == [
+        f"SIDECAR_ACCESS_LOG_EXCLUDE: {listed}",
+        f"SIDECAR_LOG_LEVELS: {listed}",
+        f"SIDECAR_ALLOWED_HOSTS: {listed}",
+        "SIDECAR_ALLOWED_ORIGINS: Input should be a valid string",
+        f"SIDECAR_ALLOW_FROM: must be CIDRs such as 10.0.0.0/8, fc00::/7 ({listed})",
+    ]
+
+
 @pytest.mark.parametrize(
     ("bound", "usable"),
     [
