@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The fixed point every performance figure is compared against (docs/performance.md): the hot path before the
 # security, observability and fleet work. Named here and nowhere else; ``baseline`` in a list of trees is this commit.
 BASELINE = "bd51c89"
+# What the baseline imports that this checkout no longer installs.
+BASELINE_NEEDS = ("stamina", "pydantic")
 BODY = json.dumps(
     {
         "id": 7,
@@ -246,8 +248,10 @@ def baseline_tree() -> Path:
     """The ``BASELINE`` commit's files, extracted once (``git archive``) into ``.cache/bench/`` with their bytecode.
     Exits with what to do when the commit is not in this clone or the baseline's own dependency is missing."""
     tree = ROOT / ".cache" / "bench" / f"baseline-{BASELINE}"
-    if importlib.util.find_spec("stamina") is None:
-        sys.exit(f"bench: the baseline ({BASELINE}) imports stamina, which this environment lacks: pip install stamina")
+    missing = [name for name in BASELINE_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        names = " ".join(missing)
+        sys.exit(f"bench: the baseline ({BASELINE}) imports {names}, which this environment lacks: pip install {names}")
     if tree.is_dir():
         return tree
     if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{BASELINE}^{{commit}}"], check=False).returncode:
