@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import ConfigError
-from proxy.settings import load_settings
+from proxy.settings import FILE_KEYS, PATH_KEYS, Settings, load_settings
+from proxy.settings.effective import effective, effective_text
 from tests.conftest import BASE, REFRESH, SECRET
 
 
@@ -264,3 +269,66 @@ def test_the_emulator_prints_urls_this_machine_can_call(bound: str, usable: str)
     from proxy.commands.demo import _usable
 
     assert _usable(bound) == usable
+
+
+# Whatever a user writes, loading ends in settings or in a list of problems: never a traceback, never a secret in a
+# message. Keys that name files to read (*_file, SIDECAR_CONFIG) are left out: their values would be read.
+_KEYS = sorted(
+    key
+    for key in Settings.fields
+    if key not in ("proxy_environment", "tracing_endpoint") and (not key.endswith("_file") or key in PATH_KEYS)
+)
+_SCALARS = st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_ROUTE = st.fixed_dictionaries(
+    {"prefix": st.sampled_from(["/a", "/b/", "a", "/-/x", "/a/../b"])},
+    optional={key: _VALUES for key in ("upstream_url", "methods", "paths", "client_id", "strip_prefix", "grant")},
+)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML's
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(key)} = {_toml(item)}" for key, item in value.items()) + "}"
+
+
+def _secrets_of(*sources: dict[str, Any]) -> list[str]:
+    """The values given to secret settings that no other setting was given (a message may quote those)."""
+    given = [(key, str(value)) for source in sources for key, value in source.items()]
+    public = [value for key, value in given if key not in FILE_KEYS]
+    return [
+        value for key, value in given if key in FILE_KEYS and len(value) >= 8 and not any(value in p for p in public)
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    env=st.dictionaries(st.sampled_from(_KEYS), st.text(max_size=24), max_size=4),
+    toml=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=4),
+    routes=st.lists(_ROUTE, max_size=2),
+)
+def test_any_values_load_or_are_listed_problems_without_their_secrets(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], toml: dict[str, Any], routes: list[dict[str, Any]]
+):
+    text = "".join(f"{key} = {_toml(value)}\n" for key, value in toml.items() if key != "routes")
+    text += f"routes = {_toml(routes)}\n" if routes else ""
+    path = tmp_path_factory.mktemp("config") / "sidecar.toml"
+    path.write_text(text)
+    variables = {**BASE, **{f"SIDECAR_{key.upper()}": value for key, value in env.items()}, "SIDECAR_CONFIG": str(path)}
+    secrets = _secrets_of(env, toml, {"routes": routes})
+    try:
+        loaded = load_settings(variables)
+        report = repr(loaded) + effective_text(effective(loaded))
+    except ConfigError as exc:  # anything else fails the test, with its traceback
+        report = str(exc)
+    assert not any(secret in report for secret in secrets)
