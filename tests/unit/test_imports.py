@@ -21,6 +21,8 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} | {m for m 
 """
 
 NEVER = (
+    # Settings are validated by proxy.settings.schema: a validation library would cost ~9 MiB and a fifth of start-up.
+    "pydantic",
     "cryptography",
     "jwt",
     "redis",
