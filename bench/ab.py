@@ -85,12 +85,15 @@ def main() -> int:
             wait_port(port)
             targets.append((tree, proc, port))
         results: dict[str, list[dict[str, float]]] = {tree: [] for tree, _, _ in targets}
-        failed = dict.fromkeys(results, 0)  # non-2xx answers and socket errors: printed, and the exit status
+        # Non-2xx answers and socket errors, and requests wrk gave up on after 2 s: printed, and the exit status.
+        failed = dict.fromkeys(results, 0)
+        timeouts = dict.fromkeys(results, 0)
         for rnd in range(args.rounds):
             for tree, proc, port in targets[rnd % len(targets) :] + targets[: rnd % len(targets)]:
                 cpu0, (w0, r0) = cpu_seconds([proc.pid]), syscalls(proc.pid)
                 run = wrk(f"http://127.0.0.1:{port}/item", args.connections, args.duration)
                 failed[tree] += int(run["failed"])
+                timeouts[tree] += int(run["timeouts"])
                 w1, r1 = syscalls(proc.pid)
                 run["cpu_us"] = (cpu_seconds([proc.pid]) - cpu0) / run["requests"] * 1e6
                 run["writes"], run["reads"] = (w1 - w0) / run["requests"], (r1 - r0) / run["requests"]
@@ -107,8 +110,9 @@ def main() -> int:
                 f"p50 {median('p50'):.2f} ms p99 {median('p99'):.1f} ms   "
                 f"syscalls/req write {median('writes'):.2f} read {median('reads'):.2f}"
                 + (f"   FAILED {failed[tree]} requests" if failed[tree] else "")
+                + (f"   TIMED OUT {timeouts[tree]} requests (over 2 s)" if timeouts[tree] else "")
             )
-        return 1 if any(failed.values()) else 0
+        return 1 if any(failed.values()) or any(timeouts.values()) else 0
     finally:
         stop_all(procs, work)
 
