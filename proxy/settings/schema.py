@@ -14,11 +14,12 @@ missing); ``before`` validators see the raw value; the field's kind turns it int
 from the environment needs: ``"1"`` is a bool, ``"5"`` an int); the bounds are checked; then the other validators
 run. A validator taking ``info`` sees the fields validated so far (``info.data``, failed ones left out) and the
 caller's ``context``. Every problem is collected, and ``Invalid`` lists them all, each with where it is (``("routes",
-0, "prefix")``) and a message that never holds the value.
+0, "prefix")``) and a message. A kind's message never quotes the value (it may be a secret); a validator's says what
+its field's values may show.
 
 The messages use the wording of pydantic, which validated the settings before this module did, so that what a user
-reads did not change. It is small on purpose: pydantic costs a serving process about 10 MiB and a tenth of its
-start-up, for a dozen kinds of values validated once.
+reads did not change. It is small on purpose: pydantic cost a serving process about 9 MiB of RSS and a fifth of its
+start-up instructions, for a dozen kinds of values validated once (docs/lab/notebook.md, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class KindError(ValueError):
 
 
 class SecretStr:
-    """A string kept out of reprs, ``str`` and equality dumps: read it with ``get_secret_value()``."""
+    """A string kept out of reprs and ``str``: read it with ``get_secret_value()``."""
 
     __slots__ = ("_value",)
 
@@ -235,6 +236,7 @@ class Field:
         return self.default is _REQUIRED
 
     def bounded(self, value: Any) -> Any:
+        """``value`` when it is within the field's bounds."""
         if self.min_length is not None and len(value) < self.min_length:
             unit = "character" if self.min_length == 1 else "characters"
             raise KindError("string_too_short", f"String should have at least {self.min_length} {unit}")
