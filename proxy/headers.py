@@ -108,7 +108,7 @@ def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[lis
     for name, value in raw:
         lower = name.lower()
         if lower in _RESPONSE_OWN:
-            if lower == b"connection":
+            if lower == b"connection" and value not in _PLAIN_CONNECTION:
                 listed |= _listed(value)
             continue
         if lower in GATEWAY_REQUEST_IDS:

@@ -62,6 +62,9 @@ def test_response_headers_keep_repeats_apart_and_lose_hop_by_hop_ones():
     )
     assert out == [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"x-amzn-requestid", b"gw-1")]
     assert gateway_id == b"gw-1"
+    # The usual Connection value names no other header: nothing more goes.
+    out, _ = downstream_response_headers(raw(("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"), ("X-A", "1")))
+    assert out == [(b"x-a", b"1")]
 
 
 def test_request_body_length():
