@@ -3,6 +3,7 @@
     python bench/cost.py                      # the baseline (bench.py's BASELINE) against this checkout
     git worktree add /tmp/before HEAD~1
     python bench/cost.py baseline /tmp/before . .@SIDECAR_LOG_FORMAT=json .@SIDECAR_ACCESS_LOG=0 [--requests 1000]
+    python bench/cost.py baseline . bare       # with the featureless prototype (bench.py's BARE): the floor
 
 Each tree (with ``@NAME=VALUE`` settings, as in ``bench/ab.py``) runs as a sidecar under ``valgrind
 --tool=callgrind`` twice, forwarding N and then 3N GET requests on one keep-alive connection to the nginx
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +28,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench import compile_tree, free_port, stop_all, token_upstream, tree_env, tree_path, wait_port
+from bench import BARE, compile_tree, free_port, stop_all, token_upstream, tree_env, tree_path, wait_port
 
 # Under valgrind the interpreter starts about 50 times slower.
 START_TIMEOUT = 300.0
@@ -46,15 +48,22 @@ def forward(port: int, count: int) -> None:
         connection.close()
 
 
-def instructions(tree: str, upstream: int, count: int, work: Path) -> int:
-    """Instructions the sidecar of ``tree`` executed from start to exit, forwarding ``count`` requests."""
+def instructions(tree: str, upstream: int, token: str, count: int, work: Path) -> int:
+    """Instructions the sidecar of ``tree`` (or the bare prototype) executed from start to exit, forwarding ``count``
+    requests."""
     port = free_port()
-    cwd, env = tree_env(tree, upstream, port)
-    settings = [cwd / "proxy" / "settings.py", *(cwd / "proxy" / "settings").glob("*.py")]
-    if any("shutdown_delay" in path.read_text() for path in settings if path.exists()):  # the baseline predates it
-        env["SIDECAR_SHUTDOWN_DELAY"] = "0"
+    if tree == "bare":
+        cwd, env = work, {**os.environ, "BARE_UPSTREAM": f"http://127.0.0.1:{upstream}", "BARE_TOKEN": token}
+        env["BARE_PORT"] = str(port)
+        program = ["-c", BARE]
+    else:
+        cwd, env = tree_env(tree, upstream, port)
+        settings = [cwd / "proxy" / "settings.py", *(cwd / "proxy" / "settings").glob("*.py")]
+        if any("shutdown_delay" in path.read_text() for path in settings if path.exists()):  # the baseline predates it
+            env["SIDECAR_SHUTDOWN_DELAY"] = "0"
+        program = ["-m", "proxy", "serve"]
     out = work / f"callgrind-{port}.out"
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "proxy", "serve"]
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *program]
     proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, timeout=START_TIMEOUT)
@@ -74,7 +83,7 @@ def main() -> int:
         "trees",
         nargs="*",
         default=["baseline", "."],
-        help="source trees ('baseline': bench.py's BASELINE), each with @NAME=VALUE settings",
+        help="source trees ('baseline': bench.py's BASELINE; 'bare': the prototype), each with @NAME=VALUE settings",
     )
     parser.add_argument("--requests", type=int, default=1000, help="N: runs forward N and 3N requests")
     args = parser.parse_args()
@@ -83,15 +92,16 @@ def main() -> int:
             sys.exit(f"cost: {tool} is required (apt-get install valgrind nginx-light)")
     for tree in args.trees:
         # Bytecode, as installed (start-up is counted too); the baseline is extracted here, once, not by two runs.
-        compile_tree(tree_path(tree.split("@")[0]))
+        if tree != "bare":
+            compile_tree(tree_path(tree.split("@")[0]))
     work = Path(tempfile.mkdtemp(prefix="sidecar-cost-"))
     work.chmod(0o755)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        upstream, _ = token_upstream(work, procs)
+        upstream, token = token_upstream(work, procs)
         runs = [(tree, count) for tree in args.trees for count in (args.requests, 3 * args.requests)]
         with ThreadPoolExecutor(max_workers=2) as pool:  # one valgrind per core
-            totals = list(pool.map(lambda run: instructions(run[0], upstream, run[1], work), runs))
+            totals = list(pool.map(lambda run: instructions(run[0], upstream, token, run[1], work), runs))
         per_request = {
             tree: (totals[2 * index + 1] - totals[2 * index]) / (2 * args.requests)
             for index, tree in enumerate(args.trees)
