@@ -18,7 +18,6 @@ Not a test (pytest does not collect it); needs wrk, nginx and taskset, like ``be
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from bench import (
     BARE,
+    bare_env,
     cpu_seconds,
     egress_proxy,
     ensure_tools,
@@ -70,9 +70,8 @@ def main() -> int:
         for tree in args.trees:
             port = free_port()
             if tree == "bare":
-                env = {**os.environ, "BARE_UPSTREAM": f"http://127.0.0.1:{up}", "BARE_TOKEN": token}
+                env = bare_env(f"http://127.0.0.1:{up}", token, port)
                 command, cwd = [sys.executable, "-c", BARE], work
-                env["BARE_PORT"] = str(port)
             else:
                 cwd, env = tree_env(tree, up, port)
                 if env.get("SIDECAR_EGRESS_PROXY") == "tinyproxy":

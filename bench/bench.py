@@ -107,6 +107,11 @@ uvicorn.run(app, host="127.0.0.1", port=int(os.environ["BARE_PORT"]), loop="uvlo
 """
 
 
+def bare_env(upstream_url: str, token: str, port: int) -> dict[str, str]:
+    """The environment that runs ``BARE`` on ``port``, forwarding to ``upstream_url`` with ``token``."""
+    return {**os.environ, "BARE_UPSTREAM": upstream_url, "BARE_TOKEN": token, "BARE_PORT": str(port)}
+
+
 # The upload receiver, on CPU 1: counts the de-chunked body bytes of each request (httptools, as uvicorn
 # uses) and throws them away. nginx storing 1 GiB in /dev/shm was the bottleneck instead of the proxy: CPU 1
 # ran at 100% while the sidecar idled at 45%.
@@ -246,7 +251,7 @@ def token_upstream(work: Path, procs: list[subprocess.Popen[bytes]]) -> tuple[in
 
 def baseline_tree() -> Path:
     """The ``BASELINE`` commit's files, extracted once (``git archive``) into ``.cache/bench/`` with their bytecode.
-    Exits with what to do when the commit is not in this clone or the baseline's own dependency is missing."""
+    Exits with what to do when the commit is not in this clone or the baseline's own dependencies are missing."""
     tree = ROOT / ".cache" / "bench" / f"baseline-{BASELINE}"
     missing = [name for name in BASELINE_NEEDS if importlib.util.find_spec(name) is None]
     if missing:
@@ -489,9 +494,8 @@ def main() -> int:
 
         ref_pids = children(procs[-1].pid) or [procs[-1].pid]
         bare_port = free_port()
-        bare_env = {**os.environ, "BARE_UPSTREAM": f"http://127.0.0.1:{up}", "BARE_TOKEN": token}
         bare = subprocess.Popen(
-            ["taskset", "-c", "0", sys.executable, "-c", BARE], env={**bare_env, "BARE_PORT": str(bare_port)}
+            ["taskset", "-c", "0", sys.executable, "-c", BARE], env=bare_env(f"http://127.0.0.1:{up}", token, bare_port)
         )
         procs.append(bare)
         wait_port(bare_port)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench import BARE, compile_tree, free_port, stop_all, token_upstream, tree_env, tree_path, wait_port
+from bench import BARE, bare_env, compile_tree, free_port, stop_all, token_upstream, tree_env, tree_path, wait_port
 
 # Under valgrind the interpreter starts about 50 times slower.
 START_TIMEOUT = 300.0
@@ -53,8 +52,7 @@ def instructions(tree: str, upstream: int, token: str, count: int, work: Path) -
     requests."""
     port = free_port()
     if tree == "bare":
-        cwd, env = work, {**os.environ, "BARE_UPSTREAM": f"http://127.0.0.1:{upstream}", "BARE_TOKEN": token}
-        env["BARE_PORT"] = str(port)
+        cwd, env = work, bare_env(f"http://127.0.0.1:{upstream}", token, port)
         program = ["-c", BARE]
     else:
         cwd, env = tree_env(tree, upstream, port)

@@ -26,7 +26,15 @@ from pathlib import Path
 
 import httpx2
 
-from bench import BARE, compile_tree, cpu_seconds, free_port, tree_env, wait_port  # bench/bench.py, beside this script
+from bench import (  # bench/bench.py, beside this script
+    BARE,
+    bare_env,
+    compile_tree,
+    cpu_seconds,
+    free_port,
+    tree_env,
+    wait_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET, REFRESH, CLIENT = "bench-secret", "bench-rt", "bench"  # as bench.tree_env gives them
@@ -144,9 +152,8 @@ def main() -> int:
             data={"grant_type": "refresh_token", "refresh_token": REFRESH, "client_id": CLIENT},
         ).json()["id_token"]
         port = free_port()
-        bare_env = {**os.environ, "BARE_UPSTREAM": f"http://127.0.0.1:{api}/prod", "BARE_TOKEN": token}
-        bare_env["BARE_PORT"] = str(port)
-        bare_rss = _rss_after([sys.executable, "-c", BARE], ROOT, bare_env, port, "/hello", args.requests)
+        bare = bare_env(f"http://127.0.0.1:{api}/prod", token, port)
+        bare_rss = _rss_after([sys.executable, "-c", BARE], ROOT, bare, port, "/hello", args.requests)
         python = _median_seconds([sys.executable, "-c", "pass"], ROOT, dict(os.environ), args.runs)
     finally:
         emulator.terminate()
