@@ -1,3 +1,3 @@
 """The way out to Cognito and API Gateway: the egress proxy a URL goes through (``route``), what a failure on
-the way means (``failures``), TLS trust and client certificates (``tls``), and the token endpoint's HTTP client
-(``transport``)."""
+the way means (``failures``), TLS trust and client certificates (``tls``), the upstreams' HTTP client
+(``client``), and the token endpoint's (``transport``)."""

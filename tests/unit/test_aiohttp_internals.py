@@ -1,5 +1,5 @@
-"""What ``proxy.forward.ForwardedRequest`` relies on in aiohttp's ``ClientRequest``, so that an upgrade that changes
-it fails here rather than in the headers a client's request arrives with.
+"""What ``proxy.egress.client.ForwardedRequest`` relies on in aiohttp's ``ClientRequest``, so that an upgrade that
+changes it fails here rather than in the headers a client's request arrives with.
 
 ForwardedRequest overrides ``update_headers`` and ``update_auto_headers`` to do once what aiohttp does per request.
 Built from the same inputs, it must hold exactly the headers, and the table of headers not to add, that aiohttp's
@@ -20,8 +20,8 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.egress.client import SKIPPED_AUTO_HEADERS, ForwardedRequest
 from proxy.emulator.pki import TestCA
-from proxy.forward import SKIPPED_AUTO_HEADERS, ForwardedRequest
 
 CASES = {
     "plain": ("GET", "http://api.example:8443/prod/x", [("Authorization", "t"), ("X-Request-Id", "r")], None),
