@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
+from proxy.egress.client import UpstreamClient
 from proxy.egress.failures import EgressFailure, describe_failure, proxy_refusal
 from proxy.errors import CLOSE, Refusal, TokenError
 from proxy.headers import downstream_response_headers, request_body_length, upstream_request_headers
@@ -86,8 +87,8 @@ class Exchange:
 
     async def run(self) -> None:
         forwarder = self.forwarder
-        session = forwarder.session
-        if session is None:
+        upstream = forwarder.client
+        if upstream is None:
             raise Refusal(503, "not_ready", "the sidecar is starting or stopping; try again in a moment")
         if forwarder.methods is not None or forwarder.paths is not None:
             refused = forwarder.refusal(self.method, self.scope.get("raw_path") or b"")
@@ -111,7 +112,7 @@ class Exchange:
                 self.replayable = False  # a streamed body cannot be sent twice
 
         try:
-            await self._exchange(session, url)
+            await self._exchange(upstream, url)
         finally:
             if self.slot:
                 forwarder.upload_slots.release()
@@ -156,14 +157,14 @@ class Exchange:
             if not more:
                 return
 
-    async def _exchange(self, session: aiohttp.ClientSession, url: URL) -> None:
+    async def _exchange(self, upstream: UpstreamClient, url: URL) -> None:
         forwarder = self.forwarder
         tokens = forwarder.tokens
         try:
             token = await tokens.get()
         except TokenError as exc:
             raise Refusal(503, exc.code, f"no token could be had: {exc}") from None
-        response = await self._send_upstream(session, url, token)
+        response = await self._send_upstream(upstream, url, token)
         try:
             if response.status == 407 and forwarder.proxy is not None:  # http:// upstream: the proxy answered
                 raise _egress_failure(forwarder, proxy_refusal(forwarder.proxy, 407, forwarder.target))
@@ -178,12 +179,12 @@ class Exchange:
                         extra=event("upstream_replay"),
                     )
                     response.release()
-                    response = await self._send_upstream(session, url, fresh)
+                    response = await self._send_upstream(upstream, url, fresh)
             await self._relay(response)
         finally:
             response.release()
 
-    async def _send_upstream(self, session: aiohttp.ClientSession, url: URL, token: Token) -> aiohttp.ClientResponse:
+    async def _send_upstream(self, upstream: UpstreamClient, url: URL, token: Token) -> aiohttp.ClientResponse:
         forwarder = self.forwarder
         scope = self.scope
         client = scope.get("client")
@@ -200,17 +201,7 @@ class Exchange:
         span = tracing.start_upstream(self.method, str(url), headers) if tracing is not None else None
         sent = time.perf_counter()
         try:
-            response = await session.request(
-                self.method,
-                url,
-                headers=headers,
-                data=self.body,
-                allow_redirects=False,
-                compress=None,
-                ssl=forwarder.ssl_context,
-                proxy=forwarder.proxy_url,
-                proxy_headers=forwarder.proxy_headers,
-            )
+            response = await upstream.send(self.method, url, headers, self.body, forwarder.ssl_context)
         except (aiohttp.ClientError, TimeoutError, Refusal, ClientGone) as exc:
             # A failure of the request body (too large, stalled, client gone) is what the client hears about,
             # however the client library wrapped it.

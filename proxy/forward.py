@@ -1,4 +1,4 @@
-"""The forwarding hot path: a forwarder per route, over that route's aiohttp ClientSession.
+"""The forwarding hot path: a forwarder per route, over that route's upstream client (``proxy.egress.client``).
 
 Each request is an ``Exchange``: it goes to the upstream base URL plus the raw path (less the route prefix,
 when stripped) and query, byte for byte, with the token header replaced, and the answer streams back
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from proxy.egress.client import SKIPPED_AUTO_HEADERS, STREAM_BUFFER, ForwardedRequest
+from proxy.egress.client import UpstreamClient
 from proxy.egress.route import EgressProxy, target_of
 from proxy.egress.tls import TlsContext, default_context
 from proxy.errors import Refusal, error_body
@@ -143,7 +143,7 @@ class Forwarder:
         # the other half stays free for everyone else. A streamed upload that finds no slot within the pool
         # wait gets 503 at once.
         self.upload_slots = asyncio.Semaphore(max(1, limits.max_connections // 2))
-        self.session: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
         self.replays = 0
 
     def _extra_headers(self) -> tuple[tuple[str, str], ...]:
@@ -187,25 +187,19 @@ class Forwarder:
         return None
 
     async def open(self) -> None:
-        """Create the client session (one per route); called from the app's lifespan, inside the running loop."""
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
+        """Create the route's upstream client (its connection pool); called from the app's lifespan, inside the
+        running loop."""
+        self.client = UpstreamClient(
             timeout=self._timeout,
-            auto_decompress=False,
-            # No cookie jar: one client's upstream cookies must never reach another client.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # The client's own headers pass as they are; nothing is added on its behalf.
-            skip_auto_headers=SKIPPED_AUTO_HEADERS,
-            request_class=ForwardedRequest,
-            trust_env=False,
-            read_bufsize=STREAM_BUFFER,
+            max_connections=self._max_connections,
+            proxy=self.proxy_url,
+            proxy_headers=self.proxy_headers,
         )
 
     async def aclose(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
 
     def url(self, scope: Scope) -> URL:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
