@@ -16,7 +16,7 @@ from proxy.errors import ConfigError
 from proxy.logs import configure_logging
 from proxy.reload import Reloader
 from proxy.server.peers import WorkerPeers
-from proxy.server.serving import GracefulServer, bind_listen, bound_url, config_for, tune_gc
+from proxy.server.serving import GracefulServer, bind_listen, bound_url, config_for, tune_gc, worker_listeners
 from proxy.server.workers import run_workers
 from proxy.settings import Settings, load_settings
 
@@ -26,7 +26,7 @@ log = logging.getLogger("proxy")
 def serve(env: Mapping[str, str]) -> int:
     settings = load_settings(env)
     configure_logging(settings.log_level, settings.log_format, settings.log_levels)
-    sock = bind_listen(settings.listen, socket_mode=int(settings.socket_mode, 8))
+    sock = bind_listen(settings.listen, socket_mode=int(settings.socket_mode, 8), reuse_port=settings.workers > 1)
     sockets = [sock]
     if settings.metrics_listen is not None:
         sockets.append(bind_listen(settings.metrics_listen))
@@ -99,10 +99,13 @@ def _serve_workers(settings: Settings, env: Mapping[str, str], sockets: Sequence
         sockets_dir = _private_directory("the workers tell each other their metrics over sockets")
         made.append(sockets_dir)
         sharing = settings.token_store if settings.token_store.startswith("file:") else "the token store"
+        listeners = worker_listeners(sockets[0], settings.workers)
 
         def serve_one(number: int) -> int:
+            for other in {*listeners} - {listeners[number]}:
+                other.close()  # another worker's queue: this one never accepts from it
             peers = WorkerPeers(Path(sockets_dir), number, settings.workers)
-            return _serve_on(settings, env, sockets, private is not None, peers, loaded)
+            return _serve_on(settings, env, [listeners[number], *sockets[1:]], private is not None, peers, loaded)
 
         return run_workers(settings.workers, serve_one, sharing=sharing)
     finally:

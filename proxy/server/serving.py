@@ -75,14 +75,17 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port``; raises ``ListenError`` with a plain reason."""
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port``; raises ``ListenError`` with a plain reason. ``reuse_port``: one of
+    several on the same address (``SO_REUSEPORT``, see ``worker_listeners``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio turns Nagle off only on sockets that do, and with Nagle on, a response
     # written as headers then body waits ~40 ms for a delayed ACK on every keep-alive request.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except socket.gaierror as exc:
@@ -123,11 +126,36 @@ def bind_unix(path: str, mode: int) -> socket.socket:
     return sock
 
 
-def bind_listen(listen: str, *, socket_mode: int = 0o660) -> socket.socket:
-    """``bind`` or ``bind_unix`` for a ``SIDECAR_LISTEN`` value (``host:port`` or ``unix:/path``)."""
+def bind_listen(listen: str, *, socket_mode: int = 0o660, reuse_port: bool = False) -> socket.socket:
+    """``bind`` or ``bind_unix`` for a ``SIDECAR_LISTEN`` value (``host:port`` or ``unix:/path``); ``reuse_port``
+    applies to TCP."""
     if listen.startswith("unix:"):
         return bind_unix(listen.removeprefix("unix:"), socket_mode)
-    return bind(*parse_listen(listen))
+    return bind(*parse_listen(listen), reuse_port=reuse_port)
+
+
+def worker_listeners(first: socket.socket, count: int) -> list[socket.socket]:
+    """``count`` listening sockets for ``count`` workers: ``first`` and, for TCP (``first`` bound with
+    ``reuse_port``), ``count - 1`` more on its address, so that each worker accepts from a queue of its own.
+
+    On one shared socket every worker is woken for each new connection and the first awake accepts all that are
+    waiting: 64 connections opened at once went 60 to 4, 62 to 2, or all to one (tests/test_shared_store.py). With
+    ``SO_REUSEPORT`` the kernel hands each connection to one socket by a hash of its addresses and ports, so the
+    workers get even shares to within chance. Only processes of the same user may join the group. A Unix socket has
+    one queue (Linux balances no other way), so its workers share ``first``. The supervisor keeps every socket
+    open: a worker's queue waits for it while it is started again."""
+    if first.family == socket.AF_UNIX:
+        return [first] * count
+    host, port = first.getsockname()[:2]
+    listeners = [first]
+    try:
+        for _ in range(count - 1):
+            listeners.append(bind(host, port, reuse_port=True))
+    except ListenError:
+        for sock in listeners[1:]:
+            sock.close()
+        raise
+    return listeners
 
 
 def bound_url(sock: socket.socket, *, https: bool = False) -> str:
