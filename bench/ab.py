@@ -27,6 +27,7 @@ from pathlib import Path
 from bench import (
     BARE,
     bare_env,
+    children,
     cpu_seconds,
     egress_proxy,
     ensure_tools,
@@ -41,10 +42,13 @@ from bench import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def syscalls(pid: int) -> tuple[int, int]:
-    """(write, read) system calls of ``pid`` so far."""
-    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(fields["syscw"]), int(fields["syscr"])
+def syscalls(pids: list[int]) -> tuple[int, int]:
+    """(write, read) system calls of ``pids`` so far."""
+    writes = reads = 0
+    for pid in pids:
+        fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        writes, reads = writes + int(fields["syscw"]), reads + int(fields["syscr"])
+    return writes, reads
 
 
 def main() -> int:
@@ -58,6 +62,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--duration", type=int, default=2, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--cpus", default="0", help="CPUs the sidecars run on (0,1 for SIDECAR_WORKERS=2: wrk and nginx share CPU 1)"
+    )
     args = parser.parse_args()
     ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
@@ -78,7 +85,11 @@ def main() -> int:
                     env["SIDECAR_EGRESS_PROXY"] = f"http://127.0.0.1:{proxy_port}"
                 command = [sys.executable, "-m", "proxy", "serve"]
             proc = subprocess.Popen(
-                ["taskset", "-c", "0", *command], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                ["taskset", "-c", args.cpus, *command],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             procs.append(proc)
             wait_port(port)
@@ -89,12 +100,13 @@ def main() -> int:
         timeouts = dict.fromkeys(results, 0)
         for rnd in range(args.rounds):
             for tree, proc, port in targets[rnd % len(targets) :] + targets[: rnd % len(targets)]:
-                cpu0, (w0, r0) = cpu_seconds([proc.pid]), syscalls(proc.pid)
+                pids = [proc.pid, *children(proc.pid)]  # with SIDECAR_WORKERS, the workers serve
+                cpu0, (w0, r0) = cpu_seconds(pids), syscalls(pids)
                 run = wrk(f"http://127.0.0.1:{port}/item", args.connections, args.duration)
                 failed[tree] += int(run["failed"])
                 timeouts[tree] += int(run["timeouts"])
-                w1, r1 = syscalls(proc.pid)
-                run["cpu_us"] = (cpu_seconds([proc.pid]) - cpu0) / run["requests"] * 1e6
+                w1, r1 = syscalls(pids)
+                run["cpu_us"] = (cpu_seconds(pids) - cpu0) / run["requests"] * 1e6
                 run["writes"], run["reads"] = (w1 - w0) / run["requests"], (r1 - r0) / run["requests"]
                 results[tree].append(run)
         print(f"{args.rounds} alternating {args.duration} s runs at {args.connections} connections:")
