@@ -23,11 +23,12 @@ from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.guard import CallerGuard
 from proxy.logs import AccessLog, event, set_trace_ids
-from proxy.metrics import RequestMetrics, sidecar_registry, snapshot
+from proxy.metrics import sidecar_registry, snapshot
 from proxy.secrets import Secret, secret_file_warnings, secret_files
 from proxy.server.limits import ConnectionLimits
 from proxy.server.peers import WorkerPeers
 from proxy.settings import RouteSettings, Settings
+from proxy.stats import RequestMetrics
 from proxy.status import RecentRequests
 from proxy.store.base import Store
 from proxy.tokens.build import open_configured_store, provider_for, token_http, token_tls
