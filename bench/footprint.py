@@ -7,7 +7,8 @@ by default ``baseline .``; settings may be appended as ``TREE@SIDECAR_X=1``), it
 as an installation's is, against one emulator on loopback:
 - exec to ``/-/readyz`` 200, a real token request included, and the CPU time the process used by then (medians of
   ``--runs`` fresh processes, the trees taking turns);
-- RSS (VmRSS) of a ``serve`` process idle after ``--requests`` forwarded requests;
+- RSS (VmRSS) of a ``serve`` process idle after ``--requests`` forwarded requests, and again after one scrape of
+  ``/-/metrics`` (which imports prometheus-client);
 - ``cognito-sidecar --help`` (the median of ``--runs``).
 The bare prototype (``bench/bench.py's BARE``: a featureless ASGI callable over aiohttp under uvicorn) gets the same RSS
 measurement, and ``python -c pass`` the same start-up one. Ratios are against the first tree (the baseline).
@@ -93,15 +94,22 @@ def _serve_once(tree: str, cognito: int, api: int) -> tuple[float, float]:
         process.wait(30)
 
 
-def _rss_after(command: list[str], cwd: Path, env: dict[str, str], port: int, path: str, requests: int) -> float:
+def _rss_after(
+    command: list[str], cwd: Path, env: dict[str, str], port: int, path: str, requests: int
+) -> tuple[float, float | None]:
+    """VmRSS after ``requests`` forwarded requests, and after a scrape of ``/-/metrics`` then (None: no such route)."""
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _until_ready(process, port, path)
         with httpx2.Client(base_url=f"http://127.0.0.1:{port}") as client:
             for _ in range(requests):
                 client.get("/hello").raise_for_status()
-        time.sleep(0.5)  # let the last answers' buffers go before reading VmRSS
-        return _rss_mib(process.pid)
+            time.sleep(0.5)  # let the last answers' buffers go before reading VmRSS
+            served = _rss_mib(process.pid)
+            if client.get("/-/metrics").status_code != 200:
+                return served, None
+        time.sleep(0.5)
+        return served, _rss_mib(process.pid)
     finally:
         process.terminate()
         process.wait(30)
@@ -143,9 +151,11 @@ def main() -> int:
             cwd, tree_env = _tree_env(tree, cognito, api, port)
             ready = statistics.median(wall for wall, _ in starts[tree])
             cpu = statistics.median(used for _, used in starts[tree])
-            rss = _rss_after([sys.executable, "-m", "proxy", "serve"], cwd, tree_env, port, "/-/readyz", args.requests)
+            rss, scraped = _rss_after(
+                [sys.executable, "-m", "proxy", "serve"], cwd, tree_env, port, "/-/readyz", args.requests
+            )
             helped = _median_seconds([sys.executable, "-m", "proxy", "--help"], cwd, tree_env, args.runs)
-            rows.append((tree, ready, cpu, rss, helped))
+            rows.append((tree, ready, cpu, rss, scraped, helped))
         token = httpx2.post(
             f"http://127.0.0.1:{cognito}/oauth2/token",
             auth=(CLIENT, SECRET),
@@ -153,19 +163,23 @@ def main() -> int:
         ).json()["id_token"]
         port = free_port()
         bare = bare_env(f"http://127.0.0.1:{api}/prod", token, port)
-        bare_rss = _rss_after([sys.executable, "-c", BARE], ROOT, bare, port, "/hello", args.requests)
+        bare_rss, _ = _rss_after([sys.executable, "-c", BARE], ROOT, bare, port, "/hello", args.requests)
         python = _median_seconds([sys.executable, "-c", "pass"], ROOT, dict(os.environ), args.runs)
     finally:
         emulator.terminate()
         emulator.wait(30)
     first = rows[0]
-    print(f"{'tree':<40} {'exec to ready':>14} {'CPU by then':>12} {'RSS MiB':>8} {'--help':>8}  vs {first[0]}")
-    for tree, ready, cpu, rss, helped in rows:
+    print(
+        f"{'tree':<40} {'exec to ready':>14} {'CPU by then':>12} {'RSS MiB':>8} {'scraped':>8} {'--help':>8}"
+        f"  vs {first[0]}"
+    )
+    for tree, ready, cpu, rss, scraped, helped in rows:
         ratio = (
             f"ready {ready / first[1]:.2f}x, CPU {cpu / first[2]:.2f}x, RSS {rss / first[3]:.2f}x, "
-            f"help {helped / first[4]:.2f}x"
+            f"help {helped / first[5]:.2f}x"
         )
-        print(f"{tree:<40} {ready:>12.3f} s {cpu:>10.2f} s {rss:>8.1f} {helped:>6.3f} s  {ratio}")
+        shown = f"{scraped:>8.1f}" if scraped is not None else f"{'-':>8}"
+        print(f"{tree:<40} {ready:>12.3f} s {cpu:>10.2f} s {rss:>8.1f} {shown} {helped:>6.3f} s  {ratio}")
     print(f"{'bare prototype (bench.py BARE)':<40} {'':>14} {'':>12} {bare_rss:>8.1f}")
     print(f"{'python -c pass':<40} {python:>12.3f} s")
     print("targets: exec to ready under 0.5 s, RSS under 45 MiB, --help under 0.3 s")

@@ -15,7 +15,6 @@ from starlette.routing import Route
 from proxy import __version__
 from proxy.clock import Clock
 from proxy.errors import error_body
-from proxy.metrics import merge, render, snapshot
 from proxy.request import CURRENT_REQUEST_ID
 from proxy.settings.effective import effective
 from proxy.sidecar import Sidecar
@@ -62,9 +61,11 @@ def reserved_routes(sidecar: Sidecar, clock: Clock, lifespan: Lifespan) -> Starl
         return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:
+        from proxy.metrics import merge, render  # with prometheus-client: at the first scrape, not at start
+
         registry, peers = sidecar.registry, sidecar.peers
         if peers is not None:  # the whole sidecar: this worker's counts and the others'
-            registry = merge({peers.number: snapshot(registry), **await peers.gather()}, peers.count)
+            registry = merge({peers.number: sidecar.counts(), **await peers.gather()}, peers.count)
         body, content_type = render(registry, request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
 

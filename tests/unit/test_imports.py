@@ -31,6 +31,9 @@ NEVER = (
     "proxy.emulator",
     "proxy.commands.demo",
     "proxy.commands.login",
+    # The Prometheus exposition: imported at the first scrape of /-/metrics (tests/test_observability.py scrapes).
+    "prometheus_client",
+    "proxy.metrics",
 )
 
 
