@@ -75,9 +75,21 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket on ``host:port``; raises ``ListenError`` with a plain reason. ``reuse_port``: one of
-    several on the same address (``SO_REUSEPORT``, see ``worker_listeners``)."""
+def bind(host: str, port: int, *, reuse_port: bool = False, joining: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port``; raises ``ListenError`` with a plain reason.
+
+    ``reuse_port``: the first of several on the same address (``SO_REUSEPORT``, see ``worker_listeners``), where
+    nothing may listen yet: a plain bind must succeed first (and is given back at once), since a socket that shares
+    its port would otherwise share it without a word with another sidecar of the same user left running there.
+    ``joining``: one more of those, on the port the first holds."""
+    if reuse_port and not joining:
+        probe = _bind_once(host, port, reuse_port=False, listen=False)
+        port = probe.getsockname()[1]  # the one the system gave, for port 0
+        probe.close()
+    return _bind_once(host, port, reuse_port=reuse_port or joining, listen=True)
+
+
+def _bind_once(host: str, port: int, *, reuse_port: bool, listen: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio turns Nagle off only on sockets that do, and with Nagle on, a response
     # written as headers then body waits ~40 ms for a delayed ACK on every keep-alive request.
@@ -87,7 +99,8 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(2048)
+        if listen:
+            sock.listen(2048)
     except socket.gaierror as exc:
         sock.close()
         raise ListenError(host, port, f"unknown host ({exc.strerror})") from None
@@ -141,16 +154,17 @@ def worker_listeners(first: socket.socket, count: int) -> list[socket.socket]:
     On one shared socket every worker is woken for each new connection and the first awake accepts all that are
     waiting: 64 connections opened at once went 60 to 4, 62 to 2, or all to one (tests/test_shared_store.py). With
     ``SO_REUSEPORT`` the kernel hands each connection to one socket by a hash of its addresses and ports, so the
-    workers get even shares to within chance. Only processes of the same user may join the group. A Unix socket has
-    one queue (Linux balances no other way), so its workers share ``first``. The supervisor keeps every socket
-    open: a worker's queue waits for it while it is started again."""
+    workers get even shares to within chance. Only processes of the same user may join the group, and ``first``
+    was bound where nothing listened (``bind``). A Unix socket has one queue (Linux balances no other way), so its
+    workers share ``first``. The supervisor keeps every socket open: a worker's queue waits for it while it is
+    started again."""
     if first.family == socket.AF_UNIX:
         return [first] * count
     host, port = first.getsockname()[:2]
     listeners = [first]
     try:
         for _ in range(count - 1):
-            listeners.append(bind(host, port, reuse_port=True))
+            listeners.append(bind(host, port, joining=True))
     except ListenError:
         for sock in listeners[1:]:
             sock.close()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from proxy.server.serving import bind, bind_unix, worker_listeners
+import pytest
+
+from proxy.server.serving import ListenError, bind, bind_unix, worker_listeners
 
 
 def test_a_tcp_listener_becomes_one_socket_per_worker_on_the_same_port() -> None:
@@ -48,3 +50,15 @@ def test_one_worker_or_a_unix_socket_keeps_one_queue(tmp_path: Path) -> None:
     finally:
         unix.close()
         tcp.close()
+
+
+def test_workers_never_share_a_port_with_something_already_listening_there() -> None:
+    # SO_REUSEPORT would let the workers' sockets join another process's group on the same port (a sidecar left
+    # running there, sharing its requests without a word): the first one must find the port free, as a plain bind.
+    for theirs in (bind("127.0.0.1", 0), bind("127.0.0.1", 0, reuse_port=True)):
+        port = theirs.getsockname()[1]
+        try:
+            with pytest.raises(ListenError, match="address already in use"):
+                bind("127.0.0.1", port, reuse_port=True)
+        finally:
+            theirs.close()
