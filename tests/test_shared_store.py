@@ -29,6 +29,7 @@ from proxy.tokens.token import TokenResponse
 from tests.conftest import (
     FakeClock,
     RunningSidecar,
+    SidecarProcess,
     Stack,
     assert_hidden,
     awaiting,
@@ -448,30 +449,36 @@ async def test_workers_share_one_token_and_are_restarted(client: httpx2.AsyncCli
             assert_hidden(said, stack.emulator.refresh_token, stack.emulator.client.secret or "")
 
 
+@contextlib.asynccontextmanager
+async def _two_workers(stack: Stack) -> AsyncIterator[SidecarProcess]:
+    """A sidecar with SIDECAR_WORKERS=2 on ``stack``, once both workers serve."""
+    env = stack_env(stack, SIDECAR_WORKERS="2", SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
+    async with sidecar_process(env) as process:
+        while sum("Application startup complete" in line for line in process.lines) < 2:
+            await process.read_until("Application startup complete")
+        yield process
+
+
 @pytest.mark.slow
 async def test_connections_opened_at_once_are_shared_between_the_workers() -> None:
     # On one shared listening socket the first worker awake accepted every connection waiting (64 opened at once
     # went 60 to 4, 62 to 2, or all to one): a client pool opened in a burst was served by one core. Each worker now
     # has a queue of its own (SO_REUSEPORT) and the kernel hands connections out by a hash of their ports: an even
     # split to within chance. With 64, a worker with fewer than 16 is 4 standard deviations out (1 run in 15,000).
-    async with run_stack() as stack:
-        env = stack_env(stack, SIDECAR_WORKERS="2", SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
-        async with sidecar_process(env) as process:
-            while sum("Application startup complete" in line for line in process.lines) < 2:
-                await process.read_until("Application startup complete")  # both workers serve
-            host, port = process.url.removeprefix("http://").rsplit(":", 1)
-            streams = await asyncio.gather(*(asyncio.open_connection(host, int(port)) for _ in range(64)))
+    async with run_stack() as stack, _two_workers(stack) as process:
+        host, port = process.url.removeprefix("http://").rsplit(":", 1)
+        streams = await asyncio.gather(*(asyncio.open_connection(host, int(port)) for _ in range(64)))
 
-            async def worker_of(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-                writer.write(f"GET /burst HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
-                answer = await reader.read()
-                writer.close()
-                assert answer.startswith(b"HTTP/1.1 200 ")
-                request_id = answer.split(b"\r\nx-request-id: ")[1][:32].decode()
-                return request_id[:16]  # the process's prefix: which worker answered
+        async def worker_of(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+            writer.write(f"GET /burst HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            request_id = answer.split(b"\r\nx-request-id: ")[1][:32].decode()
+            return request_id[:16]  # the process's prefix: which worker answered
 
-            workers = await asyncio.gather(*(worker_of(reader, writer) for reader, writer in streams))
-            code, said = await process.stop()
+        workers = await asyncio.gather(*(worker_of(reader, writer) for reader, writer in streams))
+        code, said = await process.stop()
         assert code == 0
     shares = sorted(Counter(workers).values())
     assert len(shares) == 2 and shares[0] >= 16, shares
@@ -480,18 +487,14 @@ async def test_connections_opened_at_once_are_shared_between_the_workers() -> No
 
 @pytest.mark.slow
 async def test_one_scrape_of_a_two_worker_sidecar_counts_every_workers_requests() -> None:
-    async with run_stack() as stack:
-        env = stack_env(stack, SIDECAR_WORKERS="2", SIDECAR_REFRESH_TOKEN=stack.emulator.refresh_token)
-        async with sidecar_process(env) as process:
-            while sum("Application startup complete" in line for line in process.lines) < 2:
-                await process.read_until("Application startup complete")  # both workers serve
-            # A new connection per request: the kernel hands them to both workers.
-            fresh = httpx2.Limits(max_keepalive_connections=0)
-            async with httpx2.AsyncClient(trust_env=False, timeout=30, limits=fresh) as client:
-                answers = [await client.get(f"{process.url}/n/{i}") for i in range(40)]
-                assert [answer.status_code for answer in answers] == [200] * 40
-                scrapes = [(await client.get(f"{process.url}/-/metrics")).text for _ in range(8)]
-            code, said = await process.stop()
+    async with run_stack() as stack, _two_workers(stack) as process:
+        # A new connection per request: the kernel hands them to both workers.
+        fresh = httpx2.Limits(max_keepalive_connections=0)
+        async with httpx2.AsyncClient(trust_env=False, timeout=30, limits=fresh) as client:
+            answers = [await client.get(f"{process.url}/n/{i}") for i in range(40)]
+            assert [answer.status_code for answer in answers] == [200] * 40
+            scrapes = [(await client.get(f"{process.url}/-/metrics")).text for _ in range(8)]
+        code, said = await process.stop()
         assert code == 0
     assert all(
         metric(text, "sidecar_requests_total", method="GET", route="/", status_class="2xx") == 40 for text in scrapes
