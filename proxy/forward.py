@@ -61,7 +61,8 @@ _PLAIN_PATH = "the request target must be a plain ASCII path such as /items?id=1
 
 class Forwarder:
     """Forwards requests (``forward``, called with the ASGI scope, receive and send) to ``upstream_url`` with a
-    token from ``tokens``. Owns the route's session and counters; each request is an ``Exchange``."""
+    token from ``tokens``. Owns the route's upstream client (its connection pool) and counters; each request is an
+    ``Exchange``."""
 
     def __init__(
         self,
