@@ -52,14 +52,16 @@ _SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(SKIPPE
 class ForwardedRequest(aiohttp.ClientRequest):
     """aiohttp's request, with its two header steps done once rather than per request: the skipped automatic
     headers are one shared table (aiohttp sorts and copies them per request), and the headers are the Host plus
-    those given in one ``extend`` (the sidecar never passes its own Host)."""
+    those given in one ``extend``, whatever form they come in (``UpstreamClient.send`` passes its list as it is)."""
 
     def update_headers(self, headers: LooseHeaders | None) -> None:
-        if not isinstance(headers, CIMultiDict) or hdrs.HOST in headers:
+        built: CIMultiDict[str] = CIMultiDict({hdrs.HOST: self.url.host_port_subcomponent or ""})
+        if headers:
+            built.extend(headers)
+        if len(built.getall(hdrs.HOST)) > 1:  # a Host given (never the sidecar's): aiohttp puts it in the URL's place
             super().update_headers(headers)
             return
-        self.headers = CIMultiDict({hdrs.HOST: self.url.host_port_subcomponent or ""})
-        self.headers.extend(headers)
+        self.headers = built
 
     def update_auto_headers(self, skip_auto_headers: object) -> None:
         # skip_auto_headers is the session's SKIPPED_AUTO_HEADERS (no request passes its own); aiohttp only reads
@@ -127,7 +129,7 @@ class UpstreamClient:
         await self.session.close()
 
     def _request(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: Body, tls: ssl.SSLContext | bool
+        self, method: str, url: URL, headers: Sequence[tuple[str, str]], body: Body, tls: ssl.SSLContext | bool
     ) -> ForwardedRequest:
         return ForwardedRequest(
             method,
@@ -149,7 +151,7 @@ class UpstreamClient:
         release). ``headers`` must not hold a Host: the upstream's own is sent. ``tls``: the context to verify the
         upstream (or the egress proxy) with, True for none of the sidecar's own. Raises ``aiohttp.ClientError``
         and ``TimeoutError`` as ``ClientSession.request`` would."""
-        request = self._request(method, url, CIMultiDict(headers), body, tls)
+        request = self._request(method, url, headers, body, tls)
         retry = method in RETRIED_METHODS
         try:
             while True:
@@ -168,7 +170,7 @@ class UpstreamClient:
                         if request._body is not None and request._body.consumed:
                             raise
                         body = request._body
-                    request = self._request(method, url, CIMultiDict(headers), body, tls)
+                    request = self._request(method, url, headers, body, tls)
                 except aiohttp.ClientError:
                     raise
                 except OSError as exc:

@@ -52,13 +52,14 @@ def test_client_request_still_calls_the_two_steps_from_its_constructor():
     assert "self._skip_auto_headers" in inspect.getsource(aiohttp.ClientRequest)
 
 
+@pytest.mark.parametrize("form", [CIMultiDict, list], ids=["a CIMultiDict", "a list (UpstreamClient.send's)"])
 @pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
 async def test_forwarded_request_holds_what_aiohttp_s_own_request_holds(
-    case: tuple[str, str, list[tuple[str, str]], bytes | None],
+    case: tuple[str, str, list[tuple[str, str]], bytes | None], form: type
 ):
     method, url, headers, body = case
     built = [
-        kind(method, URL(url), headers=CIMultiDict(headers), skip_auto_headers=SKIPPED_AUTO_HEADERS, data=body)
+        kind(method, URL(url), headers=form(headers), skip_auto_headers=SKIPPED_AUTO_HEADERS, data=body)
         for kind in (aiohttp.ClientRequest, ForwardedRequest)
     ]
     theirs, ours = built
