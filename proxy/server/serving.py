@@ -75,18 +75,17 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind(host: str, port: int, *, reuse_port: bool = False, joining: bool = False) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on ``host:port``; raises ``ListenError`` with a plain reason.
 
     ``reuse_port``: the first of several on the same address (``SO_REUSEPORT``, see ``worker_listeners``), where
     nothing may listen yet: a plain bind must succeed first (and is given back at once), since a socket that shares
-    its port would otherwise share it without a word with another sidecar of the same user left running there.
-    ``joining``: one more of those, on the port the first holds."""
-    if reuse_port and not joining:
+    its port would otherwise share it without a word with another sidecar of the same user left running there."""
+    if reuse_port:
         probe = _bind_once(host, port, reuse_port=False, listen=False)
         port = probe.getsockname()[1]  # the one the system gave, for port 0
         probe.close()
-    return _bind_once(host, port, reuse_port=reuse_port or joining, listen=True)
+    return _bind_once(host, port, reuse_port=reuse_port, listen=True)
 
 
 def _bind_once(host: str, port: int, *, reuse_port: bool, listen: bool) -> socket.socket:
@@ -164,7 +163,7 @@ def worker_listeners(first: socket.socket, count: int) -> list[socket.socket]:
     listeners = [first]
     try:
         for _ in range(count - 1):
-            listeners.append(bind(host, port, joining=True))
+            listeners.append(_bind_once(host, port, reuse_port=True, listen=True))  # joins ``first``
     except ListenError:
         for sock in listeners[1:]:
             sock.close()
